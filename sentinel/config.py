@@ -110,7 +110,8 @@ class NvmlCollectorConfig(_Frozen):
     call_timeout: Duration = Field(1.0, gt=0, description="Bound on the NVML calls of one GPU in one pass.")
     xid_events: bool = Field(True, description="Wait for Xid events through nvmlEventSetWait.")
     kernel_log: Literal["auto", "kmsg", "journal", "off"] = Field(
-        "auto", description="Where to read NVRM Xid lines: /dev/kmsg, `journalctl -k -f`, or not at all.")
+        "auto", description="Where to read NVRM Xid lines: /dev/kmsg, `journalctl -k -f`, or not at all."
+    )
     xid_overrides: dict[int, XidOverride] = Field(default_factory=dict)
 
 
@@ -184,10 +185,13 @@ class WorkerConfig(_Frozen):
 class Config(_Frozen):
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT of the HTTP server (/metrics and the API).")
     state_dir: str | None = Field(
-        None, description="Where state survives restarts; default $STATE_DIRECTORY, /var/lib/sentinel, "
-        "or ~/.local/state/sentinel, whichever is writable first.")
+        None,
+        description="Where state survives restarts; default $STATE_DIRECTORY, /var/lib/sentinel, "
+        "or ~/.local/state/sentinel, whichever is writable first.",
+    )
     expected_gpus: int | None = Field(
-        None, ge=0, description="GPUs this host should have; default the count first seen (persisted).")
+        None, ge=0, description="GPUs this host should have; default the count first seen (persisted)."
+    )
     log: LogConfig = LogConfig()
     store: StoreConfig = StoreConfig()
     collectors: CollectorsConfig = CollectorsConfig()
@@ -295,8 +299,11 @@ def _problems(exc: ValidationError, positions: dict[Any, Any], file: str) -> lis
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         pos = position_of(positions, loc)
-        out.append(ConfigProblem(file, pos.line if pos else None, pos.column if pos else None,
-                                 ".".join(str(p) for p in loc), message))
+        out.append(
+            ConfigProblem(
+                file, pos.line if pos else None, pos.column if pos else None, ".".join(str(p) for p in loc), message
+            )
+        )
     return out
 
 

@@ -129,13 +129,16 @@ class MetricMeta:
 class Series:
     """One series: parallel timestamp and value buffers plus a live-window head index."""
 
-    __slots__ = ("labels", "_ts", "_vals", "_head")
+    __slots__ = ("_head", "_nans", "_ts", "_vals", "labels")
 
     def __init__(self, labels: Labels) -> None:
         self.labels = labels
         self._ts = array("q")
         self._vals = array("d")
         self._head = 0
+        # NaNs ever appended (staleness markers among them); lets range reads skip the
+        # per-sample marker scan for the common series that never had one.
+        self._nans = 0
 
     def __len__(self) -> int:
         return len(self._ts) - self._head
@@ -157,9 +160,11 @@ class Series:
             if ts == last:
                 # Same timestamp: last write wins (a re-collected value, not a new sample).
                 self._vals[-1] = value
+                self._nans += value != value
                 return True
         self._ts.append(ts)
         self._vals.append(value)
+        self._nans += value != value
         return True
 
     def trim_before(self, cutoff_ms: int) -> None:
@@ -190,7 +195,7 @@ class Series:
         hi = bisect_right(self._ts, end_ms, lo=lo)
         ts = self._ts[lo:hi]
         vals = self._vals[lo:hi]
-        if any(v != v for v in vals):
+        if self._nans and any(v != v for v in vals):
             keep = [i for i, v in enumerate(vals) if not is_stale_marker(v)]
             if len(keep) != len(vals):
                 ts = array("q", (ts[i] for i in keep))
@@ -258,14 +263,26 @@ class Store:
         with self._lock:
             return self._get_or_create(labels).append(timestamp_ms, float(value))
 
-    def add(self, name: str, value: float, labels: Mapping[str, str] | None = None,
-            timestamp_ms: int | None = None, **extra: str) -> bool:
+    def add(
+        self,
+        name: str,
+        value: float,
+        labels: Mapping[str, str] | None = None,
+        timestamp_ms: int | None = None,
+        **extra: str,
+    ) -> bool:
         """Convenience form of `append` taking a metric name and label mapping."""
         ts = now_ms() if timestamp_ms is None else timestamp_ms
         return self.append(labels_from(name, labels, **extra), ts, value)
 
-    def inc(self, name: str, by: float = 1.0, labels: Mapping[str, str] | None = None,
-            timestamp_ms: int | None = None, **extra: str) -> float:
+    def inc(
+        self,
+        name: str,
+        by: float = 1.0,
+        labels: Mapping[str, str] | None = None,
+        timestamp_ms: int | None = None,
+        **extra: str,
+    ) -> float:
         """Increment a counter series (starting at 0) and return its new value."""
         key = labels_from(name, labels, **extra)
         ts = now_ms() if timestamp_ms is None else timestamp_ms
@@ -356,10 +373,7 @@ class Store:
         with self._lock:
             candidates: Iterable[Labels]
             name_eq = next((m for m in matchers if m.name == "__name__" and m.op is MatchOp.EQ), None)
-            if name_eq is not None:
-                candidates = list(self._by_name.get(name_eq.value, ()))
-            else:
-                candidates = list(self._series)
+            candidates = list(self._by_name.get(name_eq.value, ())) if name_eq is not None else list(self._series)
             out = []
             for labels in candidates:
                 as_dict = dict(labels)
@@ -377,8 +391,9 @@ class Store:
                 out.append(Sample(series.labels, hit[0], hit[1]))
         return out
 
-    def range(self, matchers: Sequence[Matcher], start_ms: int, end_ms: int
-              ) -> list[tuple[Labels, array[int], array[float]]]:
+    def range(
+        self, matchers: Sequence[Matcher], start_ms: int, end_ms: int
+    ) -> list[tuple[Labels, array[int], array[float]]]:
         """Range read over (start, end] for every matching series that has samples there."""
         out = []
         for series in self.select(matchers):

@@ -66,11 +66,16 @@ def _build(node: yaml.Node, path: Path, positions: dict[Path, Position], loader:
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             if key == "<<":
-                raise YamlError(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
-                                "merge keys (<<) are not supported")
+                raise YamlError(
+                    file,
+                    key_node.start_mark.line + 1,
+                    key_node.start_mark.column + 1,
+                    "merge keys (<<) are not supported",
+                )
             if key in out:
-                raise YamlError(file, key_node.start_mark.line + 1, key_node.start_mark.column + 1,
-                                f"duplicate key {key!r}")
+                raise YamlError(
+                    file, key_node.start_mark.line + 1, key_node.start_mark.column + 1, f"duplicate key {key!r}"
+                )
             child = (*path, key)
             out[key] = _build(value_node, child, positions, loader, file)
             # The key's own line is the better pointer for "unknown key" errors.

@@ -78,10 +78,16 @@ def declare_collector_metrics(store: Store) -> None:
     store.set_meta("sentinel_collector_up", "gauge", "1 when the collector's last pass succeeded.")
     store.set_meta("sentinel_collector_errors_total", "counter", "Failed collector passes.")
     store.set_meta("sentinel_collector_duration_seconds", "gauge", "Duration of the collector's last pass.")
-    store.set_meta("sentinel_collector_missed_ticks_total", "counter",
-                   "Ticks skipped because the previous pass was still running or the loop was late.")
-    store.set_meta("sentinel_collector_last_success_timestamp_seconds", "gauge",
-                   "Unix time of the collector's last successful pass.")
+    store.set_meta(
+        "sentinel_collector_missed_ticks_total",
+        "counter",
+        "Ticks skipped because the previous pass was still running or the loop was late.",
+    )
+    store.set_meta(
+        "sentinel_collector_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the collector's last successful pass.",
+    )
 
 
 class CollectorRunner:
@@ -170,7 +176,11 @@ class CollectorRunner:
         """Mark this collector's series stale (it was removed by a reload)."""
         ts = now_ms()
         self.store.drop_source(self.name, ts)
-        for name in ("sentinel_collector_up", "sentinel_collector_errors_total",
-                     "sentinel_collector_duration_seconds", "sentinel_collector_missed_ticks_total",
-                     "sentinel_collector_last_success_timestamp_seconds"):
+        for name in (
+            "sentinel_collector_up",
+            "sentinel_collector_errors_total",
+            "sentinel_collector_duration_seconds",
+            "sentinel_collector_missed_ticks_total",
+            "sentinel_collector_last_success_timestamp_seconds",
+        ):
             self.store.mark_stale(labels_from(name, collector=self.name), ts)

@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` and `make test`. Each creates .venv and
+# installs what it needs, so a fresh Debian-like machine with Python 3.10+ is enough.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch lies on disk on our machines; an unpinned torch pulls CUDA.
+TORCH  := torch==2.13.0
+
+.PHONY: demo test lint typecheck unit bench clean
+
+$(VENV)/.dev-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.sim-installed: $(VENV)/.dev-installed
+	$(PY) -m pip install -q '$(TORCH)' -e '.[sim]'
+	touch $@
+
+demo: $(VENV)/.dev-installed
+	$(VENV)/bin/sentinel run --simulate xid-storm --listen 127.0.0.1:0 --duration 20s --report 5s
+
+lint: $(VENV)/.dev-installed
+	$(PY) -m ruff check sentinel tests bench
+	$(PY) -m ruff format --check sentinel
+
+typecheck: $(VENV)/.dev-installed
+	$(PY) -m mypy
+
+unit: $(VENV)/.dev-installed
+	$(PY) -m pytest -q
+
+test: lint typecheck unit
+
+bench: $(VENV)/.dev-installed
+	$(PY) bench/store_bench.py
+	$(PY) bench/overhead.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,337 @@
+"""The daemon: wires collectors, store, HTTP server and systemd together.
+
+One asyncio loop. APScheduler's asyncio scheduler runs each collector as its own job
+(own interval, never two passes at once, missed ticks counted). Blocking work lives in
+threads owned by the collectors. Signals: SIGTERM/SIGINT stop, SIGHUP reloads; a
+broken new config keeps the old one running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from sentinel import __version__
+from sentinel.collectors.base import Collector, CollectorRunner
+from sentinel.config import Config, ConfigError, load_config, split_listen
+from sentinel.events import EventBus
+from sentinel.logsetup import setup_logging
+from sentinel.sdnotify import Notifier
+from sentinel.server import ServerContext, start_server
+from sentinel.store import Appender, Store
+
+__all__ = ["Daemon"]
+
+log = logging.getLogger(__name__)
+
+TRIM_INTERVAL_S = 15.0
+STOP_BUDGET_S = 1.5  # SIGTERM must end the process within 2 s
+
+
+class SelfCollector:
+    """Sentinel's own series: build info, config reload state, store size."""
+
+    name = "self"
+    interval_s = 1.0
+    timeout_s = 1.0
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        store = daemon.store
+        store.set_meta("sentinel_build_info", "gauge", "Sentinel's version; value 1.")
+        store.set_meta("sentinel_start_time_seconds", "gauge", "Unix time Sentinel started.")
+        store.set_meta("sentinel_config_last_reload_successful", "gauge", "1 when the last config (re)load worked.")
+        store.set_meta(
+            "sentinel_config_last_reload_success_timestamp_seconds",
+            "gauge",
+            "Unix time of the last successful config load.",
+        )
+        store.set_meta("sentinel_store_series", "gauge", "Series held in the in-memory store.")
+        store.set_meta("sentinel_store_samples", "gauge", "Samples held in the in-memory store.")
+        store.set_meta("sentinel_events_published_total", "counter", "Events published on the event bus.")
+
+    async def start(self) -> None:
+        return None
+
+    async def collect(self, out: Appender) -> None:
+        d = self._daemon
+        out.add("sentinel_build_info", 1, version=__version__, python_version=platform.python_version())
+        out.add("sentinel_start_time_seconds", d.started_at)
+        out.add("sentinel_config_last_reload_successful", 1 if d.last_reload_ok else 0)
+        out.add("sentinel_config_last_reload_success_timestamp_seconds", d.last_reload_success_at)
+        out.add("sentinel_store_series", len(d.store))
+        out.add("sentinel_store_samples", d.store.sample_count())
+        out.add("sentinel_events_published_total", d.bus.published_total)
+
+    async def close(self) -> None:
+        return None
+
+
+CollectorFactory = Callable[["Daemon", Config], list[Collector]]
+
+
+class Daemon:
+    """One Sentinel process."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: str | None = None,
+        simulate: str | None = None,
+        listen: str | None = None,
+        collector_factory: CollectorFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.simulate = simulate
+        self.listen = listen or config.listen
+        self.store = Store(int(config.store.retention * 1000), int(config.store.lookback * 1000))
+        self.bus = EventBus()
+        self.notifier = Notifier()
+        self.state_dir: Path = config.resolved_state_dir()
+        self.started_at = time.time()
+        self.last_reload_ok = True
+        self.last_reload_success_at = self.started_at
+        self.bound_port: int | None = None
+        self._collector_factory = collector_factory or build_collectors
+        self._runners: dict[str, CollectorRunner] = {}
+        self._scheduler: AsyncIOScheduler | None = None
+        self._stop = asyncio.Event()
+        self._ready = False
+        self._reloading = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.self_collector = SelfCollector(self)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit code."""
+        loop = asyncio.get_running_loop()
+        self.bus.bind_loop(loop)
+        self._install_signals(loop)
+        host, port = split_listen(self.listen)
+        ctx = ServerContext(
+            store=self.store,
+            ready=lambda: self._ready,
+            gpus=self.gpus_snapshot,
+            collectors=lambda: [r.health.as_json() for r in self._runners.values()],
+        )
+        try:
+            runner, self.bound_port = await start_server(ctx, host, port)
+        except OSError as exc:
+            log.error("cannot listen on %s: %s", self.listen, exc)
+            return 1
+        log.info(
+            "Sentinel %s listening on http://%s:%d (state in %s)",
+            __version__,
+            host if ":" not in host else f"[{host}]",
+            self.bound_port,
+            self.state_dir,
+        )
+        self._scheduler = AsyncIOScheduler(event_loop=loop)
+        self._scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
+        self._scheduler.start()
+        await self._apply_collectors(self.config)
+        self._scheduler.add_job(
+            self._trim, "interval", seconds=TRIM_INTERVAL_S, id="store-trim", max_instances=1, coalesce=True
+        )
+        self._ready = True
+        self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+        if self.notifier.watchdog_interval_s:
+            self._spawn(self._watchdog(self.notifier.watchdog_interval_s))
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown(runner)
+        return 0
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self, runner: Any) -> None:
+        log.info("stopping")
+        self._ready = False
+        self.notifier.notify("STOPPING=1")
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        for task in list(self._tasks):
+            task.cancel()
+        closers = [self._close_runner(r) for r in self._runners.values()]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), STOP_BUDGET_S / 2)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
+        self.notifier.close()
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watchdog(self, interval: float) -> None:
+        # The ping comes from the loop itself, so a wedged loop stops it and systemd restarts us.
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    # -- reload -------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file; a broken file keeps the running config."""
+        async with self._reloading:
+            self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+            try:
+                if self.config_path is None:
+                    log.info("reload requested; running on built-in defaults, nothing to re-read")
+                    return True
+                try:
+                    new = await asyncio.to_thread(load_config, self.config_path)
+                except ConfigError as exc:
+                    self.last_reload_ok = False
+                    log.error("reload failed, keeping the running config:\n%s", exc)
+                    return False
+                if split_listen(new.listen) != split_listen(self.config.listen):
+                    log.warning("listen address changes need a restart; still serving on %s", self.listen)
+                setup_logging(new.log.format, new.log.level)
+                await self._apply_collectors(new)
+                self.config = new
+                self.store.retention_ms = int(new.store.retention * 1000)
+                self.store.lookback_ms = int(new.store.lookback * 1000)
+                self.last_reload_ok = True
+                self.last_reload_success_at = time.time()
+                log.info("configuration reloaded from %s", self.config_path)
+                return True
+            finally:
+                self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
+
+    async def _apply_collectors(self, config: Config) -> None:
+        """Replace every collector job with ones built from `config`."""
+        try:
+            collectors = [self.self_collector, *self._collector_factory(self, config)]
+        except Exception as exc:
+            log.error("cannot build collectors from the new config, keeping the old ones: %s", exc)
+            self.last_reload_ok = False
+            return
+        old = self._runners
+        self._runners = {}
+        for runner in old.values():
+            self._remove_job(runner.name)
+            if runner.collector is not self.self_collector:
+                await self._close_runner(runner)
+                runner.retire()
+        for collector in collectors:
+            kept = old.get(collector.name) if collector is self.self_collector else None
+            runner = kept or CollectorRunner(collector, self.store)
+            try:
+                await collector.start()
+            except Exception as exc:
+                log.error("collector %s failed to start: %s", collector.name, exc)
+            self._runners[collector.name] = runner
+            self._add_job(runner)
+
+    def _add_job(self, runner: CollectorRunner) -> None:
+        assert self._scheduler is not None
+        interval = runner.collector.interval_s
+        self._scheduler.add_job(
+            runner.tick,
+            "interval",
+            seconds=interval,
+            id=f"collector:{runner.name}",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=max(1, int(interval)),
+            next_run_time=_now_dt(),
+        )
+
+    def _remove_job(self, name: str) -> None:
+        if self._scheduler is not None:
+            with contextlib.suppress(Exception):
+                self._scheduler.remove_job(f"collector:{name}")
+
+    async def _close_runner(self, runner: CollectorRunner) -> None:
+        try:
+            await asyncio.wait_for(runner.collector.close(), STOP_BUDGET_S / 2)
+        except Exception as exc:
+            log.warning("collector %s did not close cleanly: %s", runner.name, exc)
+
+    def _on_missed(self, event: JobExecutionEvent) -> None:
+        job_id = getattr(event, "job_id", "")
+        if job_id.startswith("collector:"):
+            runner = self._runners.get(job_id.removeprefix("collector:"))
+            if runner is not None:
+                runner.note_missed_tick()
+
+    async def _trim(self) -> None:
+        self.store.trim()
+
+    # -- views ----------------------------------------------------------------------
+
+    @property
+    def runners(self) -> dict[str, CollectorRunner]:
+        return dict(self._runners)
+
+    def gpus_snapshot(self) -> list[dict[str, Any]]:
+        for runner in self._runners.values():
+            snapshot = getattr(runner.collector, "gpus_snapshot", None)
+            if snapshot is not None:
+                result: list[dict[str, Any]] = snapshot()
+                return result
+        return []
+
+    def _status_line(self) -> str:
+        down = [r.name for r in self._runners.values() if r.health.ever_ran and not r.health.up]
+        base = f"serving on port {self.bound_port}; {len(self._runners)} collectors"
+        return base + (f"; down: {', '.join(down)}" if down else "")
+
+
+def _now_dt() -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
+    """The collectors a config asks for (NVML real or simulated, host)."""
+    from sentinel.collectors.host import HostCollector
+    from sentinel.collectors.nvml import NvmlCollector
+    from sentinel.workers import WorkerProcesses
+
+    collectors: list[Collector] = []
+    host_cfg = config.collectors.host
+    workers = WorkerProcesses(config.workers, proc_root=host_cfg.proc_root, cgroup_root=host_cfg.cgroup_root)
+    if config.collectors.nvml.enabled:
+        nvml: Any = None
+        if daemon.simulate:
+            from sentinel.sim.nvml import SimulatedNvml, load_scenario
+
+            nvml = SimulatedNvml(load_scenario(daemon.simulate))
+        collectors.append(
+            NvmlCollector(
+                config.collectors.nvml,
+                store=daemon.store,
+                bus=daemon.bus,
+                state_dir=daemon.state_dir,
+                expected_gpus=config.expected_gpus,
+                pid_owner=workers.pid_owner,
+                **({"nvml": nvml} if nvml is not None else {}),
+            )
+        )
+    if host_cfg.enabled:
+        collectors.append(HostCollector(host_cfg, workers, daemon.store, daemon.bus))
+    return collectors
