@@ -1,0 +1,330 @@
+"""The PromQL engine: instant and range queries over a `Store`.
+
+A range query is evaluated as one instant evaluation per step. That keeps a single
+code path (the one the rule engine uses every second) and matches Prometheus's
+results, because Prometheus's range evaluation is defined step by step too. Within
+one query, each selector's series list is looked up once and reused for every step
+and subquery point.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sentinel.promql import aggregations, binops, functions, syntax
+from sentinel.promql.labels import check_unique, without_name
+from sentinel.promql.model import (
+    Annotations,
+    Matrix,
+    PromQLError,
+    RangeSeries,
+    Sample,
+    Scalar,
+    String,
+    Value,
+    Vector,
+)
+from sentinel.store import Labels, Series, Store
+
+__all__ = ["DEFAULT_SUBQUERY_STEP_MS", "Engine", "Evaluator", "QueryResult"]
+
+DEFAULT_SUBQUERY_STEP_MS = 60_000
+"""Step of `x[5m:]` subqueries (Prometheus uses the global evaluation interval)."""
+
+
+@dataclass
+class QueryResult:
+    """A query's value plus the warnings and infos Prometheus would attach."""
+
+    value: Value
+    annotations: Annotations = field(default_factory=Annotations)
+
+
+class Engine:
+    """Evaluates PromQL over a `Store` with Prometheus 3.x semantics."""
+
+    def __init__(
+        self,
+        store: Store,
+        lookback_ms: int = 300_000,
+        subquery_step_ms: int = DEFAULT_SUBQUERY_STEP_MS,
+    ) -> None:
+        self.store = store
+        self.lookback_ms = lookback_ms
+        self.subquery_step_ms = subquery_step_ms
+
+    def instant(self, expr: str | syntax.Node, t_ms: int) -> Value:
+        """Evaluate at one time; the result is a Vector, Scalar, Matrix or String."""
+        return self.instant_query(expr, t_ms).value
+
+    def range(self, expr: str | syntax.Node, start_ms: int, end_ms: int, step_ms: int) -> Matrix:
+        """Evaluate at start, start+step, ... end; one series per distinct label set."""
+        return self.range_query(expr, start_ms, end_ms, step_ms).value  # type: ignore[return-value]
+
+    def instant_query(self, expr: str | syntax.Node, t_ms: int) -> QueryResult:
+        """Like `instant`, with annotations."""
+        node = syntax.parse(expr) if isinstance(expr, str) else expr
+        ev = Evaluator(self, t_ms, t_ms, is_range=False)
+        value = finish(ev.eval(node, t_ms))
+        return QueryResult(value, ev.annotations)
+
+    def range_query(self, expr: str | syntax.Node, start_ms: int, end_ms: int, step_ms: int) -> QueryResult:
+        """Like `range`, with annotations."""
+        if step_ms <= 0:
+            raise PromQLError("zero or negative query resolution step widths are not accepted")
+        if end_ms < start_ms:
+            raise PromQLError("end timestamp must not be before start time")
+        node = syntax.parse(expr) if isinstance(expr, str) else expr
+        ev = Evaluator(self, start_ms, end_ms, is_range=True, step_ms=step_ms)
+        series: dict[Labels, tuple[list[int], list[float]]] = {}
+        for t in range(start_ms, end_ms + 1, step_ms):
+            value = ev.eval(node, t)
+            if isinstance(value, Scalar):
+                points = series.setdefault((), ([], []))
+                points[0].append(t)
+                points[1].append(value.value)
+                continue
+            if not isinstance(value, Vector):
+                kind = "range vector" if isinstance(value, Matrix) else "string"
+                raise PromQLError(f'invalid expression type "{kind}" for range query, must be Scalar or instant Vector')
+            for sample in finish_vector(value):
+                points = series.setdefault(sample.labels, ([], []))
+                points[0].append(t)
+                points[1].append(sample.value)
+        matrix = Matrix(RangeSeries(labels, _ints(ts), _floats(vs)) for labels, (ts, vs) in series.items())
+        matrix.sort(key=lambda s: s.labels)
+        return QueryResult(matrix, ev.annotations)
+
+
+def finish_vector(value: Vector) -> Vector:
+    """Apply delayed `__name__` removal and refuse duplicate label sets, as Prometheus does last.
+
+    Without a name to drop the labels are already unique (selectors, aggregations,
+    binary operators and label functions each guarantee it), so only renamed
+    vectors are checked.
+    """
+    if any(s.drop_name for s in value):
+        value = Vector(Sample(without_name(s.labels), s.value) if s.drop_name else s for s in value)
+        check_unique(s.labels for s in value)
+    return value
+
+
+def finish(value: Value) -> Value:
+    """`finish_vector` for any query result (range vectors of instant queries included)."""
+    if isinstance(value, Vector):
+        return finish_vector(value)
+    if isinstance(value, Matrix):
+        if any(s.drop_name for s in value):
+            value = Matrix(
+                RangeSeries(without_name(s.labels), s.timestamps, s.values) if s.drop_name else s for s in value
+            )
+        check_unique(s.labels for s in value)
+    return value
+
+
+def _ints(values: list[int]) -> array[int]:
+    return array("q", values)
+
+
+def _floats(values: list[float]) -> array[float]:
+    return array("d", values)
+
+
+class Evaluator:
+    """State of one query: its time bounds, annotations and per-query selector cache."""
+
+    def __init__(self, engine: Engine, start_ms: int, end_ms: int, *, is_range: bool, step_ms: int = 0) -> None:
+        self.store = engine.store
+        self.lookback_ms = engine.lookback_ms
+        self.subquery_step_ms = engine.subquery_step_ms
+        self.start_ms = start_ms
+        self.end_ms = end_ms
+        self.is_range = is_range
+        self.step_ms = step_ms
+        self.annotations = Annotations()
+        self._series_cache: dict[int, list[Series]] = {}
+
+    # -- dispatch -----------------------------------------------------------------
+
+    def eval(self, node: syntax.Node, t: int) -> Value:
+        """Evaluate `node` at time `t` (ms)."""
+        handler = _HANDLERS.get(type(node))
+        if handler is None:
+            raise PromQLError(f"cannot evaluate {type(node).__name__}")
+        return handler(self, node, t)
+
+    def eval_vector(self, node: syntax.Node, t: int) -> Vector:
+        value = self.eval(node, t)
+        if not isinstance(value, Vector):
+            raise PromQLError(f"expected instant vector, got {type(value).__name__.lower()}")
+        return value
+
+    def eval_scalar(self, node: syntax.Node, t: int) -> float:
+        value = self.eval(node, t)
+        if isinstance(value, Scalar):
+            return value.value
+        raise PromQLError(f"expected scalar, got {type(value).__name__.lower()}")
+
+    def eval_string(self, node: syntax.Node) -> str:
+        if isinstance(node, syntax.StringLit):
+            return node.value
+        raise PromQLError("expected string literal")
+
+    # -- time --------------------------------------------------------------------
+
+    def resolve_time(self, at: syntax.At | None, offset_ms: int, t: int) -> int:
+        """The time a selector or subquery reads at: `@` (or t), minus offset."""
+        if at is None:
+            base = t
+        elif at.kind == "start":
+            base = self.start_ms
+        elif at.kind == "end":
+            base = self.end_ms
+        else:
+            base = at.t_ms
+        return base - offset_ms
+
+    # -- selectors ---------------------------------------------------------------
+
+    def series_for(self, sel: syntax.Selector) -> list[Series]:
+        """The store series a selector matches (looked up once per query)."""
+        key = id(sel)
+        cached = self._series_cache.get(key)
+        if cached is not None:
+            return cached
+        if len(sel.alternatives) == 1:
+            found = self.store.select(sel.alternatives[0])
+        else:
+            merged: dict[Labels, Series] = {}
+            for group in sel.alternatives:
+                for series in self.store.select(group):
+                    merged[series.labels] = series
+            found = list(merged.values())
+        self._series_cache[key] = found
+        return found
+
+    def select_instant(self, sel: syntax.Selector, t: int) -> Vector:
+        """Each matching series' newest non-stale sample in (t - lookback, t]."""
+        te = self.resolve_time(sel.at, sel.offset_ms, t)
+        lookback = self.lookback_ms
+        out = Vector()
+        append = out.append
+        for series in self.series_for(sel):
+            hit = series.latest_at(te, lookback)
+            if hit is not None:
+                append(Sample(series.labels, hit[1]))
+        return out
+
+    def select_timestamps(self, sel: syntax.Selector, t: int) -> Vector:
+        """Like `select_instant`, but each value is the sample's own timestamp in seconds."""
+        te = self.resolve_time(sel.at, sel.offset_ms, t)
+        out = Vector()
+        for series in self.series_for(sel):
+            hit = series.latest_at(te, self.lookback_ms)
+            if hit is not None:
+                out.append(Sample(series.labels, hit[0] / 1000, drop_name=True))
+        return out
+
+    def select_range(self, sel: syntax.Selector, range_ms: int, t: int) -> tuple[Matrix, int]:
+        """Samples in (te - range, te] per series, plus te (the window's end)."""
+        te = self.resolve_time(sel.at, sel.offset_ms, t)
+        start = te - range_ms
+        out = Matrix()
+        append = out.append
+        for series in self.series_for(sel):
+            ts, vs = series.range(start, te)
+            if len(ts):
+                append(RangeSeries(series.labels, ts, vs))
+        return out, te
+
+    def eval_range_arg(self, node: syntax.Node, t: int) -> tuple[Matrix, int, int]:
+        """A range-vector argument: (series, window end, range length)."""
+        if isinstance(node, syntax.MatrixSel):
+            matrix, te = self.select_range(node.selector, node.range_ms, t)
+            return matrix, te, node.range_ms
+        if isinstance(node, syntax.Subquery):
+            matrix, te = self.subquery(node, t)
+            return matrix, te, node.range_ms
+        raise PromQLError("expected range vector argument")
+
+    def subquery(self, node: syntax.Subquery, t: int) -> tuple[Matrix, int]:
+        """Evaluate the inner expression at each aligned step in (te - range, te]."""
+        te = self.resolve_time(node.at, node.offset_ms, t)
+        step = node.step_ms or self.subquery_step_ms
+        # Prometheus aligns subquery steps to absolute multiples of the step.
+        first = ((te - node.range_ms) // step + 1) * step
+        series: dict[Labels, tuple[list[int], list[float], list[bool]]] = {}
+        for ts in range(first, te + 1, step):
+            value = self.eval(node.expr, ts)
+            if isinstance(value, Scalar):
+                value = Vector([Sample((), value.value)])
+            if not isinstance(value, Vector):
+                raise PromQLError("subquery is only allowed on instant vector")
+            for sample in value:
+                points = series.get(sample.labels)
+                if points is None:
+                    points = series[sample.labels] = ([], [], [False])
+                points[0].append(ts)
+                points[1].append(sample.value)
+                if sample.drop_name:
+                    points[2][0] = True
+        matrix = Matrix(
+            RangeSeries(labels, _ints(tss), _floats(vss), drop[0]) for labels, (tss, vss, drop) in series.items()
+        )
+        return matrix, te
+
+
+def _eval_number(ev: Evaluator, node: syntax.NumberLit, t: int) -> Value:
+    return Scalar(node.value)
+
+
+def _eval_string(ev: Evaluator, node: syntax.StringLit, t: int) -> Value:
+    return String(node.value)
+
+
+def _eval_selector(ev: Evaluator, node: syntax.Selector, t: int) -> Value:
+    return ev.select_instant(node, t)
+
+
+def _eval_matrix(ev: Evaluator, node: syntax.MatrixSel, t: int) -> Value:
+    return ev.select_range(node.selector, node.range_ms, t)[0]
+
+
+def _eval_subquery(ev: Evaluator, node: syntax.Subquery, t: int) -> Value:
+    return ev.subquery(node, t)[0]
+
+
+def _eval_unary(ev: Evaluator, node: syntax.Unary, t: int) -> Value:
+    value = ev.eval(node.expr, t)
+    if isinstance(value, Scalar):
+        return Scalar(-value.value)
+    if isinstance(value, Vector):
+        return Vector(Sample(s.labels, -s.value, True) for s in value)
+    raise PromQLError("unary minus needs a scalar or instant vector")
+
+
+def _eval_call(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return functions.call(ev, node, t)
+
+
+def _eval_aggregate(ev: Evaluator, node: syntax.Aggregate, t: int) -> Value:
+    return aggregations.aggregate(ev, node, t)
+
+
+def _eval_binary(ev: Evaluator, node: syntax.Binary, t: int) -> Value:
+    return binops.binary(ev, node, t)
+
+
+_HANDLERS: dict[type, Callable[[Evaluator, syntax.Node, int], Value]] = {
+    syntax.NumberLit: _eval_number,  # type: ignore[dict-item]
+    syntax.StringLit: _eval_string,  # type: ignore[dict-item]
+    syntax.Selector: _eval_selector,  # type: ignore[dict-item]
+    syntax.MatrixSel: _eval_matrix,  # type: ignore[dict-item]
+    syntax.Subquery: _eval_subquery,  # type: ignore[dict-item]
+    syntax.Unary: _eval_unary,  # type: ignore[dict-item]
+    syntax.Call: _eval_call,  # type: ignore[dict-item]
+    syntax.Aggregate: _eval_aggregate,  # type: ignore[dict-item]
+    syntax.Binary: _eval_binary,  # type: ignore[dict-item]
+}

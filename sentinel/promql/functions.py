@@ -1,0 +1,541 @@
+"""PromQL function calls: dispatch, instant-vector functions and range-vector wrappers."""
+
+from __future__ import annotations
+
+import calendar
+import math
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
+
+from sentinel.promql import gomath, rangefuncs, syntax
+from sentinel.promql.histogram import histogram_quantile
+from sentinel.promql.labels import NAME, check_unique, get, with_label
+from sentinel.promql.model import Matrix, PromQLError, Sample, Scalar, Value, Vector
+from sentinel.promql.regex import translate_regex
+from sentinel.store import Labels, MatchOp
+
+if TYPE_CHECKING:
+    from sentinel.promql.engine import Evaluator
+
+__all__ = ["call"]
+
+Handler = Callable[["Evaluator", syntax.Call, int], Value]
+
+INF = math.inf
+NAN = math.nan
+
+
+# -- math with Go's results instead of Python exceptions ------------------------------
+
+
+def _log(fn: Callable[[float], float]) -> Callable[[float], float]:
+    def wrapped(x: float) -> float:
+        if x > 0:
+            return fn(x)
+        if x == 0:
+            return -INF
+        return NAN  # negative or NaN
+
+    return wrapped
+
+
+def _guard(fn: Callable[[float], float], overflow: Callable[[float], float] | None = None) -> Callable[[float], float]:
+    def wrapped(x: float) -> float:
+        try:
+            return fn(x)
+        except OverflowError:
+            return overflow(x) if overflow is not None else INF
+        except ValueError:
+            return NAN
+
+    return wrapped
+
+
+def _atanh(x: float) -> float:
+    if x == 1:
+        return INF
+    if x == -1:
+        return -INF
+    return _guard(math.atanh)(x)
+
+
+def _ceil(x: float) -> float:
+    return x if math.isinf(x) or x != x else float(math.ceil(x))
+
+
+def _floor(x: float) -> float:
+    return x if math.isinf(x) or x != x else float(math.floor(x))
+
+
+def _sgn(x: float) -> float:
+    if x > 0:
+        return 1.0
+    if x < 0:
+        return -1.0
+    return x  # 0 or NaN
+
+
+MATH: dict[str, Callable[[float], float]] = {
+    "abs": abs,
+    "ceil": _ceil,
+    "floor": _floor,
+    "exp": _guard(math.exp),
+    "sqrt": _guard(math.sqrt),
+    "ln": _log(math.log),
+    "log2": _log(math.log2),
+    "log10": _log(math.log10),
+    "sgn": _sgn,
+    "sin": _guard(math.sin),
+    "cos": _guard(math.cos),
+    "tan": _guard(math.tan),
+    "asin": _guard(math.asin),
+    "acos": _guard(math.acos),
+    "atan": math.atan,
+    "sinh": _guard(math.sinh, lambda x: math.copysign(INF, x)),
+    "cosh": _guard(math.cosh),
+    "tanh": math.tanh,
+    "asinh": math.asinh,
+    "acosh": _guard(math.acosh),
+    "atanh": _atanh,
+    "deg": lambda x: x * 180 / math.pi,
+    "rad": lambda x: x * math.pi / 180,
+}
+
+
+# -- dispatch ------------------------------------------------------------------------
+
+
+def call(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    """Evaluate one function call at time t."""
+    name = node.name
+    simple = MATH.get(name)
+    if simple is not None:
+        vec = ev.eval_vector(node.args[0], t)
+        return Vector(Sample(s.labels, simple(s.value), True) for s in vec)
+    if name in _RANGE_FUNCS:
+        return _range_function(ev, node, t)
+    handler = _HANDLERS.get(name)
+    if handler is None:
+        raise PromQLError(f"function {name!r} is not supported")
+    return handler(ev, node, t)
+
+
+# -- range-vector functions ------------------------------------------------------------
+
+_RATES = {
+    "rate": (True, True),
+    "increase": (True, False),
+    "delta": (False, False),
+}
+_RANGE_FUNCS = frozenset({*_RATES, "irate", "idelta", *rangefuncs.KERNELS, *rangefuncs.PARAM_KERNELS})
+# Prometheus keeps the metric name for these two: they return an input sample unchanged.
+_KEEP_NAME = frozenset({"last_over_time", "first_over_time"})
+_COUNTER_SUFFIXES = ("_total", "_sum", "_count", "_bucket")
+
+
+def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    name = node.name
+    if name == "quantile_over_time":
+        matrix_arg, params = node.args[1], [ev.eval_scalar(node.args[0], t)]
+        q = params[0]
+        if q != q or q < 0 or q > 1:
+            ev.annotations.warn(f"PromQL warning: quantile value should be between 0 and 1, got {gomath.format_g(q)}")
+    else:
+        matrix_arg = node.args[0]
+        params = [ev.eval_scalar(a, t) for a in node.args[1:]]
+    matrix, range_end, range_ms = ev.eval_range_arg(matrix_arg, t)
+    keep_name = name in _KEEP_NAME
+    out = Vector()
+    append = out.append
+    rates = _RATES.get(name)
+    if rates is not None:
+        counter, is_rate = rates
+        range_start = range_end - range_ms
+        for series in matrix:
+            value = rangefuncs.extrapolated_rate(
+                series.timestamps, series.values, range_start, range_end, range_ms, counter=counter, rate=is_rate
+            )
+            if value is not None:
+                append(Sample(series.labels, value, True))
+        if counter and out:
+            _note_non_counters(ev, matrix_arg, matrix)
+        return out
+    if name in ("irate", "idelta"):
+        for series in matrix:
+            value = rangefuncs.instant_value(series.timestamps, series.values, rate=name == "irate")
+            if value is not None:
+                append(Sample(series.labels, value, True))
+        return out
+    kernel = rangefuncs.KERNELS.get(name)
+    if kernel is None:
+        kernel = rangefuncs.param_kernel(name, t, params)
+    for series in matrix:
+        value = kernel(series.timestamps, series.values)
+        if value is not None:
+            append(Sample(series.labels, value, series.drop_name if keep_name else True))
+    return out
+
+
+def _note_non_counters(ev: Evaluator, arg: syntax.Node, matrix: Matrix) -> None:
+    """Prometheus's info annotation for rate/increase over a name that is not a counter's."""
+    if isinstance(arg, syntax.MatrixSel) and arg.selector.name:
+        # The common `rate(name[5m])`: one name, known without looking at each series.
+        names = {arg.selector.name}
+    else:
+        names = {get(s.labels, NAME) for s in matrix if len(s) > 1}
+    for name in sorted(names):
+        if name and not name.endswith(_COUNTER_SUFFIXES):
+            ev.annotations.info(
+                f'PromQL info: metric might not be a counter, name does not end in _total/_sum/_count/_bucket: "{name}"'
+            )
+
+
+# -- handlers for the remaining functions -----------------------------------------------
+
+
+def _time(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar(t / 1000)
+
+
+def _pi(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar(math.pi)
+
+
+def _start(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar(ev.start_ms / 1000)
+
+
+def _end(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar(ev.end_ms / 1000)
+
+
+def _step(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar(ev.step_ms / 1000)
+
+
+def _range(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar((ev.end_ms - ev.start_ms) / 1000)
+
+
+def _vector(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Vector([Sample((), ev.eval_scalar(node.args[0], t))])
+
+
+def _scalar(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    vec = ev.eval_vector(node.args[0], t)
+    return Scalar(vec[0].value if len(vec) == 1 else NAN)
+
+
+def _min_of(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar(gomath.go_min(ev.eval_scalar(node.args[0], t), ev.eval_scalar(node.args[1], t)))
+
+
+def _max_of(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return Scalar(gomath.go_max(ev.eval_scalar(node.args[0], t), ev.eval_scalar(node.args[1], t)))
+
+
+def _timestamp(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    arg = node.args[0]
+    if isinstance(arg, syntax.Selector):
+        # A selector's samples keep their own timestamps here, not the evaluation time.
+        return ev.select_timestamps(arg, t)
+    vec = ev.eval_vector(arg, t)
+    return Vector(Sample(s.labels, t / 1000, True) for s in vec)
+
+
+def _round(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    vec = ev.eval_vector(node.args[0], t)
+    to_nearest = ev.eval_scalar(node.args[1], t) if len(node.args) > 1 else 1.0
+    inverse = gomath.div(1.0, to_nearest)
+
+    def rnd(x: float) -> float:
+        # Prometheus rounds half up: floor(x * inverse + 0.5) / inverse.
+        scaled = x * inverse + 0.5
+        if math.isinf(scaled) or scaled != scaled:
+            return gomath.div(scaled, inverse)
+        return gomath.div(float(math.floor(scaled)), inverse)
+
+    return Vector(Sample(s.labels, rnd(s.value), True) for s in vec)
+
+
+def _clamp(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    vec = ev.eval_vector(node.args[0], t)
+    low = ev.eval_scalar(node.args[1], t)
+    high = ev.eval_scalar(node.args[2], t)
+    if high < low:
+        return Vector()
+    return Vector(Sample(s.labels, gomath.go_max(low, gomath.go_min(high, s.value)), True) for s in vec)
+
+
+def _clamp_min(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    vec = ev.eval_vector(node.args[0], t)
+    low = ev.eval_scalar(node.args[1], t)
+    return Vector(Sample(s.labels, gomath.go_max(low, s.value), True) for s in vec)
+
+
+def _clamp_max(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    vec = ev.eval_vector(node.args[0], t)
+    high = ev.eval_scalar(node.args[1], t)
+    return Vector(Sample(s.labels, gomath.go_min(high, s.value), True) for s in vec)
+
+
+def _sort_warning(ev: Evaluator) -> None:
+    if ev.is_range:
+        ev.annotations.warn(
+            "PromQL warning: sort is ineffective for range queries since results are always ordered by labels"
+        )
+
+
+def _by_value(vec: Vector, descending: bool) -> Vector:
+    numbers = sorted((s for s in vec if s.value == s.value), key=lambda s: s.value, reverse=descending)
+    return Vector(numbers + [s for s in vec if s.value != s.value])
+
+
+def _sort(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    _sort_warning(ev)
+    return _by_value(ev.eval_vector(node.args[0], t), descending=False)
+
+
+def _sort_desc(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    _sort_warning(ev)
+    return _by_value(ev.eval_vector(node.args[0], t), descending=True)
+
+
+_CHUNKS = re.compile(r"(\d+)")
+
+
+def _natural_key(value: str) -> tuple[tuple[int, int | str], ...]:
+    """Natural ordering: digit runs compare as numbers ("a2" < "a10")."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in _CHUNKS.split(value) if part)
+
+
+def _sort_by_label_impl(ev: Evaluator, node: syntax.Call, t: int, *, descending: bool) -> Value:
+    _sort_warning(ev)
+    vec = ev.eval_vector(node.args[0], t)
+    names = [ev.eval_string(a) for a in node.args[1:]]
+    # Python's sort is stable: sort by the full label set first, then by each key label.
+    ordered = sorted(vec, key=lambda s: s.labels, reverse=descending)
+    ordered.sort(key=lambda s: tuple(_natural_key(get(s.labels, n)) for n in names), reverse=descending)
+    return Vector(ordered)
+
+
+def _sort_by_label(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return _sort_by_label_impl(ev, node, t, descending=False)
+
+
+def _sort_by_label_desc(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    return _sort_by_label_impl(ev, node, t, descending=True)
+
+
+_GO_TEMPLATE = re.compile(r"\$(?:\$|\{([^}]*)\}|([A-Za-z0-9_]+))")
+
+
+def expand_template(template: str, match: re.Match[str]) -> str:
+    """Go's `regexp.Expand`: `$1`, `${1}`, `$name`, `${name}`, `$$`; unknown groups expand to ""."""
+
+    def group(ref: str) -> str:
+        try:
+            return match.group(int(ref) if ref.isdigit() else ref) or ""
+        except IndexError:  # no such group
+            return ""
+
+    def replace(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        ref = m.group(1) if m.group(1) is not None else m.group(2)
+        return group(ref)
+
+    return _GO_TEMPLATE.sub(replace, template)
+
+
+def _valid_label_name(name: str) -> bool:
+    return bool(name) and name.isprintable()
+
+
+def _label_replace(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    vec = ev.eval_vector(node.args[0], t)
+    dst, replacement, src, pattern = (ev.eval_string(a) for a in node.args[1:5])
+    try:
+        regex = re.compile(f"(?s:{translate_regex(pattern)})\\Z")
+    except re.error as exc:
+        raise PromQLError(f"invalid regular expression in label_replace(): {pattern}: {exc}") from exc
+    if not _valid_label_name(dst):
+        raise PromQLError(f"invalid destination label name in label_replace(): {dst}")
+    out = Vector()
+    for s in vec:
+        m = regex.match(get(s.labels, src))
+        if m is None:
+            out.append(s)
+            continue
+        labels = with_label(s.labels, dst, expand_template(replacement, m))
+        out.append(Sample(labels, s.value, s.drop_name and dst != NAME))
+    check_unique(s.labels for s in out)
+    return out
+
+
+def _label_join(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    vec = ev.eval_vector(node.args[0], t)
+    dst = ev.eval_string(node.args[1])
+    sep = ev.eval_string(node.args[2])
+    sources = [ev.eval_string(a) for a in node.args[3:]]
+    if not _valid_label_name(dst):
+        raise PromQLError(f"invalid destination label name in label_join(): {dst}")
+    for src in sources:
+        if not _valid_label_name(src):
+            raise PromQLError(f"invalid source label name in label_join(): {src}")
+    out = Vector()
+    for s in vec:
+        joined = sep.join(get(s.labels, src) for src in sources)
+        labels = with_label(s.labels, dst, joined)
+        out.append(Sample(labels, s.value, s.drop_name and dst != NAME))
+    check_unique(s.labels for s in out)
+    return out
+
+
+def _absent_labels(arg: syntax.Node) -> Labels:
+    """Labels of absent()'s output: the selector's equality matchers (conflicts removed)."""
+    if isinstance(arg, syntax.MatrixSel):
+        arg = arg.selector
+    if not isinstance(arg, syntax.Selector) or len(arg.alternatives) != 1:
+        return ()
+    result: dict[str, str] = {}
+    seen: set[str] = set()
+    for m in arg.alternatives[0]:
+        if m.name == NAME:
+            continue
+        if m.op is MatchOp.EQ and m.name not in seen:
+            result[m.name] = m.value
+            seen.add(m.name)
+        else:
+            result.pop(m.name, None)
+    return tuple(sorted((k, v) for k, v in result.items() if v != ""))
+
+
+def _absent(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    if ev.eval_vector(node.args[0], t):
+        return Vector()
+    return Vector([Sample(_absent_labels(node.args[0]), 1.0)])
+
+
+def _absent_over_time(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    matrix, _, _ = ev.eval_range_arg(node.args[0], t)
+    if matrix:
+        return Vector()
+    return Vector([Sample(_absent_labels(node.args[0]), 1.0)])
+
+
+def _date_function(part: Callable[[_Civil], float]) -> Handler:
+    def handler(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+        if not node.args:
+            return Vector([Sample((), part(_civil(t // 1000)))])
+        vec = ev.eval_vector(node.args[0], t)
+        out = Vector()
+        for s in vec:
+            if s.value != s.value or math.isinf(s.value):
+                out.append(Sample(s.labels, NAN, True))
+                continue
+            # Go's time.Unix(int64(v), 0): truncate toward zero.
+            out.append(Sample(s.labels, part(_civil(gomath.to_int64(s.value))), True))
+        return out
+
+    return handler
+
+
+class _Civil(NamedTuple):
+    year: int
+    month: int
+    day: int
+    hour: int
+    minute: int
+    weekday: int  # 0 = Sunday
+    yday: int
+
+
+def _civil(seconds: int) -> _Civil:
+    """UTC calendar fields of a Unix time, for any int64 (datetime stops at year 9999).
+
+    Howard Hinnant's days-to-civil algorithm on the proleptic Gregorian calendar.
+    """
+    days, rem = divmod(seconds, 86_400)
+    z = days + 719_468
+    era = z // 146_097
+    doe = z - era * 146_097
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (1 if month <= 2 else 0)
+    yday = _CUMULATIVE_DAYS[month - 1] + day + (1 if month > 2 and calendar.isleap(year) else 0)
+    return _Civil(year, month, day, rem // 3600, rem % 3600 // 60, (days + 4) % 7, yday)
+
+
+_CUMULATIVE_DAYS = (0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334)
+
+
+def _days_in_month(c: _Civil) -> float:
+    if c.month == 2:
+        return 29.0 if calendar.isleap(c.year) else 28.0
+    return 30.0 if c.month in (4, 6, 9, 11) else 31.0
+
+
+_DATE_PARTS: dict[str, Callable[[_Civil], float]] = {
+    "day_of_month": lambda c: float(c.day),
+    "day_of_week": lambda c: float(c.weekday),
+    "day_of_year": lambda c: float(c.yday),
+    "days_in_month": _days_in_month,
+    "hour": lambda c: float(c.hour),
+    "minute": lambda c: float(c.minute),
+    "month": lambda c: float(c.month),
+    "year": lambda c: float(c.year),
+}
+
+
+def _histogram_quantile(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    q = ev.eval_scalar(node.args[0], t)
+    return histogram_quantile(ev, q, ev.eval_vector(node.args[1], t))
+
+
+def _native_only(ev: Evaluator, node: syntax.Call, t: int) -> Value:
+    raise PromQLError(f"{node.name}() needs native histograms, which Sentinel does not store (float samples only)")
+
+
+_HANDLERS: dict[str, Handler] = {
+    "time": _time,
+    "pi": _pi,
+    "start": _start,
+    "end": _end,
+    "step": _step,
+    "range": _range,
+    "vector": _vector,
+    "scalar": _scalar,
+    "min_of": _min_of,
+    "max_of": _max_of,
+    "timestamp": _timestamp,
+    "round": _round,
+    "clamp": _clamp,
+    "clamp_min": _clamp_min,
+    "clamp_max": _clamp_max,
+    "sort": _sort,
+    "sort_desc": _sort_desc,
+    "sort_by_label": _sort_by_label,
+    "sort_by_label_desc": _sort_by_label_desc,
+    "label_replace": _label_replace,
+    "label_join": _label_join,
+    "absent": _absent,
+    "absent_over_time": _absent_over_time,
+    "histogram_quantile": _histogram_quantile,
+    **{name: _date_function(part) for name, part in _DATE_PARTS.items()},
+    **{
+        name: _native_only
+        for name in (
+            "histogram_count",
+            "histogram_sum",
+            "histogram_avg",
+            "histogram_stddev",
+            "histogram_stdvar",
+            "histogram_fraction",
+        )
+    },
+}

@@ -1,0 +1,256 @@
+"""Functions of range vectors: the rate family, *_over_time, changes, resets, deriv, ...
+
+Each kernel takes one series' (timestamps, values) arrays for the window and returns
+a float, or None for "no output for this series". Kernels work on the arrays
+directly (sum/min/max/len run in C) instead of building per-sample objects.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from collections.abc import Callable
+
+from sentinel.promql import stats
+from sentinel.promql.model import PromQLError
+
+__all__ = ["KERNELS", "PARAM_KERNELS", "extrapolated_rate", "instant_value"]
+
+Kernel = Callable[["array[int]", "array[float]"], float | None]
+
+
+def extrapolated_rate(
+    ts: array[int], vs: array[float], range_start: int, range_end: int, range_ms: int, *, counter: bool, rate: bool
+) -> float | None:
+    """Prometheus's `extrapolatedRate` for rate, increase and delta."""
+    n = len(vs)
+    if n < 2:
+        return None
+    first_t = ts[0]
+    last_t = ts[-1]
+    first_v = vs[0]
+    result = vs[-1] - first_v
+    if counter:
+        result += _reset_correction(vs)
+    to_start = (first_t - range_start) / 1000
+    to_end = (range_end - last_t) / 1000
+    sampled = (last_t - first_t) / 1000
+    average = sampled / (n - 1)
+    threshold = average * 1.1
+    if to_start >= threshold:
+        to_start = average / 2
+    if counter:
+        # A counter cannot go below zero: do not extrapolate past the zero point.
+        to_zero = to_start
+        if result > 0 and first_v >= 0:
+            to_zero = sampled * (first_v / result)
+        if to_zero < to_start:
+            to_start = to_zero
+    if to_end >= threshold:
+        to_end = average / 2
+    factor = (sampled + to_start + to_end) / sampled
+    if rate:
+        factor /= range_ms / 1000
+    return result * factor
+
+
+def _reset_correction(vs: array[float]) -> float:
+    """Sum of the values before each counter reset (a drop in value)."""
+    as_list = vs.tolist()
+    # Fast path in C: timsort returns a list unchanged exactly when no element is
+    # smaller than its predecessor, which is Prometheus's definition of "no reset"
+    # (NaNs included: list equality matches them by identity).
+    if as_list == sorted(as_list):
+        return 0.0
+    correction = 0.0
+    prev = as_list[0]
+    for cur in as_list[1:]:
+        if cur < prev:
+            correction += prev
+        prev = cur
+    return correction
+
+
+def instant_value(ts: array[int], vs: array[float], *, rate: bool) -> float | None:
+    """irate/idelta: from the last two samples."""
+    if len(vs) < 2:
+        return None
+    prev_v, last_v = vs[-2], vs[-1]
+    # A drop in a counter is a reset: the new value is the increase since then.
+    result = last_v if rate and last_v < prev_v else last_v - prev_v
+    if rate:
+        interval = ts[-1] - ts[-2]
+        if interval == 0:
+            return None
+        result /= interval / 1000
+    return result
+
+
+def _count(ts: array[int], vs: array[float]) -> float | None:
+    return float(len(vs))
+
+
+def _sum(ts: array[int], vs: array[float]) -> float | None:
+    return stats.kahan_sum(vs)
+
+
+def _avg(ts: array[int], vs: array[float]) -> float | None:
+    return stats.mean(vs)
+
+
+def _min(ts: array[int], vs: array[float]) -> float | None:
+    return stats.nan_min(vs)
+
+
+def _max(ts: array[int], vs: array[float]) -> float | None:
+    return stats.nan_max(vs)
+
+
+def _last(ts: array[int], vs: array[float]) -> float | None:
+    return vs[-1]
+
+
+def _first(ts: array[int], vs: array[float]) -> float | None:
+    return vs[0]
+
+
+def _present(ts: array[int], vs: array[float]) -> float | None:
+    return 1.0
+
+
+def _stddev(ts: array[int], vs: array[float]) -> float | None:
+    return math.sqrt(stats.variance(vs))
+
+
+def _stdvar(ts: array[int], vs: array[float]) -> float | None:
+    return stats.variance(vs)
+
+
+def _mad(ts: array[int], vs: array[float]) -> float | None:
+    if any(v != v for v in vs):
+        return math.nan  # Prometheus: a NaN sample makes the deviation NaN, not dropped
+    median = stats.quantile(0.5, vs)
+    return stats.quantile(0.5, [abs(v - median) for v in vs])
+
+
+def _changes(ts: array[int], vs: array[float]) -> float | None:
+    changes = 0
+    prev = vs[0]
+    for cur in vs[1:]:
+        if not (cur == prev or (cur != cur and prev != prev)):
+            changes += 1
+        prev = cur
+    return float(changes)
+
+
+def _resets(ts: array[int], vs: array[float]) -> float | None:
+    resets = 0
+    prev = vs[0]
+    for cur in vs[1:]:
+        if cur < prev:
+            resets += 1
+        prev = cur
+    return float(resets)
+
+
+def _deriv(ts: array[int], vs: array[float]) -> float | None:
+    if len(vs) < 2:
+        return None
+    # Regression around the first sample keeps x small (Prometheus issue 2674).
+    return stats.linear_regression(ts, vs, ts[0])[0]
+
+
+def _ts_of_extreme(better: Callable[[float, float], bool]) -> Kernel:
+    def kernel(ts: array[int], vs: array[float]) -> float | None:
+        best = vs[0]
+        best_t = ts[0]
+        for t, v in zip(ts, vs, strict=True):
+            if better(v, best):
+                best = v
+                best_t = t
+        return best_t / 1000
+
+    return kernel
+
+
+def _ts_of_last(ts: array[int], vs: array[float]) -> float | None:
+    return ts[-1] / 1000
+
+
+def _ts_of_first(ts: array[int], vs: array[float]) -> float | None:
+    return ts[0] / 1000
+
+
+KERNELS: dict[str, Kernel] = {
+    "count_over_time": _count,
+    "sum_over_time": _sum,
+    "avg_over_time": _avg,
+    "min_over_time": _min,
+    "max_over_time": _max,
+    "last_over_time": _last,
+    "first_over_time": _first,
+    "present_over_time": _present,
+    "stddev_over_time": _stddev,
+    "stdvar_over_time": _stdvar,
+    "mad_over_time": _mad,
+    "changes": _changes,
+    "resets": _resets,
+    "deriv": _deriv,
+    "ts_of_max_over_time": _ts_of_extreme(lambda v, best: v >= best or best != best),
+    "ts_of_min_over_time": _ts_of_extreme(lambda v, best: v <= best or best != best),
+    "ts_of_last_over_time": _ts_of_last,
+    "ts_of_first_over_time": _ts_of_first,
+}
+
+
+def _quantile_over_time(params: list[float]) -> Kernel:
+    q = params[0]
+    return lambda ts, vs: stats.quantile(q, vs)
+
+
+def _predict_linear(t_ms: int, params: list[float]) -> Kernel:
+    duration = params[0]
+
+    def kernel(ts: array[int], vs: array[float]) -> float | None:
+        if len(vs) < 2:
+            return None
+        slope, intercept = stats.linear_regression(ts, vs, t_ms)
+        return slope * duration + intercept
+
+    return kernel
+
+
+def _double_exponential_smoothing(params: list[float]) -> Kernel:
+    sf, tf = params
+    if not 0 < sf < 1:
+        raise PromQLError(f"invalid smoothing factor. Expected: 0 < sf < 1, got: {sf:f}")
+    if not 0 < tf < 1:
+        raise PromQLError(f"invalid trend factor. Expected: 0 < tf < 1, got: {tf:f}")
+
+    def kernel(ts: array[int], vs: array[float]) -> float | None:
+        if len(vs) < 2:
+            return None
+        s0 = 0.0
+        s1 = vs[0]
+        b = vs[1] - vs[0]
+        for i in range(1, len(vs)):
+            x = sf * vs[i]
+            if i > 1:
+                b = tf * (s1 - s0) + (1 - tf) * b
+            y = (1 - sf) * (s1 + b)
+            s0, s1 = s1, x + y
+        return s1
+
+    return kernel
+
+
+def param_kernel(name: str, t_ms: int, params: list[float]) -> Kernel:
+    """Kernels that take scalar parameters evaluated at the step time."""
+    if name == "quantile_over_time":
+        return _quantile_over_time(params)
+    if name == "predict_linear":
+        return _predict_linear(t_ms, params)
+    return _double_exponential_smoothing(params)
+
+
+PARAM_KERNELS = frozenset({"quantile_over_time", "predict_linear", "double_exponential_smoothing", "holt_winters"})
