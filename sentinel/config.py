@@ -32,10 +32,16 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigProblem",
+    "EndpointCollectorConfig",
     "HostCollectorConfig",
+    "LogCollectorConfig",
     "LogConfig",
+    "LogPattern",
+    "LogSource",
+    "NcclRasCollectorConfig",
     "NvmlCollectorConfig",
     "ProcessMatch",
+    "RulesConfig",
     "StoreConfig",
     "WorkerConfig",
     "XidOverride",
@@ -123,9 +129,55 @@ class HostCollectorConfig(_Frozen):
     proc_root: str = "/proc"
 
 
+class EndpointCollectorConfig(_Frozen):
+    """Health probe and /metrics scrape of every worker that has an `endpoint`."""
+
+    enabled: bool = True
+    interval: Duration = Field(1.0, gt=0)
+    health_timeout: Duration = Field(1.0, gt=0, description="Bound on one /health request.")
+    scrape_timeout: Duration = Field(2.0, gt=0, description="Bound on one /metrics scrape.")
+    max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Larger /metrics bodies are refused.")
+
+
+class LogPattern(_Frozen):
+    """One entry of the log pattern catalogue (the built-in ones live in sentinel/data)."""
+
+    id: str = Field(pattern=r"^[a-z_][a-z0-9_]*$")
+    regex: str
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Label name -> named regex group (or a literal value prefixed with '=')."
+    )
+    value: str | None = Field(None, description="Named group holding the event's numeric value.")
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from None
+        return v
+
+
+class LogCollectorConfig(_Frozen):
+    enabled: bool = True
+    poll_interval: Duration = Field(0.25, gt=0, description="Fallback polling when inotify is unavailable.")
+    rescan_interval: Duration = Field(2.0, gt=0, description="How often globs are re-expanded for new files.")
+    max_line_bytes: int = Field(1024 * 1024, gt=0, description="Longer lines are cut and counted.")
+    patterns: tuple[LogPattern, ...] = Field((), description="Extra patterns added to the built-in catalogue.")
+
+
+class NcclRasCollectorConfig(_Frozen):
+    interval: Duration = Field(5.0, gt=0)
+    timeout: Duration = Field(2.0, gt=0)
+
+
 class CollectorsConfig(_Frozen):
     nvml: NvmlCollectorConfig = NvmlCollectorConfig()
     host: HostCollectorConfig = HostCollectorConfig()
+    endpoint: EndpointCollectorConfig = EndpointCollectorConfig()
+    logs: LogCollectorConfig = LogCollectorConfig()
+    nccl_ras: NcclRasCollectorConfig = NcclRasCollectorConfig()
 
 
 class ProcessMatch(_Frozen):
@@ -151,12 +203,36 @@ class ProcessMatch(_Frozen):
 _WORKER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
 
 
+class LogSource(_Frozen):
+    """One log source of a worker: files by glob, or a systemd unit's journal."""
+
+    path: str | None = Field(None, description="File path or glob, e.g. /var/log/vllm/*.log.")
+    journal_unit: str | None = Field(None, description="systemd unit whose journal is followed.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> LogSource:
+        if (self.path is None) == (self.journal_unit is None):
+            raise ValueError("give exactly one of path, journal_unit")
+        return self
+
+
 class WorkerConfig(_Frozen):
     name: str
     gpus: tuple[int, ...] = ()
     endpoint: str | None = Field(None, description="Base URL of the serving endpoint, e.g. http://127.0.0.1:8000.")
     engine: Literal["vllm", "sglang", "generic"] = "generic"
+    health_path: str | None = Field(None, description="Health probe path; default from the engine preset (/health).")
+    metrics_path: str | None = Field(None, description="Metrics path; default /metrics.")
     process: ProcessMatch | None = None
+    logs: tuple[LogSource, ...] = ()
+    nccl_ras: str | None = Field(None, description="HOST:PORT of NCCL's RAS service (default port 28028).")
+
+    @field_validator("nccl_ras")
+    @classmethod
+    def _ras_address(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_ras_address(v)
+        return v
 
     @field_validator("name")
     @classmethod
@@ -182,6 +258,22 @@ class WorkerConfig(_Frozen):
         return v
 
 
+class RulesConfig(_Frozen):
+    """Prometheus rule files evaluated by Sentinel itself."""
+
+    files: tuple[str, ...] = Field((), description="Rule files or globs, in Prometheus's rule file format.")
+    interval: Duration = Field(1.0, gt=0, description="Default evaluation interval of a group.")
+    external_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels added to every alert sent out, as Prometheus's external_labels."
+    )
+    external_url: str | None = Field(None, description="URL of this Sentinel in generatorURL; default from listen.")
+    outage_tolerance: Duration = Field(3600.0, ge=0, description="Longest outage after which `for` state is restored.")
+    for_grace_period: Duration = Field(600.0, ge=0, description="Least time left pending after a restore.")
+    event_min_interval: Duration = Field(
+        0.1, ge=0, description="At most one event-triggered evaluation of a group per this interval."
+    )
+
+
 class Config(_Frozen):
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT of the HTTP server (/metrics and the API).")
     state_dir: str | None = Field(
@@ -196,6 +288,7 @@ class Config(_Frozen):
     store: StoreConfig = StoreConfig()
     collectors: CollectorsConfig = CollectorsConfig()
     workers: tuple[WorkerConfig, ...] = ()
+    rules: RulesConfig = RulesConfig()
 
     @field_validator("listen")
     @classmethod
@@ -249,6 +342,22 @@ def split_listen(value: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ValueError(f"port {port} is out of range")
     return host or "0.0.0.0", port
+
+
+DEFAULT_RAS_PORT = 28028
+_RAS_ADDRESS = re.compile(r"\[(?P<v6>[0-9A-Fa-f:.]+)\](?::(?P<p6>\d+))?|(?P<host>[^:\[\]]*)(?::(?P<port>\d+))?")
+
+
+def parse_ras_address(value: str) -> tuple[str, int]:
+    """(host, port) of NCCL's RAS service from `HOST`, `HOST:PORT` or `[V6]:PORT`; empty host is localhost."""
+    m = _RAS_ADDRESS.fullmatch(value.strip())
+    if m is None:
+        raise ValueError(f"expected HOST, HOST:PORT or [IPv6]:PORT, got {value!r}")
+    host = m.group("v6") or m.group("host") or "localhost"
+    port = int(m.group("p6") or m.group("port") or DEFAULT_RAS_PORT)
+    if not 0 < port <= 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
 
 
 class ConfigProblem:
