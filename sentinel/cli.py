@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     check_sub = check.add_subparsers(dest="what", required=True, metavar="WHAT")
     check_config = check_sub.add_parser("config", help="validate sentinel.yaml files")
     check_config.add_argument("files", nargs="+", metavar="FILE")
+    check_rules = check_sub.add_parser("rules", help="validate Prometheus rule files (as promtool check rules)")
+    check_rules.add_argument("files", nargs="+", metavar="FILE")
+
+    test = sub.add_parser("test", help="run unit tests")
+    test_sub = test.add_subparsers(dest="what", required=True, metavar="WHAT")
+    test_rules = test_sub.add_parser("rules", help="run rule unit tests in promtool's format")
+    test_rules.add_argument("files", nargs="+", metavar="FILE")
 
     promql = sub.add_parser("promql", help="PromQL tools")
     promql_sub = promql.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -72,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sentinel {__version__}")
         return 0
     if args.command == "check":
-        return check_config(args.files)
+        return check_config(args.files) if args.what == "config" else check_rules(args.files)
+    if args.command == "test":
+        from sentinel.alerting.ruletest import main as test_rules_main
+
+        return int(test_rules_main(args.files))
     if args.command == "promql":
         from sentinel.promql.testfile import main as promql_test_main
 
@@ -98,6 +109,24 @@ def check_config(files: Sequence[str]) -> int:
     return 1 if failed else 0
 
 
+def check_rules(files: Sequence[str]) -> int:
+    """promtool's exit codes: 0 all valid, 1 any file invalid."""
+    from sentinel.alerting.rulefile import RuleFileError, load_rule_files
+
+    failed = False
+    for file in files:
+        print(f"Checking {file}")
+        try:
+            groups = load_rule_files([file])
+        except RuleFileError as exc:
+            failed = True
+            print(f"  FAILED:\n{exc}", file=sys.stderr)
+        else:
+            print(f"  SUCCESS: {sum(len(g.rules) for g in groups)} rules found")
+        print()
+    return 1 if failed else 0
+
+
 def run(args: argparse.Namespace) -> int:
     from sentinel.daemon import Daemon
     from sentinel.logsetup import setup_logging
@@ -117,11 +146,18 @@ def run(args: argparse.Namespace) -> int:
     async def main_task() -> int:
         if args.duration:
             asyncio.get_running_loop().call_later(args.duration, daemon.request_stop)
+        reports: asyncio.Task[None] | None = None
         if args.report:
             from sentinel.report import print_reports
 
-            asyncio.get_running_loop().create_task(print_reports(daemon, args.report))
-        return await daemon.run()
+            reports = asyncio.get_running_loop().create_task(print_reports(daemon, args.report))
+        try:
+            return await daemon.run()
+        finally:
+            if reports is not None:
+                reports.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reports
 
     rc = _run_loop(main_task())
     _exit_past_hung_threads(rc)

@@ -22,10 +22,17 @@ from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExe
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from sentinel import __version__
+from sentinel.alerting.api import prometheus_api_routes
+from sentinel.alerting.group import VectorSample
+from sentinel.alerting.manager import RuleManager
+from sentinel.alerting.query import engine_query
+from sentinel.alerting.rulefile import RuleFileError, load_rule_files
 from sentinel.collectors.base import Collector, CollectorRunner
+from sentinel.collectors.http import SharedHttpSession
 from sentinel.config import Config, ConfigError, load_config, split_listen
 from sentinel.events import EventBus
 from sentinel.logsetup import setup_logging
+from sentinel.promql import Engine
 from sentinel.sdnotify import Notifier
 from sentinel.server import ServerContext, start_server
 from sentinel.store import Appender, Store
@@ -104,6 +111,10 @@ class Daemon:
         self.last_reload_ok = True
         self.last_reload_success_at = self.started_at
         self.bound_port: int | None = None
+        self.http = SharedHttpSession()
+        self.engine = Engine(self.store, lookback_ms=int(config.store.lookback * 1000))
+        self._query_engine = engine_query(self.engine)
+        self.rules: RuleManager | None = None
         self._collector_factory = collector_factory or build_collectors
         self._runners: dict[str, CollectorRunner] = {}
         self._scheduler: AsyncIOScheduler | None = None
@@ -126,7 +137,13 @@ class Daemon:
             ready=lambda: self._ready,
             gpus=self.gpus_snapshot,
             collectors=lambda: [r.health.as_json() for r in self._runners.values()],
+            extra_routes=prometheus_api_routes(lambda: self.engine, lambda: self.rules),
         )
+        try:
+            groups = await asyncio.to_thread(load_rule_files, self.config.rules.files)
+        except RuleFileError as exc:
+            log.error("invalid rule files:\n%s", exc)
+            return 1
         try:
             runner, self.bound_port = await start_server(ctx, host, port)
         except OSError as exc:
@@ -143,6 +160,11 @@ class Daemon:
         self._scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
         self._scheduler.start()
         await self._apply_collectors(self.config)
+        self.rules = RuleManager(
+            self.store, self.bus, self._query, self.config.rules, self.state_dir, self._external_url(host)
+        )
+        await self.rules.apply(groups)
+        log.info("evaluating %d rule group(s) with %d rule(s)", len(groups), sum(len(g.rules) for g in groups))
         self._scheduler.add_job(
             self._trim, "interval", seconds=TRIM_INTERVAL_S, id="store-trim", max_instances=1, coalesce=True
         )
@@ -167,9 +189,13 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
         for task in list(self._tasks):
             task.cancel()
+        if self.rules is not None:
+            await self.rules.close()
         closers = [self._close_runner(r) for r in self._runners.values()]
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), STOP_BUDGET_S / 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.http.close(), 0.2)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
         self.notifier.close()
@@ -206,6 +232,12 @@ class Daemon:
                     self.last_reload_ok = False
                     log.error("reload failed, keeping the running config:\n%s", exc)
                     return False
+                try:
+                    groups = await asyncio.to_thread(load_rule_files, new.rules.files)
+                except RuleFileError as exc:
+                    self.last_reload_ok = False
+                    log.error("reload failed, keeping the running config and rules:\n%s", exc)
+                    return False
                 if split_listen(new.listen) != split_listen(self.config.listen):
                     log.warning("listen address changes need a restart; still serving on %s", self.listen)
                 setup_logging(new.log.format, new.log.level)
@@ -213,6 +245,10 @@ class Daemon:
                 self.config = new
                 self.store.retention_ms = int(new.store.retention * 1000)
                 self.store.lookback_ms = int(new.store.lookback * 1000)
+                self.engine = Engine(self.store, lookback_ms=self.store.lookback_ms)
+                self._query_engine = engine_query(self.engine)
+                if self.rules is not None:
+                    await self.rules.apply(groups, new.rules)
                 self.last_reload_ok = True
                 self.last_reload_success_at = time.time()
                 log.info("configuration reloaded from %s", self.config_path)
@@ -280,6 +316,16 @@ class Daemon:
     async def _trim(self) -> None:
         self.store.trim()
 
+    def _query(self, expr: str, t_ms: int) -> list[VectorSample]:
+        # Indirect, so a reload that swaps the engine reaches the running rule groups.
+        return self._query_engine(expr, t_ms)
+
+    def _external_url(self, host: str) -> str:
+        if self.config.rules.external_url:
+            return self.config.rules.external_url
+        shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{shown if ':' not in shown else f'[{shown}]'}:{self.bound_port}/"
+
     # -- views ----------------------------------------------------------------------
 
     @property
@@ -308,7 +354,9 @@ def _now_dt() -> Any:
 
 def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
     """The collectors a config asks for (NVML real or simulated, host)."""
+    from sentinel.collectors.endpoint import endpoint_collectors
     from sentinel.collectors.host import HostCollector
+    from sentinel.collectors.nccl_ras import nccl_ras_collectors
     from sentinel.collectors.nvml import NvmlCollector
     from sentinel.workers import WorkerProcesses
 
@@ -334,4 +382,9 @@ def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
         )
     if host_cfg.enabled:
         collectors.append(HostCollector(host_cfg, workers, daemon.store, daemon.bus))
+    if config.collectors.endpoint.enabled:
+        collectors += endpoint_collectors(
+            config.workers, config.collectors.endpoint, daemon.http, daemon.store, daemon.bus
+        )
+    collectors += nccl_ras_collectors(config.workers, config.collectors.nccl_ras, daemon.store)
     return collectors

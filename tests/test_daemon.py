@@ -78,7 +78,11 @@ def test_openmetrics_by_content_negotiation(simulated: DaemonProcess) -> None:
 
 def test_health_and_readiness_endpoints(simulated: DaemonProcess) -> None:
     assert simulated.get("/-/healthy")[0] == 200
-    assert simulated.get("/-/ready")[0] == 200
+    # Ready once the collectors and rules have started, a moment after the port opens.
+    deadline = time.monotonic() + 10
+    while simulated.get("/-/ready")[0] != 200:
+        assert time.monotonic() < deadline, "never became ready"
+        time.sleep(0.05)
 
 
 def test_sighup_with_broken_config_keeps_running(simulated: DaemonProcess) -> None:

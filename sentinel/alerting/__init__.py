@@ -1,0 +1,1 @@
+"""Alert rules: Prometheus rule files, the alert state machine, templates and scheduling."""

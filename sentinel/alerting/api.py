@@ -1,0 +1,249 @@
+"""Prometheus-shaped HTTP API over the local store and rules.
+
+`/api/v1/query`, `/api/v1/query_range`, `/api/v1/rules` and `/api/v1/alerts` answer in
+the same JSON shapes as Prometheus, so Grafana's Prometheus data source, amtool-style
+scripts and curl habits work against a single host's Sentinel, at 1 s resolution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+from sentinel.alerting.manager import RuleManager
+from sentinel.alerting.state import Alert, AlertState
+from sentinel.promql import Engine, Matrix, PromQLError, Scalar, String, Vector
+from sentinel.store import now_ms
+
+__all__ = ["prometheus_api_routes"]
+
+MAX_POINTS = 11_000  # Prometheus refuses range queries above this many points per series
+
+
+def _format_value(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    text = repr(float(v))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _rfc3339(ms: int | None) -> str:
+    if ms is None:
+        return "0001-01-01T00:00:00Z"
+    return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse_time(text: str | None, default_ms: int) -> int:
+    if text is None or text == "":
+        return default_ms
+    try:
+        return round(float(text) * 1000)
+    except ValueError:
+        pass
+    try:
+        return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        raise ValueError(f'cannot parse "{text}" to a valid timestamp') from None
+
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)$")
+
+
+def _parse_step(text: str | None) -> int:
+    if not text:
+        raise ValueError("missing step")
+    try:
+        seconds = float(text)
+    except ValueError:
+        m = _DURATION.match(text)
+        if not m:
+            raise ValueError(f'cannot parse "{text}" to a valid duration') from None
+        unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}[m.group(2)]
+        seconds = int(m.group(1)) * unit
+    if seconds <= 0:
+        raise ValueError("zero or negative query resolution step widths are not accepted. Try a positive integer")
+    return round(seconds * 1000)
+
+
+def _error(status: int, kind: str, message: str) -> web.Response:
+    return web.json_response({"status": "error", "errorType": kind, "error": message}, status=status)
+
+
+def _success(data: Any) -> web.Response:
+    return web.json_response({"status": "success", "data": data})
+
+
+async def _params(request: web.Request) -> dict[str, str]:
+    params = dict(request.query)
+    if request.method == "POST":
+        form = await request.post()
+        params.update({k: str(v) for k, v in form.items()})
+    return params
+
+
+def _metric(labels: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    return dict(labels)
+
+
+def _result_json(value: Any, t_ms: int) -> dict[str, Any]:
+    t = t_ms / 1000
+    if isinstance(value, Vector):
+        return {
+            "resultType": "vector",
+            "result": [{"metric": _metric(s.labels), "value": [t, _format_value(s.value)]} for s in value],
+        }
+    if isinstance(value, Scalar):
+        return {"resultType": "scalar", "result": [t, _format_value(value.value)]}
+    if isinstance(value, String):
+        return {"resultType": "string", "result": [t, value.value]}
+    if isinstance(value, Matrix):
+        return {
+            "resultType": "matrix",
+            "result": [
+                {
+                    "metric": _metric(s.labels),
+                    "values": [[ts / 1000, _format_value(v)] for ts, v in zip(s.timestamps, s.values, strict=True)],
+                }
+                for s in value
+            ],
+        }
+    raise TypeError(type(value))
+
+
+def _alert_json(alert: Alert) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "labels": alert.labels,
+        "annotations": alert.annotations,
+        "state": alert.state.value,
+        "activeAt": _rfc3339(alert.active_at_ms),
+        "value": _format_value(alert.value),
+    }
+    if alert.keep_firing_since_ms is not None:
+        out["keepFiringSince"] = _rfc3339(alert.keep_firing_since_ms)
+    return out
+
+
+def prometheus_api_routes(
+    engine_fn: Callable[[], Engine], rules_fn: Callable[[], RuleManager | None]
+) -> list[web.RouteDef]:
+    """Routes for the daemon's server; the callables see the current engine and rules after a reload."""
+
+    async def query(request: web.Request) -> web.Response:
+        params = await _params(request)
+        expr = params.get("query")
+        if not expr:
+            return _error(400, "bad_data", 'invalid parameter "query": missing query')
+        try:
+            t = _parse_time(params.get("time"), now_ms())
+        except ValueError as exc:
+            return _error(400, "bad_data", f'invalid parameter "time": {exc}')
+        engine = engine_fn()
+        try:
+            value = await asyncio.to_thread(engine.instant, expr, t)
+        except PromQLError as exc:
+            return _error(422 if "parse" not in str(exc) else 400, "execution", str(exc))
+        return _success(_result_json(value, t))
+
+    async def query_range(request: web.Request) -> web.Response:
+        params = await _params(request)
+        expr = params.get("query")
+        if not expr:
+            return _error(400, "bad_data", 'invalid parameter "query": missing query')
+        try:
+            start = _parse_time(params.get("start"), -1)
+            end = _parse_time(params.get("end"), -1)
+            step = _parse_step(params.get("step"))
+        except ValueError as exc:
+            return _error(400, "bad_data", str(exc))
+        if start < 0 or end < 0:
+            return _error(400, "bad_data", 'invalid parameter "start"/"end": missing')
+        if end < start:
+            return _error(400, "bad_data", "end timestamp must not be before start time")
+        if (end - start) // step > MAX_POINTS:
+            return _error(
+                400,
+                "bad_data",
+                "exceeded maximum resolution of 11,000 points per timeseries. "
+                "Try decreasing the query resolution (?step=XX)",
+            )
+        engine = engine_fn()
+        try:
+            value = await asyncio.to_thread(engine.range, expr, start, end, step)
+        except PromQLError as exc:
+            return _error(422, "execution", str(exc))
+        return _success(_result_json(value, end))
+
+    async def rules(request: web.Request) -> web.Response:
+        manager = rules_fn()
+        kind = request.query.get("type")
+        groups = []
+        for evaluator in manager.groups if manager else []:
+            rules_out = []
+            for rule, health in zip(evaluator.group.rules, evaluator.health, strict=True):
+                if (kind == "alert" and not rule.is_alert) or (kind == "record" and rule.is_alert):
+                    continue
+                base: dict[str, Any] = {
+                    "name": rule.name,
+                    "query": rule.expr,
+                    "labels": rule.labels,
+                    "health": health.health,
+                    "lastError": health.last_error or None,
+                    "evaluationTime": health.evaluation_time_s,
+                    "lastEvaluation": _rfc3339(health.last_evaluation_ms),
+                }
+                if rule.is_alert:
+                    alerts = [a for a in health.active.values() if a.state is not AlertState.INACTIVE]
+                    state = "inactive"
+                    if any(a.state is AlertState.FIRING for a in alerts):
+                        state = "firing"
+                    elif alerts:
+                        state = "pending"
+                    base.update(
+                        {
+                            "type": "alerting",
+                            "state": state,
+                            "duration": rule.for_ms / 1000,
+                            "keepFiringFor": rule.keep_firing_for_ms / 1000,
+                            "annotations": rule.annotations,
+                            "alerts": [_alert_json(a) for a in alerts],
+                        }
+                    )
+                else:
+                    base["type"] = "recording"
+                if base.get("lastError") is None:
+                    base.pop("lastError")
+                rules_out.append(base)
+            groups.append(
+                {
+                    "name": evaluator.group.name,
+                    "file": evaluator.group.file,
+                    "rules": rules_out,
+                    "interval": evaluator.interval_ms / 1000,
+                    "limit": evaluator.group.limit,
+                    "evaluationTime": evaluator.last_duration_s,
+                    "lastEvaluation": _rfc3339(evaluator.last_evaluation_ms),
+                }
+            )
+        return _success({"groups": groups})
+
+    async def alerts(request: web.Request) -> web.Response:
+        manager = rules_fn()
+        active = manager.active_alerts() if manager else []
+        return _success({"alerts": [_alert_json(a) for _, _, a in active]})
+
+    return [
+        web.get("/api/v1/query", query),
+        web.post("/api/v1/query", query),
+        web.get("/api/v1/query_range", query_range),
+        web.post("/api/v1/query_range", query_range),
+        web.get("/api/v1/rules", rules),
+        web.get("/api/v1/alerts", alerts),
+    ]
