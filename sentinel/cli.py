@@ -69,11 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
     promql_test = promql_sub.add_parser("test", help="run files in Prometheus's promqltest format")
     promql_test.add_argument("files", nargs="+", metavar="FILE")
 
+    logs = sub.add_parser("logs", help="log tools")
+    logs_sub = logs.add_subparsers(dest="what", required=True, metavar="WHAT")
+    # Handled by sentinel.logs.scan's own parser (see main); listed here for --help.
+    logs_sub.add_parser("scan", help="run the log pattern catalogue over files (--json, --summary)")
+
     sub.add_parser("version", help="print the version")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["logs", "scan"]:
+        from sentinel.logs.scan import main as scan_main
+
+        return int(scan_main(argv[2:]))
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"sentinel {__version__}")

@@ -358,6 +358,7 @@ def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
     from sentinel.collectors.host import HostCollector
     from sentinel.collectors.nccl_ras import nccl_ras_collectors
     from sentinel.collectors.nvml import NvmlCollector
+    from sentinel.logs.collector import LogCollector
     from sentinel.workers import WorkerProcesses
 
     collectors: list[Collector] = []
@@ -387,4 +388,14 @@ def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
             config.workers, config.collectors.endpoint, daemon.http, daemon.store, daemon.bus
         )
     collectors += nccl_ras_collectors(config.workers, config.collectors.nccl_ras, daemon.store)
+    if config.collectors.logs.enabled:
+        nvml_cfg = config.collectors.nvml
+        # One reader of the kernel log: the NVML collector's, which de-duplicates Xids
+        # against NVML events; the log collector reads it only when NVML is disabled.
+        kernel = not nvml_cfg.enabled and nvml_cfg.kernel_log != "off"
+        collectors.append(
+            LogCollector(
+                config.collectors.logs, config.workers, daemon.store, daemon.bus, daemon.state_dir, kernel=kernel
+            )
+        )
     return collectors
