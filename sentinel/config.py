@@ -11,11 +11,9 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -23,6 +21,9 @@ from pydantic import (
     model_validator,
 )
 
+from sentinel.configbase import Duration, Frozen, parse_duration
+from sentinel.notify.settings import NotifyConfig
+from sentinel.remediation.settings import Backend, ControlConfig, Profile, RemediationConfig
 from sentinel.yamlpos import YamlError, load_with_positions, position_of
 
 __all__ = [
@@ -56,50 +57,18 @@ DEFAULT_PORT = 9847
 # (listen: "0.0.0.0:9847") when a Prometheus on another host scrapes this one.
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a Prometheus-style duration (`500ms`, `15s`, `1m30s`)."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration like 15s, not a boolean")
-    if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return float(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("expected a duration like 500ms, 15s, 1m or 1h30m")
-    text = value.strip()
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNIT_S[m.group(2)]
-        pos = m.end()
-    if pos != len(text):
-        raise ValueError(f"invalid duration {value!r}: expected e.g. 500ms, 15s, 1m or 1h30m")
-    return total
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class LogConfig(_Frozen):
+class LogConfig(Frozen):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class StoreConfig(_Frozen):
+class StoreConfig(Frozen):
     retention: Duration = Field(900.0, gt=0, description="How long samples are kept in memory.")
     lookback: Duration = Field(300.0, gt=0, description="Instant-vector lookback, as Prometheus's.")
 
 
-class XidOverride(_Frozen):
+class XidOverride(Frozen):
     """Changes the built-in policy for one Xid."""
 
     xid_class: Literal["hardware", "application", "informational"] | None = Field(None, alias="class")
@@ -109,7 +78,7 @@ class XidOverride(_Frozen):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
-class NvmlCollectorConfig(_Frozen):
+class NvmlCollectorConfig(Frozen):
     enabled: bool = True
     interval: Duration = Field(1.0, gt=0)
     timeout: Duration = Field(2.0, gt=0, description="Bound on one whole pass.")
@@ -121,7 +90,7 @@ class NvmlCollectorConfig(_Frozen):
     xid_overrides: dict[int, XidOverride] = Field(default_factory=dict)
 
 
-class HostCollectorConfig(_Frozen):
+class HostCollectorConfig(Frozen):
     enabled: bool = True
     interval: Duration = Field(1.0, gt=0)
     timeout: Duration = Field(2.0, gt=0)
@@ -129,7 +98,7 @@ class HostCollectorConfig(_Frozen):
     proc_root: str = "/proc"
 
 
-class EndpointCollectorConfig(_Frozen):
+class EndpointCollectorConfig(Frozen):
     """Health probe and /metrics scrape of every worker that has an `endpoint`."""
 
     enabled: bool = True
@@ -139,7 +108,7 @@ class EndpointCollectorConfig(_Frozen):
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Larger /metrics bodies are refused.")
 
 
-class LogPattern(_Frozen):
+class LogPattern(Frozen):
     """One entry of the log pattern catalogue (the built-in ones live in sentinel/data)."""
 
     id: str = Field(pattern=r"^[a-z_][a-z0-9_]*$")
@@ -159,7 +128,7 @@ class LogPattern(_Frozen):
         return v
 
 
-class LogCollectorConfig(_Frozen):
+class LogCollectorConfig(Frozen):
     enabled: bool = True
     poll_interval: Duration = Field(0.25, gt=0, description="Fallback polling when inotify is unavailable.")
     rescan_interval: Duration = Field(2.0, gt=0, description="How often globs are re-expanded for new files.")
@@ -167,12 +136,12 @@ class LogCollectorConfig(_Frozen):
     patterns: tuple[LogPattern, ...] = Field((), description="Extra patterns added to the built-in catalogue.")
 
 
-class NcclRasCollectorConfig(_Frozen):
+class NcclRasCollectorConfig(Frozen):
     interval: Duration = Field(5.0, gt=0)
     timeout: Duration = Field(2.0, gt=0)
 
 
-class CollectorsConfig(_Frozen):
+class CollectorsConfig(Frozen):
     nvml: NvmlCollectorConfig = NvmlCollectorConfig()
     host: HostCollectorConfig = HostCollectorConfig()
     endpoint: EndpointCollectorConfig = EndpointCollectorConfig()
@@ -180,7 +149,7 @@ class CollectorsConfig(_Frozen):
     nccl_ras: NcclRasCollectorConfig = NcclRasCollectorConfig()
 
 
-class ProcessMatch(_Frozen):
+class ProcessMatch(Frozen):
     """How to find a worker's processes; give exactly one way."""
 
     pid_file: str | None = None
@@ -203,7 +172,7 @@ class ProcessMatch(_Frozen):
 _WORKER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
 
 
-class LogSource(_Frozen):
+class LogSource(Frozen):
     """One log source of a worker: files by glob, or a systemd unit's journal."""
 
     path: str | None = Field(None, description="File path or glob, e.g. /var/log/vllm/*.log.")
@@ -216,7 +185,7 @@ class LogSource(_Frozen):
         return self
 
 
-class WorkerConfig(_Frozen):
+class WorkerConfig(Frozen):
     name: str
     gpus: tuple[int, ...] = ()
     endpoint: str | None = Field(None, description="Base URL of the serving endpoint, e.g. http://127.0.0.1:8000.")
@@ -226,6 +195,19 @@ class WorkerConfig(_Frozen):
     process: ProcessMatch | None = None
     logs: tuple[LogSource, ...] = ()
     nccl_ras: str | None = Field(None, description="HOST:PORT of NCCL's RAS service (default port 28028).")
+    backend: Backend | None = Field(None, description="How Sentinel acts on this worker; none: observe only.")
+    profiles: tuple[Profile, ...] = Field((), description="Launch ladder, best first (full, reduced, fp8, ...).")
+    initial_profile: str | None = Field(None, description="Profile at first start; default the first.")
+    probe: bool = Field(False, description="Runs sentinel.probe: batch limits can change live, without a restart.")
+
+    @model_validator(mode="after")
+    def _profiles_consistent(self) -> WorkerConfig:
+        names = [p.name for p in self.profiles]
+        if len(set(names)) != len(names):
+            raise ValueError("profiles: a profile name is used twice")
+        if self.initial_profile is not None and self.initial_profile not in names:
+            raise ValueError(f"initial_profile: {self.initial_profile!r} is not one of the profiles {names}")
+        return self
 
     @field_validator("nccl_ras")
     @classmethod
@@ -258,7 +240,7 @@ class WorkerConfig(_Frozen):
         return v
 
 
-class RulesConfig(_Frozen):
+class RulesConfig(Frozen):
     """Prometheus rule files evaluated by Sentinel itself."""
 
     files: tuple[str, ...] = Field((), description="Rule files or globs, in Prometheus's rule file format.")
@@ -274,7 +256,7 @@ class RulesConfig(_Frozen):
     )
 
 
-class Config(_Frozen):
+class Config(Frozen):
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT of the HTTP server (/metrics and the API).")
     state_dir: str | None = Field(
         None,
@@ -289,6 +271,9 @@ class Config(_Frozen):
     collectors: CollectorsConfig = CollectorsConfig()
     workers: tuple[WorkerConfig, ...] = ()
     rules: RulesConfig = RulesConfig()
+    remediation: RemediationConfig = RemediationConfig()
+    notify: NotifyConfig = NotifyConfig()
+    control: ControlConfig = ControlConfig()
 
     @field_validator("listen")
     @classmethod

@@ -1,0 +1,1 @@
+"""Notifications: Slack, webhooks and Alertmanager through a durable outbox."""

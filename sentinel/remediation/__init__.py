@@ -1,0 +1,1 @@
+"""Self-healing: policy, worker backends and the action journal."""

@@ -1,0 +1,156 @@
+"""Configuration of workers' launch profiles and backends, and of the remediation policy."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sentinel.configbase import Duration, Frozen
+
+__all__ = [
+    "ACTIONS",
+    "Backend",
+    "BudgetConfig",
+    "CircuitBreakerConfig",
+    "CommandBackendConfig",
+    "ControlConfig",
+    "EscalationStep",
+    "ProcessBackendConfig",
+    "Profile",
+    "RemediationConfig",
+    "RouteConfig",
+    "SystemdBackendConfig",
+]
+
+ACTIONS = ("restart", "reduce_batch", "quantized_fallback", "restore", "stop", "exec", "notify_only")
+Action = Literal["restart", "reduce_batch", "quantized_fallback", "restore", "stop", "exec", "notify_only"]
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class Profile(Frozen):
+    """One rung of a worker's launch ladder: environment values, e.g. MAX_NUM_SEQS=16."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment the worker starts with.")
+    batch_limit: int | None = Field(None, gt=0, description="Batch limit this profile implies (live probe path).")
+    quantized: bool = Field(False, description="A quantized profile (the target of quantized_fallback).")
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"invalid environment variable name {name!r}")
+            if "\n" in value or "\0" in value:
+                raise ValueError(f"{name}: values cannot contain newlines or NUL")
+        return v
+
+
+class SystemdBackendConfig(Frozen):
+    """Restart a systemd unit over D-Bus; the active profile goes to its EnvironmentFile=."""
+
+    type: Literal["systemd"]
+    unit: str = Field(description="Unit name, e.g. vllm@qwen3.service.")
+    env_file: str = Field(description="The unit's EnvironmentFile=, rewritten atomically before a restart.")
+    bus: Literal["system", "session"] = "system"
+    bus_address: str | None = Field(None, description="Explicit D-Bus address (tests, containers).")
+    job_timeout: Duration = Field(120.0, gt=0, description="How long to wait for a start/stop/restart job.")
+
+
+class ProcessBackendConfig(Frozen):
+    """Sentinel runs the worker as a supervised child (demo, hosts without systemd)."""
+
+    type: Literal["process"]
+    argv: tuple[str, ...] = Field(min_length=1, description="Command and arguments; never run through a shell.")
+    cwd: str | None = None
+    env: dict[str, str] = Field(default_factory=dict, description="Environment added to every profile's.")
+    log_file: str | None = Field(None, description="Where output goes; default <state_dir>/workers/<name>.log.")
+    stop_timeout: Duration = Field(10.0, gt=0, description="SIGTERM, then SIGKILL after this long.")
+
+
+class CommandBackendConfig(Frozen):
+    """Operator-given argv per verb; alert context arrives in SENTINEL_* environment variables."""
+
+    type: Literal["command"]
+    start: tuple[str, ...] | None = None
+    stop: tuple[str, ...] | None = None
+    restart: tuple[str, ...] | None = None
+    apply_profile: tuple[str, ...] | None = None
+    timeout: Duration = Field(120.0, gt=0)
+
+    @model_validator(mode="after")
+    def _some_verb(self) -> CommandBackendConfig:
+        if not any((self.start, self.stop, self.restart, self.apply_profile)):
+            raise ValueError("give at least one of start, stop, restart, apply_profile")
+        return self
+
+
+Backend = Annotated[SystemdBackendConfig | ProcessBackendConfig | CommandBackendConfig, Field(discriminator="type")]
+
+
+class RouteConfig(Frozen):
+    """Send alerts whose labels match to an action (first matching route wins)."""
+
+    match: dict[str, str] = Field(default_factory=dict, description="Label equality matchers.")
+    match_re: dict[str, str] = Field(default_factory=dict, description="Fully anchored regex matchers.")
+    action: Action
+    params: dict[str, str] = Field(default_factory=dict, description="Action parameters, e.g. argv for exec.")
+    continue_: bool = Field(False, alias="continue", description="Also try later routes.")
+
+    @field_validator("match_re")
+    @classmethod
+    def _regexes(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, pattern in v.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{name}: not a valid regular expression: {exc}") from None
+        return v
+
+
+class EscalationStep(Frozen):
+    action: Action
+    times: int = Field(1, gt=0)
+
+
+class BudgetConfig(Frozen):
+    count: int = Field(3, gt=0, description="At most this many of one action on one worker ...")
+    window: Duration = Field(3600.0, gt=0, description="... within this window.")
+
+
+class CircuitBreakerConfig(Frozen):
+    max_ratio: float = Field(0.5, gt=0, le=1, description="Stop acting when more than this share of workers ...")
+    window: Duration = Field(600.0, gt=0, description="... were remediated within this window.")
+
+
+def _default_ladder() -> tuple[EscalationStep, ...]:
+    return (
+        EscalationStep(action="reduce_batch", times=2),
+        EscalationStep(action="quantized_fallback", times=1),
+        EscalationStep(action="restart", times=3),
+    )
+
+
+class RemediationConfig(Frozen):
+    mode: Literal["act", "observe"] = Field(
+        "observe", description="observe decides, journals and notifies what it would do, and never acts."
+    )
+    routes: tuple[RouteConfig, ...] = Field((), description="Before the rule's own `action` label.")
+    cooldown: Duration = Field(300.0, ge=0, description="Least time between two actions on one worker.")
+    budget: BudgetConfig = BudgetConfig()
+    ladder: tuple[EscalationStep, ...] = Field(default_factory=_default_ladder)
+    max_concurrent: int = Field(1, gt=0, description="Disruptive actions in flight at once on this host.")
+    circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    verify_timeout: Duration = Field(180.0, gt=0, description="Time for a worker to be healthy after an action.")
+    stable_for: Duration = Field(1800.0, gt=0, description="Quiet time before stepping back up one rung.")
+
+
+class ControlConfig(Frozen):
+    """The mutating API (pause, resume, silence)."""
+
+    token_file: str | None = Field(
+        None, description="Bearer token file (e.g. $CREDENTIALS_DIRECTORY/control-token); none disables the API."
+    )
