@@ -1,0 +1,20 @@
+"""docs/configuration.md is generated from the config models and must match them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sentinel.configdoc import render
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_configuration_reference_matches_the_models() -> None:
+    committed = (REPO / "docs" / "configuration.md").read_text()
+    assert committed == render(), "run: python -m sentinel.configdoc > docs/configuration.md"
+
+
+def test_reference_covers_every_section() -> None:
+    text = render()
+    for section in ("`collectors.nvml`", "`workers[]`", "`rules`", "`remediation`", "`notify`", "`control`"):
+        assert f"## {section}" in text
