@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 from sentinel.remediation.settings import Profile
 
-__all__ = ["ActionContext", "BackendError", "LiveControl", "UnitState", "WorkerBackend"]
+__all__ = ["ActionContext", "BackendError", "LiveControl", "ProfileRecord", "UnitState", "WorkerBackend"]
 
 
 class BackendError(Exception):
@@ -75,6 +75,14 @@ class WorkerBackend(Protocol):
     async def state(self) -> UnitState: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ProfileRecord(Protocol):
+    """A backend that records the profile it last applied, so the ladder position survives a restart."""
+
+    async def active_profile(self) -> str | None:
+        """The recorded profile's name; None when nothing was recorded."""
 
 
 @runtime_checkable

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sentinel.configbase import Duration, Frozen
+from sentinel.configbase import Duration, Frozen, parse_duration
 
 __all__ = [
     "ACTIONS",
@@ -16,6 +17,7 @@ __all__ = [
     "CircuitBreakerConfig",
     "CommandBackendConfig",
     "ControlConfig",
+    "EXEC_PARAMS",
     "EscalationStep",
     "ProcessBackendConfig",
     "Profile",
@@ -26,6 +28,11 @@ __all__ = [
 
 ACTIONS = ("restart", "reduce_batch", "quantized_fallback", "restore", "stop", "exec", "notify_only")
 Action = Literal["restart", "reduce_batch", "quantized_fallback", "restore", "stop", "exec", "notify_only"]
+
+# Parameters each action understands; anything else is a typo and refused at load.
+EXEC_PARAMS = ("argv", "timeout", "verify", "disruptive")
+_ACTION_PARAMS: dict[str, tuple[str, ...]] = {"exec": EXEC_PARAMS}
+_LADDER_ACTIONS = ("restart", "reduce_batch", "quantized_fallback", "stop")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -110,10 +117,41 @@ class RouteConfig(Frozen):
                 raise ValueError(f"{name}: not a valid regular expression: {exc}") from None
         return v
 
+    @model_validator(mode="after")
+    def _params_fit_action(self) -> RouteConfig:
+        allowed = _ACTION_PARAMS.get(self.action, ())
+        unknown = sorted(set(self.params) - set(allowed))
+        if unknown:
+            known = ", ".join(allowed) if allowed else "none"
+            raise ValueError(f"params: {', '.join(unknown)} not understood by {self.action} (it takes: {known})")
+        if self.action == "exec":
+            # The argv is the operator's own text, split like a shell would but never run by one.
+            try:
+                argv = shlex.split(self.params.get("argv", ""))
+            except ValueError as exc:
+                raise ValueError(f"params.argv: {exc}") from None
+            if not argv:
+                raise ValueError("params.argv: exec needs a command, e.g. argv: '/usr/local/bin/dump-state --all'")
+            if "timeout" in self.params:
+                parse_duration(self.params["timeout"])
+            for flag in ("verify", "disruptive"):
+                if self.params.get(flag, "false") not in ("true", "false"):
+                    raise ValueError(f"params.{flag}: expected 'true' or 'false'")
+        return self
+
 
 class EscalationStep(Frozen):
+    """One rung of the escalation ladder: an action tried `times` times before the next."""
+
     action: Action
     times: int = Field(1, gt=0)
+
+    @field_validator("action")
+    @classmethod
+    def _ladder_action(cls, v: str) -> str:
+        if v not in _LADDER_ACTIONS:
+            raise ValueError(f"a ladder step is one of {', '.join(_LADDER_ACTIONS)}; {v} needs an alert's context")
+        return v
 
 
 class BudgetConfig(Frozen):
@@ -124,6 +162,9 @@ class BudgetConfig(Frozen):
 class CircuitBreakerConfig(Frozen):
     max_ratio: float = Field(0.5, gt=0, le=1, description="Stop acting when more than this share of workers ...")
     window: Duration = Field(600.0, gt=0, description="... were remediated within this window.")
+    min_workers: int = Field(
+        2, gt=0, description="... and at least this many: one sick worker on a small host is not a host-wide fault."
+    )
 
 
 def _default_ladder() -> tuple[EscalationStep, ...]:
@@ -139,12 +180,15 @@ class RemediationConfig(Frozen):
         "observe", description="observe decides, journals and notifies what it would do, and never acts."
     )
     routes: tuple[RouteConfig, ...] = Field((), description="Before the rule's own `action` label.")
-    cooldown: Duration = Field(300.0, ge=0, description="Least time between two actions on one worker.")
+    cooldown: Duration = Field(
+        300.0, ge=0, description="Least time between two alert-triggered actions of one kind on one worker."
+    )
     budget: BudgetConfig = BudgetConfig()
     ladder: tuple[EscalationStep, ...] = Field(default_factory=_default_ladder)
     max_concurrent: int = Field(1, gt=0, description="Disruptive actions in flight at once on this host.")
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     verify_timeout: Duration = Field(180.0, gt=0, description="Time for a worker to be healthy after an action.")
+    verify_interval: Duration = Field(1.0, gt=0, description="How often verification reads the worker's health.")
     stable_for: Duration = Field(1800.0, gt=0, description="Quiet time before stepping back up one rung.")
 
 
