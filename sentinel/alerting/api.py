@@ -8,20 +8,24 @@ scripts and curl habits work against a single host's Sentinel, at 1 s resolution
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import re
 from collections.abc import Callable
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
 
 from sentinel.alerting.manager import RuleManager
 from sentinel.alerting.state import Alert, AlertState
-from sentinel.promql import Engine, Matrix, PromQLError, Scalar, String, Vector
+from sentinel.promql import Engine, Matrix, PromQLError, Scalar, String, Vector, parse
 from sentinel.store import now_ms
 
 __all__ = ["prometheus_api_routes"]
+
+log = logging.getLogger(__name__)
 
 MAX_POINTS = 11_000  # Prometheus refuses range queries above this many points per series
 
@@ -31,8 +35,11 @@ def _format_value(v: float) -> str:
         return "NaN"
     if math.isinf(v):
         return "+Inf" if v > 0 else "-Inf"
-    text = repr(float(v))
-    return text[:-2] if text.endswith(".0") else text
+    v = float(v)
+    # Go's JSON float format, as Prometheus writes it: positional between 1e-6 and 1e21.
+    if v != 0 and (abs(v) < 1e-6 or abs(v) >= 1e21):
+        return repr(v)
+    return format(Decimal(repr(v)).normalize(), "f")
 
 
 def _rfc3339(ms: int | None) -> str:
@@ -41,13 +48,16 @@ def _rfc3339(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _parse_time(text: str | None, default_ms: int) -> int:
+def _parse_time(text: str | None, default_ms: int | None) -> int | None:
     if text is None or text == "":
         return default_ms
     try:
-        return round(float(text) * 1000)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if math.isfinite(seconds):
+            return round(seconds * 1000)
     try:
         return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
     except ValueError:
@@ -71,6 +81,22 @@ def _parse_step(text: str | None) -> int:
     if seconds <= 0:
         raise ValueError("zero or negative query resolution step widths are not accepted. Try a positive integer")
     return round(seconds * 1000)
+
+
+def _check_query(expr: str) -> web.Response | None:
+    """A parse error is the client's: 400 bad_data, as Prometheus answers it."""
+    try:
+        parse(expr)
+    except (PromQLError, ValueError, OverflowError) as exc:  # `up @ 1e19` fails in conversion
+        return _error(400, "bad_data", f'invalid parameter "query": {exc}')
+    return None
+
+
+def _execution_error(expr: str, exc: Exception) -> web.Response:
+    """An evaluation error: 422 execution, never a bare 500 without the JSON body."""
+    if not isinstance(exc, PromQLError):
+        log.warning("query %r failed unexpectedly: %r", expr, exc)
+    return _error(422, "execution", str(exc) or type(exc).__name__)
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
@@ -145,11 +171,15 @@ def prometheus_api_routes(
             t = _parse_time(params.get("time"), now_ms())
         except ValueError as exc:
             return _error(400, "bad_data", f'invalid parameter "time": {exc}')
+        assert t is not None
+        bad_query = _check_query(expr)
+        if bad_query is not None:
+            return bad_query
         engine = engine_fn()
         try:
             value = await asyncio.to_thread(engine.instant, expr, t)
-        except PromQLError as exc:
-            return _error(422 if "parse" not in str(exc) else 400, "execution", str(exc))
+        except Exception as exc:
+            return _execution_error(expr, exc)
         return _success(_result_json(value, t))
 
     async def query_range(request: web.Request) -> web.Response:
@@ -158,12 +188,12 @@ def prometheus_api_routes(
         if not expr:
             return _error(400, "bad_data", 'invalid parameter "query": missing query')
         try:
-            start = _parse_time(params.get("start"), -1)
-            end = _parse_time(params.get("end"), -1)
+            start = _parse_time(params.get("start"), None)
+            end = _parse_time(params.get("end"), None)
             step = _parse_step(params.get("step"))
         except ValueError as exc:
             return _error(400, "bad_data", str(exc))
-        if start < 0 or end < 0:
+        if start is None or end is None:
             return _error(400, "bad_data", 'invalid parameter "start"/"end": missing')
         if end < start:
             return _error(400, "bad_data", "end timestamp must not be before start time")
@@ -174,11 +204,14 @@ def prometheus_api_routes(
                 "exceeded maximum resolution of 11,000 points per timeseries. "
                 "Try decreasing the query resolution (?step=XX)",
             )
+        bad_query = _check_query(expr)
+        if bad_query is not None:
+            return bad_query
         engine = engine_fn()
         try:
             value = await asyncio.to_thread(engine.range, expr, start, end, step)
-        except PromQLError as exc:
-            return _error(422, "execution", str(exc))
+        except Exception as exc:
+            return _execution_error(expr, exc)
         return _success(_result_json(value, end))
 
     async def rules(request: web.Request) -> web.Response:

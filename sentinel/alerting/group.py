@@ -98,15 +98,22 @@ class GroupEvaluator:
                     transitions.extend((rule, t) for t in self._alert(rule, health, samples, ts, query_ts, out))
                 else:
                     self._record(rule, samples, out)
-            except (QueryError, TemplateError, LimitExceeded, ValueError) as exc:
+            except Exception as exc:
+                # Any error, expected (QueryError, TemplateError, LimitExceeded, ValueError)
+                # or a bug, fails this rule only: the next rules still run.
+                message = str(exc) or type(exc).__name__
+                if not isinstance(exc, (QueryError, TemplateError, LimitExceeded, ValueError)):
+                    if message != health.last_error:  # once per new error, not every tick
+                        log.exception("rule %s failed unexpectedly", rule.location())
+                else:
+                    log.debug("rule %s failed: %s", rule.location(), exc)
                 health.health = "err"
-                health.last_error = str(exc)
+                health.last_error = message
                 self.failures_total += 1
                 if isinstance(exc, LimitExceeded):
                     # Prometheus drops every alert of a rule over its limit.
                     health.active = {}
                 # No commit: the rule's series live on until lookback, as in Prometheus.
-                log.debug("rule %s failed: %s", rule.location(), exc)
             else:
                 health.health = "ok"
                 health.last_error = ""

@@ -10,7 +10,9 @@ and go to subscribers (remediation, notifiers).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +33,7 @@ __all__ = ["AlertEvent", "RuleManager", "TransitionSubscriber"]
 log = logging.getLogger(__name__)
 
 HEARTBEAT_MS = 5_000
+CLOSE_BUDGET_S = 0.5  # of the daemon's 2 s from SIGTERM to exit
 
 
 @dataclass(frozen=True)
@@ -84,12 +87,20 @@ class RuleManager:
         self.query = query
         self.config = config
         self.external_url = external_url
-        self._db = AlertStateDB(state_dir / "alerts.sqlite") if state_dir is not None else None
+        self._db: AlertStateDB | None = None
+        if state_dir is not None:
+            try:
+                self._db = AlertStateDB(state_dir / "alerts.sqlite")
+            except (sqlite3.Error, OSError) as exc:
+                # Alerting without restart safety beats no alerting at all.
+                log.error("cannot open alert state in %s; alerts will not survive a restart: %s", state_dir, exc)
         self._runners: list[_GroupRunner] = []
         self._subscribers: list[TransitionSubscriber] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="rule-eval")
         self._unsubscribe: Callable[[], None] | None = None
         self._restored = False
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         store.set_meta("sentinel_rule_group_duration_seconds", "gauge", "Duration of the group's last evaluation.")
         store.set_meta(
             "sentinel_rule_group_last_evaluation_timestamp_seconds",
@@ -118,47 +129,76 @@ class RuleManager:
         """Replace the running groups, carrying alert state over to identical rules."""
         if config is not None:
             self.config = config
+        loop = asyncio.get_running_loop()
+        self._loop = loop
         old = {r.evaluator.key: r for r in self._runners}
         for runner in self._runners:
             if runner.task is not None:
                 runner.task.cancel()
-        new_runners = []
-        for group in groups:
-            evaluator = GroupEvaluator(
-                group,
-                self.store,
-                self.query,
-                interval_ms=int(self.config.interval * 1000),
-                external_labels=self.config.external_labels,
-                external_url=self.external_url,
+        new_runners = [
+            _GroupRunner(
+                GroupEvaluator(
+                    group,
+                    self.store,
+                    self.query,
+                    interval_ms=int(self.config.interval * 1000),
+                    external_labels=self.config.external_labels,
+                    external_url=self.external_url,
+                )
             )
-            previous = old.get(evaluator.key)
-            if previous is not None:
-                _carry_state(previous.evaluator, evaluator)
-            new_runners.append(_GroupRunner(evaluator))
-        if not self._restored:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._restore, new_runners)
-            self._restored = True
-        gone = set(old) - {r.evaluator.key for r in new_runners}
-        for key in gone:
-            for index in range(len(old[key].evaluator.group.rules)):
-                self.store.drop_source(old[key].evaluator.source(index))
+            for group in groups
+        ]
+        # On the evaluation thread: an evaluation still running for a cancelled group
+        # finishes first, so its state is carried over and its series cannot come back
+        # after they were marked stale.
+        await loop.run_in_executor(self._executor, self._hand_over, old, new_runners)
         self._runners = new_runners
         if self._unsubscribe is None:
             self._unsubscribe = self.bus.subscribe(self._on_event)
         for runner in self._runners:
             runner.task = asyncio.get_running_loop().create_task(self._run_group(runner))
 
+    def _hand_over(self, old: dict[str, _GroupRunner], new_runners: Sequence[_GroupRunner]) -> None:
+        for runner in new_runners:
+            previous = old.get(runner.evaluator.key)
+            if previous is not None:
+                _carry_state(previous.evaluator, runner.evaluator)
+        if not self._restored:
+            self._restore(new_runners)
+            self._restored = True
+        kept = {r.evaluator.key: len(r.evaluator.group.rules) for r in new_runners}
+        for key, runner in old.items():
+            # Series of removed groups, and of rules past the end of a shrunk group, end now.
+            for index in range(kept.get(key, 0), len(runner.evaluator.group.rules)):
+                self.store.drop_source(runner.evaluator.source(index))
+
     async def close(self) -> None:
+        """Stop evaluating; the alert state is saved so a restart measures the outage from now."""
+        self._closed = True
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
         for runner in self._runners:
             if runner.task is not None:
                 runner.task.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        if self._db is not None:
-            self._db.close()
+        try:
+            # Queued after any evaluation in flight, which must not see the database closed.
+            await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self._executor, self._close_state), CLOSE_BUDGET_S
+            )
+        except (asyncio.TimeoutError, RuntimeError) as exc:
+            log.warning("alert state not saved at shutdown: %s", exc or "evaluation still running")
+        finally:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _close_state(self) -> None:
+        if self._db is None:
+            return
+        ts = now_ms()
+        for runner in self._runners:
+            self._persist(runner, ts, True)
+        self._db.close()
+        self._db = None
 
     # -- scheduling -------------------------------------------------------------------
 
@@ -195,15 +235,23 @@ class RuleManager:
                 if next_tick < time.monotonic():  # fell behind: skip missed ticks, don't burst
                     next_tick = time.monotonic() + interval_s
             try:
-                events = await loop.run_in_executor(self._executor, self._evaluate, runner)
-            except RuntimeError:  # executor shut down during close()
-                return
-            self._publish(events)
+                await loop.run_in_executor(self._executor, self._evaluate, runner)
+            except Exception:
+                if self._closed:  # the executor was shut down by close()
+                    return
+                # A bug in one evaluation must not end the group's schedule.
+                log.exception("evaluation of rule group %s failed", runner.evaluator.key)
 
-    def _evaluate(self, runner: _GroupRunner) -> list[AlertEvent]:
+    def _evaluate(self, runner: _GroupRunner) -> None:
         evaluator = runner.evaluator
         ts = now_ms()
         transitions = evaluator.evaluate(ts)
+        events = [AlertEvent(t, rule, evaluator.group.name, evaluator.group.file) for rule, t in transitions]
+        if events and self._loop is not None:
+            # Handed to the loop from here, not returned: a reload that cancels the group's
+            # task while this runs must not lose the transitions (its state is carried over).
+            with contextlib.suppress(RuntimeError):  # loop closed at shutdown
+                self._loop.call_soon_threadsafe(self._publish, events)
         group = evaluator.group
         name = {"rule_group": evaluator.key}
         self.store.add("sentinel_rule_group_duration_seconds", evaluator.last_duration_s, name, ts)
@@ -213,8 +261,12 @@ class RuleManager:
             labels_from("sentinel_rule_group_event_evaluations_total", name), ts, runner.event_evaluations_total
         )
         self.store.add("sentinel_rule_group_rules", len(group.rules), name, ts)
+        counts = dict.fromkeys((AlertState.PENDING, AlertState.FIRING), 0)
+        for _, alert in evaluator.active_alerts():
+            counts[alert.state] += 1
+        for state, count in counts.items():
+            self.store.add("sentinel_alerts", count, {**name, "state": state.value}, ts)
         self._persist(runner, ts, bool(transitions))
-        return [AlertEvent(t, rule, group.name, group.file) for rule, t in transitions]
 
     def _persist(self, runner: _GroupRunner, ts: int, changed: bool) -> None:
         if self._db is None:
@@ -241,7 +293,11 @@ class RuleManager:
         grace = int(self.config.for_grace_period * 1000)
         for runner in runners:
             evaluator = runner.evaluator
-            down_at, stored = self._db.load_group(evaluator.key)
+            try:
+                down_at, stored = self._db.load_group(evaluator.key)
+            except (sqlite3.Error, ValueError) as exc:  # a damaged file: start afresh, keep alerting
+                log.error("cannot restore alert state of %s: %s", evaluator.key, exc)
+                continue
             if down_at is None or now - down_at > tolerance:
                 continue
             restored = 0
@@ -249,7 +305,7 @@ class RuleManager:
                 if not rule.is_alert:
                     continue
                 for rule_name, alert in stored:
-                    if rule_name != rule.name:
+                    if rule_name != rule.name or not _may_belong(evaluator.group, rule, alert):
                         continue
                     if alert.state is AlertState.PENDING:
                         alert = _with_active_at(
@@ -280,6 +336,19 @@ class RuleManager:
         for runner in self._runners:
             out.extend((runner.evaluator, rule, alert) for rule, alert in runner.evaluator.active_alerts())
         return out
+
+
+def _may_belong(group: RuleGroup, rule: Rule, alert: Alert) -> bool:
+    """False when a stored alert has a fixed label of the rule with another value.
+
+    Rules often share a name and differ by a label (`severity: warning` at 80 C,
+    `critical` at 90 C); each must get back only its own alerts, or the other one
+    resolves them on its first evaluation.
+    """
+    for name, text in {**group.labels, **rule.labels}.items():
+        if "{{" not in text and alert.labels.get(name, "") != text:
+            return False
+    return True
 
 
 def _with_active_at(alert: Alert, active_at_ms: int) -> Alert:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import promql_parser
+import yaml
 
 from sentinel.alerting.templates import TemplateError
 from sentinel.alerting.templates import parse as parse_template
@@ -114,10 +115,62 @@ class RuleFileError(Exception):
 
 
 class _Checker:
-    def __init__(self, file: str, positions: dict[Any, Position]) -> None:
+    def __init__(self, file: str, positions: dict[Any, Position], data: object, raw: object) -> None:
         self.file = file
         self.positions = positions
         self.problems: list[RuleProblem] = []
+        self._data = data
+        self._raw = raw
+
+    def text(self, path: tuple[str | int, ...], value: object) -> str:
+        """A scalar as Go's YAML decoder hands it to a string field: its source text.
+
+        PyYAML resolves YAML 1.1 types (`yes` is true, `1.50` is 1.5); Prometheus keeps
+        the text, so `page: yes` must stay "yes" for Alertmanager routes to match.
+        """
+        if value is None:
+            return ""
+        raw = self._raw_at(path)
+        if isinstance(raw, str):
+            return raw
+        return value if isinstance(value, str) else _scalar_text(value)
+
+    def key_text(self, path: tuple[str | int, ...], key: object) -> str:
+        """A mapping key's source text (see `text`)."""
+        raw = self._raw_key(path, key)
+        return raw if isinstance(raw, str) else _scalar_text(key)
+
+    def _raw_at(self, path: tuple[str | int, ...]) -> object:
+        typed, raw = self._data, self._raw
+        for key in path:
+            if isinstance(typed, dict) and isinstance(raw, dict):
+                raw_key = self._raw_key_in(typed, raw, key)
+                if raw_key is None:
+                    return None
+                typed, raw = typed[key], raw[raw_key]
+            elif isinstance(typed, list) and isinstance(raw, list) and isinstance(key, int) and key < len(raw):
+                typed, raw = typed[key], raw[key]
+            else:
+                return None
+        return raw
+
+    def _raw_key(self, path: tuple[str | int, ...], key: object) -> object:
+        typed, raw = self._data, self._raw_at(path)
+        try:
+            for step in path:
+                typed = typed[step]  # type: ignore[index]
+        except (KeyError, IndexError, TypeError):
+            return None
+        if isinstance(typed, dict) and isinstance(raw, dict):
+            return self._raw_key_in(typed, raw, key)
+        return None
+
+    @staticmethod
+    def _raw_key_in(typed: dict[Any, Any], raw: dict[Any, Any], key: object) -> object:
+        # Both loaders keep the file's key order, so the n-th keys are the same node.
+        if key not in typed or len(typed) != len(raw):
+            return None
+        return list(raw)[list(typed).index(key)]
 
     def line(self, *path: str | int) -> int | None:
         p: tuple[str | int, ...] = tuple(path)
@@ -139,9 +192,13 @@ def parse_rule_file(text: str, file: str) -> list[RuleGroup]:
         data, positions = load_with_positions(text, file)
     except YamlError as exc:
         raise RuleFileError([RuleProblem(file, exc.line, None, None, exc.problem)]) from None
-    check = _Checker(file, positions)
     if data is None:
         return []
+    try:
+        raw = yaml.load(text, Loader=yaml.BaseLoader)
+    except yaml.YAMLError:
+        raw = None
+    check = _Checker(file, positions, data, raw)
     if not isinstance(data, dict):
         raise RuleFileError([RuleProblem(file, 1, None, None, "the top level must be a mapping with 'groups'")])
     for key in data:
@@ -168,22 +225,25 @@ def _parse_group(check: _Checker, gi: int, g: object, seen: set[str]) -> RuleGro
         check.add(path, "a group must be a mapping")
         return None
     name = g.get("name")
-    gname = name if isinstance(name, str) else None
+    gname = check.text((*path, "name"), name) if not isinstance(name, (dict, list)) else None
     for key in g:
         if key not in GROUP_KEYS:
             check.add((*path, key), f"field {key} not found in type rulefmt.RuleGroup", gname)
-    if not isinstance(name, str) or not name:
+    if not gname:
         check.add((*path, "name"), "groupname must not be empty")
-    elif name in seen:
-        check.add((*path, "name"), f'groupname: "{name}" is repeated in the same file', gname)
+    elif gname in seen:
+        check.add((*path, "name"), f'groupname: "{gname}" is repeated in the same file', gname)
     else:
-        seen.add(name)
+        seen.add(gname)
     interval_ms = _duration_field(check, g, (*path, "interval"), gname, None)
     query_offset_ms = _duration_field(check, g, (*path, "query_offset"), gname, 0) or 0
     limit = g.get("limit", 0)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
-        check.add((*path, "limit"), "limit must be a non-negative integer", gname)
+    if limit is None:
         limit = 0
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        check.add((*path, "limit"), "limit must be an integer", gname)
+        limit = 0
+    # A negative limit is accepted and means no limit, as in Prometheus.
     labels = _label_map(check, g.get("labels"), (*path, "labels"), gname, None, "label")
     rules_data = g.get("rules") or []
     if not isinstance(rules_data, list):
@@ -208,8 +268,9 @@ def _duration_field(
     key = path[-1]
     if key not in data or data[key] is None:
         return default
+    value = data[key]
     try:
-        return parse_prom_duration(data[key])
+        return parse_prom_duration(value if isinstance(value, (dict, list)) else check.text(path, value))
     except ValueError as exc:
         check.add(path, str(exc), group, rule)
         return default
@@ -225,13 +286,14 @@ def _label_map(
         return {}
     out: dict[str, str] = {}
     for k, v in raw.items():
-        key = str(k)
+        key = check.key_text(path, k)
         if not _LABEL_NAME.match(key) or (what == "label" and key == "__name__"):
             check.add((*path, k), f"invalid {what} name: {key}", group, rule)
-        if isinstance(v, (dict, list)) or v is None:
+        if isinstance(v, (dict, list)):
             check.add((*path, k), f"invalid {what} value for {key}: must be a string", group, rule)
             continue
-        out[key] = v if isinstance(v, str) else _scalar_text(v)
+        # A null value is the empty string, as Go's YAML decoder gives it.
+        out[key] = check.text((*path, k), v)
     return out
 
 
@@ -245,9 +307,11 @@ def _parse_rule(check: _Checker, path: tuple[str | int, ...], index: int, r: obj
     if not isinstance(r, dict):
         check.add(path, "a rule must be a mapping", group)
         return None
-    alert, record = r.get("alert"), r.get("record")
+    # Names are strings in Go's rulefmt: `alert: 123` is the alert "123".
+    alert = "" if isinstance(r.get("alert"), (dict, list)) else check.text((*path, "alert"), r.get("alert"))
+    record = "" if isinstance(r.get("record"), (dict, list)) else check.text((*path, "record"), r.get("record"))
     kind = "alert" if alert else "record"
-    name = str(alert or record or "")
+    name = alert or record
     rule_desc = f"rule {index + 1} ({kind} {name!r})" if name else f"rule {index + 1}"
     ok = True
 
@@ -268,35 +332,38 @@ def _parse_rule(check: _Checker, path: tuple[str | int, ...], index: int, r: obj
         problem("expr", "field 'expr' must be set in rule")
         expr_text = ""
     else:
-        expr_text = expr if isinstance(expr, str) else _scalar_text(expr)
+        expr_text = check.text((*path, "expr"), expr)
         try:
             promql_parser.parse(expr_text)
         except ValueError as exc:
             problem("expr", f"could not parse expression: {_locate(expr_text, str(exc))}")
-    if record:
-        if r.get("annotations"):
-            problem("annotations", "invalid field 'annotations' in recording rule")
-        if r.get("for"):
-            problem("for", "invalid field 'for' in recording rule")
-        if r.get("keep_firing_for"):
-            problem("keep_firing_for", "invalid field 'keep_firing_for' in recording rule")
-        if not _METRIC_NAME.match(str(record)):
-            problem("record", f"invalid recording rule name: {record}")
-    if alert and not _METRIC_NAME.match(str(alert)):
-        problem("alert", f"invalid alert name: {alert}")
     before = len(check.problems)
     for_ms = _duration_field(check, r, (*path, "for"), group, 0, rule_desc) or 0
     keep_ms = _duration_field(check, r, (*path, "keep_firing_for"), group, 0, rule_desc) or 0
     labels = _label_map(check, r.get("labels"), (*path, "labels"), group, rule_desc, "label")
     annotations = _label_map(check, r.get("annotations"), (*path, "annotations"), group, rule_desc, "annotation")
-    for where, mapping in (("labels", labels), ("annotations", annotations)):
-        for k, v in mapping.items():
-            try:
-                parse_template(v)
-            except TemplateError as exc:
-                check.add((*path, where, k), f"template: {where}.{k}: {exc}", group, rule_desc)
     if len(check.problems) != before:
         ok = False
+    if record:
+        # Zero values are allowed (`for: 0s`), as rulefmt compares with the zero duration.
+        if annotations:
+            problem("annotations", "invalid field 'annotations' in recording rule")
+        if for_ms:
+            problem("for", "invalid field 'for' in recording rule")
+        if keep_ms:
+            problem("keep_firing_for", "invalid field 'keep_firing_for' in recording rule")
+        if not _METRIC_NAME.match(record):
+            problem("record", f"invalid recording rule name: {record}")
+    # Alert names are not checked: any string is a valid `alertname` label value.
+    if alert and not record:
+        # Only alerting rules expand templates; a recording rule's labels are literal.
+        for where, mapping in (("labels", labels), ("annotations", annotations)):
+            for k, v in mapping.items():
+                try:
+                    parse_template(v)
+                except TemplateError as exc:
+                    ok = False
+                    check.add((*path, where, k), f"template: {where}.{k}: {exc}", group, rule_desc)
     if not ok:
         return None
     line = check.line(*path) or 0

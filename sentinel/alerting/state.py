@@ -154,8 +154,12 @@ def restore_active_at(active_at_ms: int, down_at_ms: int, now_ms: int, for_ms: i
     """Prometheus's `for` restore after an outage (RestoreForState).
 
     Time spent pending before the outage counts; if less than the grace period would
-    remain, the alert gets the grace period so a restart cannot fire it at once.
+    remain, the alert gets the grace period so a restart cannot fire it at once. A rule
+    whose `for` is shorter than the grace period is not restored (it waits its own `for`
+    from now), as Prometheus skips those rather than make them wait the grace period.
     """
+    if for_ms < grace_ms:
+        return now_ms
     spent = down_at_ms - active_at_ms
     remaining = for_ms - spent
     if remaining <= 0:
