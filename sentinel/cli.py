@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from sentinel import __version__
+from sentinel import __version__, opscli
 from sentinel.config import ConfigError, load_config, parse_duration
 
 __all__ = ["main"]
@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Handled by sentinel.logs.scan's own parser (see main); listed here for --help.
     logs_sub.add_parser("scan", help="run the log pattern catalogue over files (--json, --summary)")
 
+    # Handled by sentinel.opscli (see main); listed here for --help.
+    sub.add_parser("status", help="GPUs, workers, firing alerts and recent actions of the running daemon")
+    sub.add_parser("history", help="the action journal of the running daemon")
+    sub.add_parser("pause", help="stop acting on a worker (or all): pause [WORKER]")
+    sub.add_parser("resume", help="act again on a worker (or all), clearing needs_human: resume [WORKER]")
+
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -84,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sentinel.logs.scan import main as scan_main
 
         return int(scan_main(argv[2:]))
+    if argv and argv[0] in opscli.COMMANDS:
+        return int(opscli.main(argv))
     args = build_parser().parse_args(argv)
     if args.command == "version":
         print(f"sentinel {__version__}")

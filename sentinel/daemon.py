@@ -31,6 +31,7 @@ from sentinel.collectors.base import Collector, CollectorRunner
 from sentinel.collectors.http import SharedHttpSession
 from sentinel.config import Config, ConfigError, load_config, split_listen
 from sentinel.events import EventBus
+from sentinel.healing import HealingStack
 from sentinel.logsetup import setup_logging
 from sentinel.promql import Engine
 from sentinel.sdnotify import Notifier
@@ -115,6 +116,7 @@ class Daemon:
         self.engine = Engine(self.store, lookback_ms=int(config.store.lookback * 1000))
         self._query_engine = engine_query(self.engine)
         self.rules: RuleManager | None = None
+        self.healing = HealingStack(self.store, self.state_dir)
         self._collector_factory = collector_factory or build_collectors
         self._runners: dict[str, CollectorRunner] = {}
         self._scheduler: AsyncIOScheduler | None = None
@@ -137,7 +139,10 @@ class Daemon:
             ready=lambda: self._ready,
             gpus=self.gpus_snapshot,
             collectors=lambda: [r.health.as_json() for r in self._runners.values()],
-            extra_routes=prometheus_api_routes(lambda: self.engine, lambda: self.rules),
+            extra_routes=[
+                *prometheus_api_routes(lambda: self.engine, lambda: self.rules),
+                *self.healing.routes(),
+            ],
         )
         try:
             groups = await asyncio.to_thread(load_rule_files, self.config.rules.files)
@@ -163,6 +168,12 @@ class Daemon:
         self.rules = RuleManager(
             self.store, self.bus, self._query, self.config.rules, self.state_dir, self._external_url(host)
         )
+        try:
+            await self.healing.start(self.config, self.rules, self._external_url(host), live=None)
+        except Exception as exc:
+            log.error("cannot start notifications and remediation: %s", exc)
+            await self._shutdown(runner)
+            return 1
         await self.rules.apply(groups)
         log.info("evaluating %d rule group(s) with %d rule(s)", len(groups), sum(len(g.rules) for g in groups))
         self._scheduler.add_job(
@@ -191,6 +202,7 @@ class Daemon:
             task.cancel()
         if self.rules is not None:
             await self.rules.close()
+        await self.healing.close()
         closers = [self._close_runner(r) for r in self._runners.values()]
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), STOP_BUDGET_S / 2)
@@ -249,6 +261,10 @@ class Daemon:
                 self._query_engine = engine_query(self.engine)
                 if self.rules is not None:
                     await self.rules.apply(groups, new.rules)
+                    try:
+                        await self.healing.reload(new, self.rules, self._external_url(split_listen(self.listen)[0]))
+                    except Exception as exc:
+                        log.error("notifications kept the previous settings: %s", exc)
                 self.last_reload_ok = True
                 self.last_reload_success_at = time.time()
                 log.info("configuration reloaded from %s", self.config_path)
@@ -266,14 +282,21 @@ class Daemon:
             return
         old = self._runners
         self._runners = {}
+        new_names = {c.name for c in collectors}
         for runner in old.values():
             self._remove_job(runner.name)
             if runner.collector is not self.self_collector:
                 await self._close_runner(runner)
-                runner.retire()
+                # A collector that comes back under the same name keeps its series
+                # live: staleness here would resolve and re-fire every alert on SIGHUP.
+                if runner.name not in new_names:
+                    runner.retire()
         for collector in collectors:
-            kept = old.get(collector.name) if collector is self.self_collector else None
-            runner = kept or CollectorRunner(collector, self.store)
+            previous = old.get(collector.name)
+            if collector is self.self_collector and previous is not None:
+                runner = previous
+            else:
+                runner = CollectorRunner(collector, self.store, previous.health if previous else None)
             try:
                 await collector.start()
             except Exception as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import socket
@@ -181,3 +182,31 @@ def test_without_a_driver_nvml_is_down_with_its_reason_and_the_rest_runs(tmp_pat
         assert status == 200 and "NVML" in body
     finally:
         assert daemon.stop() == 0
+
+
+def test_sighup_with_unchanged_config_keeps_alerts_firing(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yml"
+    rules.write_text(
+        "groups:\n  - name: gpu\n    rules:\n      - alert: GpuUp\n        expr: sentinel_gpu_up == 1\n"
+    )
+    config = tmp_path / "sentinel.yaml"
+    config.write_text(f"collectors:\n  nvml:\n    kernel_log: 'off'\nrules:\n  files: ['{rules}']\n")
+    daemon = DaemonProcess("-c", str(config), "--simulate", "healthy-8gpu", state_dir=tmp_path / "state")
+    try:
+
+        def firing() -> dict[str, str]:
+            _, _, body = daemon.get("/api/v1/alerts")
+            alerts = json.loads(body)["data"]["alerts"]
+            return {a["labels"]["gpu"]: a["activeAt"] for a in alerts if a["state"] == "firing"}
+
+        deadline = time.monotonic() + 15
+        while len(before := firing()) < 8:
+            assert time.monotonic() < deadline, before
+            time.sleep(0.2)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log(r"configuration reloaded")
+        for _ in range(15):  # three seconds of evaluations after the reload
+            assert firing() == before
+            time.sleep(0.2)
+    finally:
+        daemon.stop()

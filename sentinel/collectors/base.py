@@ -93,15 +93,16 @@ def declare_collector_metrics(store: Store) -> None:
 class CollectorRunner:
     """Runs one collector pass at a time and records its health in the store."""
 
-    def __init__(self, collector: Collector, store: Store) -> None:
+    def __init__(self, collector: Collector, store: Store, health: CollectorHealth | None = None) -> None:
         self.collector = collector
         self.store = store
-        self.health = CollectorHealth(collector.name)
+        # A reload hands the previous health over, so counters continue instead of resetting.
+        self.health = health if health is not None else CollectorHealth(collector.name)
         self._running = False
         declare_collector_metrics(store)
         # Counters exist from the start, so `rate()` sees the first error.
-        self._write_counter("sentinel_collector_errors_total", 0)
-        self._write_counter("sentinel_collector_missed_ticks_total", 0)
+        self._write_counter("sentinel_collector_errors_total", self.health.errors_total)
+        self._write_counter("sentinel_collector_missed_ticks_total", self.health.missed_ticks_total)
 
     @property
     def name(self) -> str:

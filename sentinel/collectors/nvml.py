@@ -51,7 +51,7 @@ from sentinel.collectors.xid import (
 )
 from sentinel.config import NvmlCollectorConfig
 from sentinel.events import Event, EventBus
-from sentinel.store import Appender, Store, labels_from
+from sentinel.store import Appender, Store
 
 __all__ = [
     "GPUS_STATE_FILE",
@@ -660,6 +660,9 @@ class NvmlCollector:
         self._policy = XidPolicy({})  # the real one is read in start(), off the event loop
         self._dedup = XidDeduplicator(XID_DEDUP_WINDOW_S, clock)
         self._xid_lock = threading.Lock()
+        # Every Xid counter seen, re-written on each pass: a counter that only got a
+        # sample when it moved would fall out of the lookback and hide the next Xid.
+        self._xid_counts: dict[tuple[tuple[str, str], ...], float] = {}
         self._xid_log: dict[tuple[str, int], _XidLogState] = {}
         self._host = _SerialExecutor("sentinel-nvml-host")
         self._host_door = NvmlDoor(nvml, "NVML")
@@ -720,6 +723,10 @@ class NvmlCollector:
         for reading in readings:
             self._emit(out, reading, owners)
         out.add("sentinel_gpus_visible", self._visible)
+        with self._xid_lock:
+            xid_counts = list(self._xid_counts.items())
+        for labels, count in xid_counts:
+            out.add("sentinel_gpu_xid_errors_total", count, dict(labels))
         if self._expected is not None:
             out.add("sentinel_gpus_expected", self._expected)
         self._update_identities(readings)
@@ -1005,11 +1012,13 @@ class NvmlCollector:
     def _count_xid(self, labels: Mapping[str, str]) -> None:
         name = "sentinel_gpu_xid_errors_total"
         now = int(time.time() * 1000)
-        if self._store.get(labels_from(name, labels)) is None:
+        key = tuple(sorted(labels.items()))
+        if key not in self._xid_counts:
             # A new counter starts at 0 just before its first increment, so increase()
             # and rate() see the first Xid instead of a series that begins at 1.
             self._store.add(name, 0.0, labels, now - 1)
-        self._store.inc(name, 1.0, labels, now)
+        self._xid_counts[key] = self._xid_counts.get(key, 0.0) + 1
+        self._store.add(name, self._xid_counts[key], labels, now)
 
     def _log_xid(self, gpu: str, xid: int, xid_class: str, description: str, source: str) -> None:
         # A storm of one Xid logs once a minute with a count, not once per event.

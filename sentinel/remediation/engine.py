@@ -786,7 +786,14 @@ class Remediator:
 
     def _count(self, worker: str, action: str, outcome: str) -> None:
         key = (worker, action, outcome)
+        ts = int(self._wall() * 1000)
+        labels = {"worker": worker, "action": action, "outcome": outcome}
+        if key not in self._counters:
+            # A new counter starts at 0 just before its first increment, so increase()
+            # sees the first action (rules such as CudaOOMAfterReduction depend on it).
+            self._store.add("sentinel_remediation_actions_total", 0.0, labels, ts - 1)
         self._counters[key] = self._counters.get(key, 0.0) + 1
+        self._store.add("sentinel_remediation_actions_total", self._counters[key], labels, ts)
 
     def _action_report(
         self,
