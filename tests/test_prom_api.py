@@ -325,3 +325,15 @@ def test_sighup_with_a_broken_rule_file_keeps_the_old_rules_running(tmp_path: Pa
         eventually(lambda: sum(a["state"] == "firing" for a in alerts()) == 8)
     finally:
         process.stop()
+
+
+def test_series_labels_and_label_values_for_grafana_variables(daemon: DaemonProcess) -> None:
+    # Grafana's label_values() uses these endpoints; they must answer in Prometheus's shape.
+    values = assert_success(*call(daemon, "/api/v1/label/gpu/values"))
+    assert values == [str(i) for i in range(8)]
+    names = assert_success(*call(daemon, "/api/v1/labels", **{"match[]": "sentinel_gpu_info"}))
+    assert {"__name__", "gpu", "uuid", "pci_bus_id", "name", "driver_version"} <= set(names)
+    series = assert_success(*call(daemon, "/api/v1/series", **{"match[]": 'sentinel_gpu_up{gpu="3"}'}))
+    assert [s["gpu"] for s in series] == ["3"] and series[0]["__name__"] == "sentinel_gpu_up"
+    assert_error(*call(daemon, "/api/v1/series"), 400, "bad_data")
+    assert_error(*call(daemon, "/api/v1/series", **{"match[]": "rate(x[5m])"}), 400, "bad_data")

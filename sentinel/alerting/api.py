@@ -21,7 +21,8 @@ from aiohttp import web
 from sentinel.alerting.manager import RuleManager
 from sentinel.alerting.state import Alert, AlertState
 from sentinel.promql import Engine, Matrix, PromQLError, Scalar, String, Vector, parse
-from sentinel.store import now_ms
+from sentinel.promql.syntax import Selector
+from sentinel.store import Matcher, Series, Store, now_ms
 
 __all__ = ["prometheus_api_routes"]
 
@@ -113,6 +114,24 @@ async def _params(request: web.Request) -> dict[str, str]:
         form = await request.post()
         params.update({k: str(v) for k, v in form.items()})
     return params
+
+
+async def _match_params(request: web.Request) -> list[tuple[Matcher, ...]]:
+    """Every `match[]` selector (query string and form) as matcher sets; raises ValueError."""
+    texts = list(request.query.getall("match[]", []))
+    if request.method == "POST":
+        form = await request.post()
+        texts += [str(v) for v in form.getall("match[]", [])]
+    out: list[tuple[Matcher, ...]] = []
+    for text in texts:
+        try:
+            node = parse(text)
+        except PromQLError as exc:
+            raise ValueError(f'invalid parameter "match[]": {exc}') from None
+        if not isinstance(node, Selector):
+            raise ValueError(f'invalid parameter "match[]": {text!r} is not a series selector')
+        out.extend(node.alternatives)
+    return out
 
 
 def _metric(labels: tuple[tuple[str, str], ...]) -> dict[str, str]:
@@ -272,7 +291,59 @@ def prometheus_api_routes(
         active = manager.active_alerts() if manager else []
         return _success({"alerts": [_alert_json(a) for _, _, a in active]})
 
+    def series_in(request_store: Store, match: list[tuple[Matcher, ...]], start: int, end: int) -> list[Series]:
+        found: dict[tuple[tuple[str, str], ...], Series] = {}
+        for matchers in match or [()]:
+            for series in request_store.select(list(matchers)):
+                ts, _ = series.range(start - 1, end, left_open=True)
+                if len(ts):
+                    found[series.labels] = series
+        return list(found.values())
+
+    async def metadata_query(request: web.Request) -> tuple[list[Series], None] | tuple[None, web.Response]:
+        params = await _params(request)
+        try:
+            match = await _match_params(request)
+            start = _parse_time(params.get("start"), 0)
+            end = _parse_time(params.get("end"), now_ms())
+        except ValueError as exc:
+            return None, _error(400, "bad_data", str(exc))
+        store = engine_fn().store
+        return await asyncio.to_thread(series_in, store, match, start, end), None
+
+    async def series(request: web.Request) -> web.Response:
+        try:
+            if not await _match_params(request):
+                return _error(400, "bad_data", "no match[] parameter provided")
+        except ValueError as exc:
+            return _error(400, "bad_data", str(exc))
+        found, failure = await metadata_query(request)
+        if failure is not None:
+            return failure
+        assert found is not None
+        return _success([dict(s.labels) for s in sorted(found, key=lambda s: s.labels)])
+
+    async def labels(request: web.Request) -> web.Response:
+        found, failure = await metadata_query(request)
+        if failure is not None:
+            return failure
+        assert found is not None
+        return _success(sorted({name for s in found for name, _ in s.labels}))
+
+    async def label_values(request: web.Request) -> web.Response:
+        found, failure = await metadata_query(request)
+        if failure is not None:
+            return failure
+        assert found is not None
+        name = request.match_info["name"]
+        return _success(sorted({value for s in found for key, value in s.labels if key == name}))
+
     return [
+        web.get("/api/v1/series", series),
+        web.post("/api/v1/series", series),
+        web.get("/api/v1/labels", labels),
+        web.post("/api/v1/labels", labels),
+        web.get("/api/v1/label/{name}/values", label_values),
         web.get("/api/v1/query", query),
         web.post("/api/v1/query", query),
         web.get("/api/v1/query_range", query_range),
