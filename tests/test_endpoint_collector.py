@@ -463,13 +463,13 @@ async def test_sglang_counters_feed_progress_and_eplb_balancedness(
     state.body = sglang_body(running=3, tokens=100, bal_sum=80.0, bal_count=100)
     await runner.tick()
     assert value(store, "sentinel_endpoint_requests_running", worker="w0") == 3.0
-    assert value(store, "sentinel_moe_balancedness", worker="w0") == pytest.approx(0.8)  # lifetime mean first
+    assert value(store, "sentinel_moe_balancedness", worker="w0", origin="metrics") == pytest.approx(0.8)  # lifetime mean first
 
     # 50 more forward passes at 0.6 each: the recent value, not the lifetime mean.
     state.body = sglang_body(running=3, tokens=150, bal_sum=80.0 + 30.0, bal_count=150)
     clock.now += 1
     await runner.tick()
-    assert value(store, "sentinel_moe_balancedness", worker="w0") == pytest.approx(0.6)
+    assert value(store, "sentinel_moe_balancedness", worker="w0", origin="metrics") == pytest.approx(0.6)
     assert value(store, "sglang:eplb_balancedness_sum", worker="w0", forward_mode="decode") == 110.0
     assert value(store, "sentinel_endpoint_progress_total", worker="w0") == 1.0
 

@@ -166,7 +166,7 @@ async def test_expert_balancedness_sets_the_moe_gauge(tmp_path: Path) -> None:
         [event] = await h.wait_events(1)
         assert event.value == pytest.approx(0.7014)
         assert event.metrics == ("sentinel_log_events_total", "sentinel_moe_balancedness")
-        assert h.value("sentinel_moe_balancedness", worker="qwen") == pytest.approx(0.7014)
+        assert h.value("sentinel_moe_balancedness", worker="qwen", origin="log") == pytest.approx(0.7014)
 
 
 async def test_metrics_count_lines_truncation_files_and_events(tmp_path: Path) -> None:

@@ -373,7 +373,7 @@ class EndpointCollector:
             self._note_stall(state.stalled, snapshot)
         balancedness = self._balancedness.observe(parsed, now_s)
         if balancedness is not None:
-            out.add("sentinel_moe_balancedness", balancedness, target)
+            out.add("sentinel_moe_balancedness", balancedness, {**target, "origin": "metrics"})
 
     def _note_stall(self, stalled: bool, snapshot: EngineSnapshot) -> None:
         if stalled == self._stalled:

@@ -255,7 +255,8 @@ class LogCollector:
         for key in touched:
             self._store.add(EVENTS_TOTAL, self._counts[key], _event_labels(key), write_ts)
         if balancedness is not None:
-            self._store.add(BALANCEDNESS, balancedness, {"worker": worker}, write_ts)
+            # `origin` keeps this apart from the same worker's metrics- or probe-fed series.
+            self._store.add(BALANCEDNESS, balancedness, {"worker": worker, "origin": "log"}, write_ts)
         for m in matches:
             key = (worker, source, m.event)
             labels = {**m.labels, "worker": worker, "source": source}
