@@ -18,3 +18,17 @@ def test_reference_covers_every_section() -> None:
     text = render()
     for section in ("`collectors.nvml`", "`workers[]`", "`rules`", "`remediation`", "`notify`", "`control`"):
         assert f"## {section}" in text
+
+
+def test_rules_reference_matches_the_default_rules() -> None:
+    import os
+
+    from sentinel.rulesdoc import render as render_rules
+
+    cwd = os.getcwd()
+    os.chdir(REPO)  # the reference names files relative to the repository
+    try:
+        expected = render_rules(["rules/*.yml"])
+    finally:
+        os.chdir(cwd)
+    assert (REPO / "docs" / "rules.md").read_text() == expected, "run: python -m sentinel.rulesdoc > docs/rules.md"
