@@ -99,10 +99,13 @@ class Daemon:
         simulate: str | None = None,
         listen: str | None = None,
         collector_factory: CollectorFactory | None = None,
+        nvml: Any = None,
     ) -> None:
         self.config = config
         self.config_path = config_path
         self.simulate = simulate
+        # A pynvml-like object to use instead of the driver (the demo drives its own).
+        self.nvml = nvml
         self.listen = listen or config.listen
         self.store = Store(int(config.store.retention * 1000), int(config.store.lookback * 1000))
         self.bus = EventBus()
@@ -388,8 +391,8 @@ def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
     host_cfg = config.collectors.host
     workers = WorkerProcesses(config.workers, proc_root=host_cfg.proc_root, cgroup_root=host_cfg.cgroup_root)
     if config.collectors.nvml.enabled:
-        nvml: Any = None
-        if daemon.simulate:
+        nvml: Any = daemon.nvml
+        if nvml is None and daemon.simulate:
             from sentinel.sim.nvml import SimulatedNvml, load_scenario
 
             nvml = SimulatedNvml(load_scenario(daemon.simulate))

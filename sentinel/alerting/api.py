@@ -308,6 +308,7 @@ def prometheus_api_routes(
             end = _parse_time(params.get("end"), now_ms())
         except ValueError as exc:
             return None, _error(400, "bad_data", str(exc))
+        assert start is not None and end is not None  # both have defaults
         store = engine_fn().store
         return await asyncio.to_thread(series_in, store, match, start, end), None
 

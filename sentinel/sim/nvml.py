@@ -538,6 +538,11 @@ class SimulatedNvml:
                     event_set.injected.append(_ScheduledXid(self.now(), gpu, xid))
             self._cond.notify_all()
 
+    def lose_gpu(self, gpu: int, error: str = "gpu_is_lost") -> None:
+        """Make `gpu` answer every call with a lost-GPU error from now on (the demo's fault)."""
+        target = self._gpu_at(gpu)
+        target.lost.append(LostSpec(gpu=gpu, at_s=self.now(), error=error))
+
     def close(self) -> None:
         """End every hang now and for good, so no thread stays blocked after a test."""
         self._released.set()
