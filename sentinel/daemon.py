@@ -33,6 +33,7 @@ from sentinel.config import Config, ConfigError, load_config, split_listen
 from sentinel.events import EventBus
 from sentinel.healing import HealingStack
 from sentinel.logsetup import setup_logging
+from sentinel.probe_endpoint import ProbeRegistry
 from sentinel.promql import Engine
 from sentinel.sdnotify import Notifier
 from sentinel.server import ServerContext, start_server
@@ -120,6 +121,8 @@ class Daemon:
         self._query_engine = engine_query(self.engine)
         self.rules: RuleManager | None = None
         self.healing = HealingStack(self.store, self.state_dir)
+        # Workers running sentinel.probe report here; it is also the live batch-limit path.
+        self.probes = ProbeRegistry(self.store, self.bus, allowed_workers=lambda: {w.name for w in self.config.workers})
         self._collector_factory = collector_factory or build_collectors
         self._runners: dict[str, CollectorRunner] = {}
         self._scheduler: AsyncIOScheduler | None = None
@@ -145,6 +148,7 @@ class Daemon:
             extra_routes=[
                 *prometheus_api_routes(lambda: self.engine, lambda: self.rules),
                 *self.healing.routes(),
+                *self.probes.routes(),
             ],
         )
         try:
@@ -172,7 +176,8 @@ class Daemon:
             self.store, self.bus, self._query, self.config.rules, self.state_dir, self._external_url(host)
         )
         try:
-            await self.healing.start(self.config, self.rules, self._external_url(host), live=None)
+            await self.probes.start()
+            await self.healing.start(self.config, self.rules, self._external_url(host), live=self.probes)
         except Exception as exc:
             log.error("cannot start notifications and remediation: %s", exc)
             await self._shutdown(runner)
@@ -206,6 +211,8 @@ class Daemon:
         if self.rules is not None:
             await self.rules.close()
         await self.healing.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.probes.close(), 0.2)
         closers = [self._close_runner(r) for r in self._runners.values()]
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), STOP_BUDGET_S / 2)

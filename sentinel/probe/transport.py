@@ -1,0 +1,98 @@
+"""POSTing a JSON report to the daemon over TCP or a unix socket, with the stdlib only.
+
+The probe lives in the serving process, so it brings no HTTP client of its own and no
+event loop: `http.client` on a fresh connection per report (one a second over loopback
+costs nothing next to a forward pass, and a fresh connection never inherits a broken
+one's state). Every call is bounded by its timeout.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from sentinel.probe.report import REPORT_PATH
+
+__all__ = ["DeliveryError", "Target", "parse_target", "post_json"]
+
+_MAX_REPLY_BYTES = 64 * 1024
+
+
+class DeliveryError(Exception):
+    """The report did not reach the daemon, or its answer was not understood."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where reports go: a TCP host and port, or a unix socket path; and the HTTP path."""
+
+    path: str
+    host: str = ""
+    port: int = 0
+    unix_socket: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"unix:{self.unix_socket}{self.path}" if self.unix_socket else f"http://{self.host}:{self.port}{self.path}"
+        )
+
+
+def parse_target(sentinel: str) -> Target:
+    """`http://host:port[/path]`, `unix:/path/to.sock` or a bare absolute socket path."""
+    if sentinel.startswith("unix:") or sentinel.startswith("/"):
+        path = sentinel.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"sentinel={sentinel!r}: a unix socket needs an absolute path")
+        return Target(path=REPORT_PATH, unix_socket=path)
+    parts = urlsplit(sentinel)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"sentinel={sentinel!r}: expected http://host:port or unix:/path/to.sock")
+    return Target(
+        path=parts.path if parts.path not in ("", "/") else REPORT_PATH,
+        host=parts.hostname,
+        port=parts.port or 80,
+    )
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._socket_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def post_json(target: Target, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """POST `payload`; returns the daemon's JSON object or raises `DeliveryError`."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    conn: http.client.HTTPConnection = (
+        _UnixConnection(target.unix_socket, timeout_s)
+        if target.unix_socket
+        else http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
+    )
+    try:
+        conn.request("POST", target.path, body=body, headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        raw = response.read(_MAX_REPLY_BYTES)
+        if response.status != 200:
+            raise DeliveryError(f"{target.describe()} answered HTTP {response.status}: {raw[:200]!r}")
+        reply = json.loads(raw)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        raise DeliveryError(f"{target.describe()}: {exc}") from exc
+    finally:
+        conn.close()
+    if not isinstance(reply, dict):
+        raise DeliveryError(f"{target.describe()} answered {type(reply).__name__}, not a JSON object")
+    return reply

@@ -1,0 +1,119 @@
+"""Helpers shared by the probe tests (torch stays optional), and the tests of the helpers.
+
+`require_module("torch")` skips a test where torch is not installed, except under CI
+(`CI=true`), where a missing torch is a broken environment and must fail the run: the
+probe tests are the only coverage of the in-worker probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from sentinel.events import Event, EventBus
+from sentinel.store import Labels, Store, labels_from
+from tests.conftest import IN_CI
+
+if TYPE_CHECKING:
+    from sentinel.probe_endpoint import ProbeRegistry
+
+
+def require_module(name: str, hint: str = "") -> ModuleType:
+    """Import `name`; skip without it, but fail under CI."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        message = f"{name} is not installed ({exc}); {hint or 'pip install -e .[sim]'} to run this test"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message, allow_module_level=True)
+
+
+async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0, step_s: float = 0.02) -> bool:
+    """Poll `predicate` until it holds or `timeout_s` passes; returns its last value."""
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / step_s) + 1):
+        if predicate() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(step_s)
+    return predicate()
+
+
+@dataclass
+class Daemon:
+    """The daemon side of the probe, served for real by aiohttp on 127.0.0.1, port 0."""
+
+    store: Store
+    bus: EventBus
+    registry: ProbeRegistry
+    url: str
+    events: list[Event]
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """Latest live value of one series, or None."""
+        series = self.store.get(series_labels(name, **labels))
+        if series is None:
+            return None
+        return series.last_value
+
+    def names(self, kind: str) -> list[Event]:
+        return [e for e in self.events if e.kind == kind]
+
+
+def series_labels(name: str, **labels: str) -> Labels:
+    return labels_from(name, labels)
+
+
+@contextlib.asynccontextmanager
+async def serve_registry(**registry_kwargs: Any) -> AsyncIterator[Daemon]:
+    """A ProbeRegistry behind a real HTTP server, its watchdog running."""
+    # Imported here: the CUDA tests use this module on machines without the daemon's
+    # dependencies (pydantic), and need only `require_module`.
+    from aiohttp import web
+
+    from sentinel.probe_endpoint import ProbeRegistry
+
+    store, bus = Store(), EventBus()
+    events: list[Event] = []
+    bus.subscribe(events.append)
+    registry = ProbeRegistry(store, bus, **registry_kwargs)
+    app = web.Application()
+    app.add_routes(registry.routes())
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    await registry.start()
+    try:
+        yield Daemon(store, bus, registry, f"http://127.0.0.1:{port}", events)
+    finally:
+        await registry.close()
+        await runner.cleanup()
+
+
+# -- tests of the helpers --------------------------------------------------------------
+
+
+def test_missing_module_skips_outside_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tests.test_probe_support.IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        require_module("sentinel_no_such_module_for_tests")
+
+
+def test_missing_module_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("tests.test_probe_support.IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        require_module("sentinel_no_such_module_for_tests")
+
+
+def test_present_module_is_returned() -> None:
+    assert require_module("json").dumps([1]) == "[1]"
