@@ -608,3 +608,60 @@ async def test_reconfigure_switches_from_observe_to_act_with_fresh_budgets(tmp_p
     assert h.backend("qwen").calls == [("restart", "full")]
     assert h.outcomes() == [("restart", "would_act"), ("restart", "started"), ("restart", "succeeded")]
     await h.remediator.close()
+
+
+async def test_alert_refused_during_a_cooldown_is_acted_on_once_the_cooldown_passes(tmp_path: Path) -> None:
+    # A crash right after a restart must not leave the worker dead: the second alert is
+    # deferred, and acted on as soon as the cooldown allows, while it still fires.
+    h = await started(Harness(tmp_path, policy(cooldown=60), [worker()]))
+    h.remediator.on_alert(firing("EngineStalled", worker="qwen", action="restart", active_at_ms=1))
+    await settle(h)
+    h.wall.advance(10)
+    h.remediator.on_alert(firing("EngineDead", worker="qwen", action="restart", active_at_ms=h.wall.ms))
+    await settle(h)
+    assert len(h.backend("qwen").calls) == 1
+    still_firing = {"alertname": "EngineDead", "worker": "qwen", "alertstate": "firing"}
+    for _ in range(3):  # ticks inside the cooldown: still waiting, journaled once
+        h.wall.advance(10)
+        h.store.add("ALERTS", 1.0, still_firing, timestamp_ms=h.wall.ms)
+        await h.remediator.tick()
+        await settle(h)
+    assert len(h.backend("qwen").calls) == 1
+    assert sum(r.outcome == "skipped" for r in h.reports) == 1
+    h.wall.advance(31)
+    h.store.add("ALERTS", 1.0, still_firing, timestamp_ms=h.wall.ms)
+    await h.remediator.tick()
+    await settle(h)
+    assert len(h.backend("qwen").calls) == 2
+    await h.remediator.close()
+
+
+async def test_deferred_request_is_dropped_when_its_alert_resolves(tmp_path: Path) -> None:
+    h = await started(Harness(tmp_path, policy(cooldown=60), [worker()]))
+    h.remediator.on_alert(firing("EngineStalled", worker="qwen", action="restart", active_at_ms=1))
+    await settle(h)
+    h.wall.advance(10)
+    h.remediator.on_alert(firing("EngineDead", worker="qwen", action="restart", active_at_ms=2))
+    await settle(h)
+    h.wall.advance(61)  # no ALERTS sample: the alert resolved meanwhile
+    await h.remediator.tick()
+    await settle(h)
+    assert len(h.backend("qwen").calls) == 1
+    await h.remediator.close()
+
+
+async def test_deferred_request_is_dropped_when_another_action_healed_the_worker_since(tmp_path: Path) -> None:
+    # EngineDead fires with the CUDA OOM that reduce_batch fixes: no restart afterwards.
+    h = await started(Harness(tmp_path, policy(cooldown=60), [worker()]))
+    h.remediator.on_alert(firing("CudaOOM", worker="qwen", action="reduce_batch", active_at_ms=h.wall.ms))
+    h.remediator.on_alert(firing("EngineDead", worker="qwen", action="restart", active_at_ms=h.wall.ms))
+    await settle(h)
+    assert len(h.backend("qwen").calls) == 1
+    h.wall.advance(61)
+    h.store.add(
+        "ALERTS", 1.0, {"alertname": "EngineDead", "worker": "qwen", "alertstate": "firing"}, timestamp_ms=h.wall.ms
+    )
+    await h.remediator.tick()
+    await settle(h)
+    assert len(h.backend("qwen").calls) == 1
+    await h.remediator.close()

@@ -109,6 +109,7 @@ class _Why:
     fingerprint: str = ""
     episode: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    active_at: float = 0.0  # when the alert became active (wall seconds)
 
 
 class Remediator:
@@ -149,6 +150,10 @@ class Remediator:
         self._states: dict[str, WorkerState] = {}
         self._history: list[HistoryEntry] = []
         self._episodes: dict[tuple[str, str], float] = {}  # (episode, action) -> when it acted
+        # Alert requests refused for a passing reason (cooldown, in flight): tried again on
+        # each tick while their alert still fires, so a crash during a cooldown is healed.
+        self._deferred: dict[tuple[str, str], tuple[Request, _Why]] = {}
+        self._healed_at: dict[str, float] = {}  # worker -> when an action last verified it healthy
         self._pruned_at = 0.0
         self._paused = False
         self._started_at = 0.0
@@ -281,7 +286,13 @@ class Remediator:
         self._states[worker] = note_trouble(before, alertname, now)
         if self._states[worker] != before:
             self._persist(worker)
-        why = _Why(alertname, alert.fingerprint, episode_key(alert.fingerprint, alert.active_at_ms), labels)
+        why = _Why(
+            alertname,
+            alert.fingerprint,
+            episode_key(alert.fingerprint, alert.active_at_ms),
+            labels,
+            alert.active_at_ms / 1000,
+        )
         for action, params in route_actions(self.config.routes, labels):
             if why.episode and (why.episode, action) in self._episodes:
                 log.info("alert %s on %s: this episode already led to %s; not again", alertname, worker, action)
@@ -422,16 +433,34 @@ class Remediator:
         # The store's ALERTS series also hold alerts restored after a restart, which
         # produce no transition: this is how they keep a worker from stepping up.
         matchers = [Matcher("__name__", MatchOp.EQ, "ALERTS"), Matcher("alertstate", MatchOp.EQ, "firing")]
+        firing: set[tuple[str, str]] = set()
         for sample in self._store.instant(matchers, int(now * 1000)):
             labels = dict(sample.labels)
             worker = self.worker_for(labels)
             if worker is None:
                 continue
+            firing.add((worker, labels.get("alertname", "")))
             self._states[worker] = note_trouble(self._states[worker], labels.get("alertname", ""), now)
+        self._retry_deferred(firing)
         for name, state in self._states.items():
             # Once a minute is enough on disk: it only delays a step up after a restart.
             if state.last_trouble_at - self._trouble_saved.get(name, 0.0) >= 60.0:
                 self._persist(name)
+
+    def _retry_deferred(self, firing: set[tuple[str, str]]) -> None:
+        for key, (request, why) in list(self._deferred.items()):
+            if (request.worker, why.alertname) not in firing:
+                del self._deferred[key]  # the alert is gone: nothing left to heal
+                continue
+            if why.episode and request.action and (why.episode, request.action) in self._episodes:
+                del self._deferred[key]  # this episode was acted on meanwhile
+                continue
+            if self._healed_at.get(request.worker, -1.0) >= why.active_at:
+                # Another action healed the worker after this alert began (the EngineDead
+                # that came with an OOM, say): acting again would only be a storm.
+                del self._deferred[key]
+                continue
+            self._request(request, why)
 
     def _recover(self, name: str, now: float) -> None:
         spec, state = self._spec(name), self._states[name]
@@ -471,10 +500,15 @@ class Remediator:
         if decision.circuit_open:
             self._note_circuit(True)
         asked = request.action or "escalate"
+        key = (name, request.action or "escalate")
         if decision.verdict == "skip":
             if request.trigger == "recovery":
                 log.debug("worker %s: not stepping up now: %s", name, decision.reason)
                 return
+            if request.trigger == "alert" and decision.transient:
+                if key in self._deferred:
+                    return  # still waiting: journaled once already
+                self._deferred[key] = (request, why)
             log.info("worker %s: not acting on %s (%s): %s", name, why.alertname or "-", asked, decision.reason)
             severity = "critical" if decision.circuit_open else "info"
             self._record(name, asked, "skipped", request.trigger, why, decision.reason, state, state, severity=severity)
@@ -482,6 +516,7 @@ class Remediator:
         if decision.verdict == "needs_human":
             self._needs_human(name, asked, request.trigger, why, decision, state, now)
             return
+        self._deferred.pop(key, None)
         plan = decision.plan
         assert plan is not None
         if why.episode and request.trigger == "alert":
@@ -594,6 +629,8 @@ class Remediator:
                 else:
                     error = f"not healthy within {self.config.verify_timeout:g}s: {detail}"
         outcome: Outcome = "failed" if error else "succeeded"
+        if not error:
+            self._healed_at[name] = self._wall()
         profile_now = spec.profile(self._states[name].profile_index).name
         await self._db(
             journal.finish,

@@ -167,6 +167,9 @@ class Decision:
     plan: Plan | None = None
     escalation: int = 0
     circuit_open: bool = False
+    # The obstacle passes by itself (an action in flight, a cooldown, the breaker):
+    # a request still wanted when it has passed should be tried again.
+    transient: bool = False
 
 
 # -- routes -----------------------------------------------------------------------------
@@ -322,7 +325,7 @@ def decide(
             "skip", f"waiting for a human (sentinel resume {spec.name}): {state.needs_human_reason}", escalation=keep
         )
     if state.in_flight is not None:
-        return Decision("skip", f"{state.in_flight} already in flight on this worker", escalation=keep)
+        return Decision("skip", f"{state.in_flight} already in flight on this worker", escalation=keep, transient=True)
 
     mode = config.mode
     if circuit_open(history, config.circuit_breaker, mode, now, total_workers, spec.name):
@@ -331,14 +334,16 @@ def decide(
             f"circuit breaker open: {acted} of {total_workers} workers remediated "
             f"within {config.circuit_breaker.window:g}s"
         )
-        return Decision("skip", reason, escalation=keep, circuit_open=True)
+        return Decision("skip", reason, escalation=keep, circuit_open=True, transient=True)
 
     why_not = ""
     if request.action is not None:
         if request.trigger == "alert":
             wait = cooldown_left(history, spec.name, request.action, mode, now, config.cooldown)
             if wait > 0:
-                return Decision("skip", f"{request.action} is cooling down for {wait:.0f}s more", escalation=keep)
+                return Decision(
+                    "skip", f"{request.action} is cooling down for {wait:.0f}s more", escalation=keep, transient=True
+                )
         planned = plan_action(spec, state, request.action, request.params)
         if isinstance(planned, Plan):
             budget = config.budget
