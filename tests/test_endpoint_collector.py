@@ -463,7 +463,8 @@ async def test_sglang_counters_feed_progress_and_eplb_balancedness(
     state.body = sglang_body(running=3, tokens=100, bal_sum=80.0, bal_count=100)
     await runner.tick()
     assert value(store, "sentinel_endpoint_requests_running", worker="w0") == 3.0
-    assert value(store, "sentinel_moe_balancedness", worker="w0", origin="metrics") == pytest.approx(0.8)  # lifetime mean first
+    # The lifetime mean first.
+    assert value(store, "sentinel_moe_balancedness", worker="w0", origin="metrics") == pytest.approx(0.8)
 
     # 50 more forward passes at 0.6 each: the recent value, not the lifetime mean.
     state.body = sglang_body(running=3, tokens=150, bal_sum=80.0 + 30.0, bal_count=150)

@@ -15,7 +15,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.test_probe_support import eventually, require_module, serve_registry
+from tests.conftest import require_module
+from tests.test_probe_support import eventually, serve_registry
 
 torch = require_module("torch")
 transformers = require_module("transformers")

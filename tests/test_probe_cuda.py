@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_probe_support import require_module
+from tests.conftest import require_module
 
 torch = require_module("torch")
 transformers = require_module("transformers")

@@ -9,32 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from sentinel.events import Event, EventBus
 from sentinel.store import Labels, Store, labels_from
-from tests.conftest import IN_CI
+from tests.conftest import require_module
 
 if TYPE_CHECKING:
     from sentinel.probe_endpoint import ProbeRegistry
-
-
-def require_module(name: str, hint: str = "") -> ModuleType:
-    """Import `name`; skip without it, but fail under CI."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        message = f"{name} is not installed ({exc}); {hint or 'pip install -e .[sim]'} to run this test"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message, allow_module_level=True)
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0, step_s: float = 0.02) -> bool:
@@ -104,13 +91,13 @@ async def serve_registry(**registry_kwargs: Any) -> AsyncIterator[Daemon]:
 
 
 def test_missing_module_skips_outside_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tests.test_probe_support.IN_CI", False)
+    monkeypatch.setattr("tests.conftest.IN_CI", False)
     with pytest.raises(pytest.skip.Exception, match="not installed"):
         require_module("sentinel_no_such_module_for_tests")
 
 
 def test_missing_module_fails_under_ci(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("tests.test_probe_support.IN_CI", True)
+    monkeypatch.setattr("tests.conftest.IN_CI", True)
     with pytest.raises(pytest.fail.Exception, match="not installed"):
         require_module("sentinel_no_such_module_for_tests")
 

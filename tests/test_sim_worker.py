@@ -27,22 +27,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.conftest import IN_CI
+from tests.conftest import require_module
 
-
-def require_sim_extra() -> None:
-    """Skip without torch and transformers (extra `sim`); under CI their absence fails the run."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as exc:
-        message = f"{exc.name} is missing: install the `sim` extra (pip install -e '.[sim]') to run this test"
-        if IN_CI:
-            pytest.fail(message, pytrace=False)
-        pytest.skip(message, allow_module_level=True)
-
-
-require_sim_extra()
+require_module("torch")
+require_module("transformers")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
