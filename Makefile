@@ -19,8 +19,8 @@ $(VENV)/.sim-installed: $(VENV)/.dev-installed
 	$(PY) -m pip install -q '$(TORCH)' -e '.[dev,sim,probe]'
 	touch $@
 
-demo: $(VENV)/.dev-installed
-	$(VENV)/bin/sentinel run --simulate xid-storm --listen 127.0.0.1:0 --duration 20s --report 5s
+demo: $(VENV)/.sim-installed
+	$(VENV)/bin/sentinel demo
 
 lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check sentinel tests bench

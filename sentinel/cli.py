@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Handled by sentinel.logs.scan's own parser (see main); listed here for --help.
     logs_sub.add_parser("scan", help="run the log pattern catalogue over files (--json, --summary)")
 
-    # Handled by sentinel.opscli (see main); listed here for --help.
+    # Handled by sentinel.demo and sentinel.opscli (see main); listed here for --help.
+    sub.add_parser("demo", help="the whole detect-and-heal loop on a simulated host with a real tiny MoE worker")
     sub.add_parser("status", help="GPUs, workers, firing alerts and recent actions of the running daemon")
     sub.add_parser("history", help="the action journal of the running daemon")
     sub.add_parser("pause", help="stop acting on a worker (or all): pause [WORKER]")
@@ -90,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sentinel.logs.scan import main as scan_main
 
         return int(scan_main(argv[2:]))
+    if argv[:1] == ["demo"]:
+        from sentinel.demo import main as demo_main
+
+        return demo_main(argv[1:])
     if argv and argv[0] in opscli.COMMANDS:
         return int(opscli.main(argv))
     args = build_parser().parse_args(argv)
