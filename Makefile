@@ -35,9 +35,9 @@ unit: $(VENV)/.sim-installed
 
 test: lint typecheck unit
 
-bench: $(VENV)/.dev-installed
-	$(PY) bench/store_bench.py
-	$(PY) bench/overhead.py
+bench: $(VENV)/.sim-installed
+	for b in store_bench overhead scrape_bench log_ingest rules_eval event_to_alert notify_latency probe_overhead race; do \
+		echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
