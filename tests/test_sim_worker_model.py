@@ -16,9 +16,10 @@ import pytest
 from aiohttp import web
 
 from sentinel.sim.worker.profile import ProfileError, WorkerProfile
-from tests.test_sim_worker import require_sim_extra
+from tests.conftest import require_module
 
-require_sim_extra()
+require_module("torch")
+require_module("transformers")
 
 import torch  # noqa: E402
 
