@@ -60,12 +60,6 @@ def test_worker_recovers_after_the_action(demo_run: dict[str, list[dict[str, obj
     assert float(f["recovered_at"]) > float(f["detected_at"])  # type: ignore[arg-type]
 
 
-def test_event_driven_faults_are_detected_within_two_seconds(demo_run: dict[str, list[dict[str, object]]]) -> None:
-    for name in ("gpu-lost", "oom", "crash"):
-        f = fault(demo_run, name)
-        assert float(f["detected_at"]) - float(f["injected_at"]) < 2.0, f  # type: ignore[arg-type]
-
-
 def test_no_action_storm(demo_run: dict[str, list[dict[str, object]]]) -> None:
     # One verified action per fault that needs one: reduce_batch for the OOM (the
     # EngineDead that came with it must not restart the healed worker), one restart each
