@@ -35,7 +35,7 @@ from sentinel.alerting.manager import AlertEvent
 from sentinel.alerting.state import AlertState
 from sentinel.config import WorkerConfig
 from sentinel.configbase import parse_duration
-from sentinel.notify.actions import ActionReport, Outcome
+from sentinel.notify.actions import OUTCOMES, ActionReport, Outcome
 from sentinel.remediation.backend import (
     ActionContext,
     BackendError,
@@ -62,7 +62,7 @@ from sentinel.remediation.policy import (
     route_actions,
     state_after,
 )
-from sentinel.remediation.settings import RemediationConfig
+from sentinel.remediation.settings import ACTIONS, RemediationConfig
 from sentinel.store import Appender, Matcher, MatchOp, Sample, Store
 
 __all__ = ["Remediator", "UnknownWorker"]
@@ -186,6 +186,14 @@ class Remediator:
         interrupted = await self._db(journal.mark_interrupted, now, INTERRUPTED)
         records = await self._db(journal.load_workers)
         self._paused = (await self._db(journal.get_meta, "paused", "0")) == "1"
+        # Every (worker, action, outcome) counter exists from the start at 0, as client
+        # libraries advise: a Prometheus scraping /metrics never sees a counter born at 1,
+        # so increase() works there too (CudaOOMAfterReduction reads these).
+        for name in self._workers:
+            for action in ACTIONS:
+                for outcome in (*OUTCOMES, "interrupted"):
+                    if outcome != "started":
+                        self._counters.setdefault((name, action, outcome), 0.0)
         horizon = max(self.config.budget.window, self.config.circuit_breaker.window, self.config.cooldown)
         rows = await self._db(journal.acted_since, now - horizon)
         self._history = [HistoryEntry(r.worker, r.action, r.started, r.mode) for r in rows]
