@@ -26,7 +26,8 @@ lint: $(VENV)/.dev-installed
 	$(PY) -m ruff check sentinel tests bench
 	$(PY) -m ruff format --check sentinel
 
-typecheck: $(VENV)/.dev-installed
+# mypy follows the probe and the test worker into torch and transformers.
+typecheck: $(VENV)/.sim-installed
 	$(PY) -m mypy
 
 # The probe and test-worker tests need torch: under CI=true they must run, not skip.
