@@ -10,6 +10,9 @@ import pytest
 
 from tests.conftest import require_module
 
+# The demo runs about 2 minutes on 2 cores (the whole loop, five faults, real restarts).
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(scope="module")
 def demo_run() -> dict[str, list[dict[str, object]]]:
