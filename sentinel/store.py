@@ -8,6 +8,11 @@ trimming costs amortised O(1) per sample.
 Staleness follows Prometheus: a source commits the full set of series it saw in one
 pass (`Appender`); series it reported last time but not this time get a staleness
 marker (a NaN with a reserved bit pattern), and lookups treat that marker as "gone".
+
+For the rule engine, which asks the same questions every second, the store keeps a
+selection cache (valid until a series is created or removed) and data versions per
+metric name (`changed_since`), so callers can reuse results computed from data that
+has not changed. Every write goes through `Store` (or an `Appender`), which bumps them.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from enum import Enum
 __all__ = [
     "DEFAULT_LOOKBACK_MS",
     "DEFAULT_RETENTION_MS",
+    "RANGE_NONNEGATIVE",
     "STALE_NAN",
     "Appender",
     "Labels",
@@ -46,6 +52,10 @@ DEFAULT_LOOKBACK_MS = 5 * 60 * 1000
 # Prometheus's staleness marker: value.StaleNaN = 0x7ff0000000000002.
 _STALE_BITS = 0x7FF0000000000002
 STALE_NAN: float = struct.unpack("<d", struct.pack("<Q", _STALE_BITS))[0]
+
+
+RANGE_NONNEGATIVE = 1
+"""`Series.range_hinted` hint: every value in the window is >= 0 (so none is NaN)."""
 
 
 def is_stale_marker(value: float) -> bool:
@@ -129,16 +139,34 @@ class MetricMeta:
 class Series:
     """One series: parallel timestamp and value buffers plus a live-window head index."""
 
-    __slots__ = ("_head", "_nans", "_ts", "_vals", "labels")
+    __slots__ = (
+        "_break_at",
+        "_break_before",
+        "_head",
+        "_nan_at",
+        "_neg_at",
+        "_ts",
+        "_vals",
+        "labels",
+        "name",
+    )
 
     def __init__(self, labels: Labels) -> None:
         self.labels = labels
+        self.name = metric_name(labels)
         self._ts = array("q")
         self._vals = array("d")
         self._head = 0
-        # NaNs ever appended (staleness markers among them); lets range reads skip the
-        # per-sample marker scan for the common series that never had one.
-        self._nans = 0
+        # Buffer indexes that let a window skip per-sample scans (`range_hinted`); -1 for
+        # none. A "break" is an index i whose value is not >= the one before (a counter
+        # reset, or a NaN on either side). `_break_at` is the newest break and every other
+        # break is at or before `_break_before`. `_nan_at` and `_neg_at` are at or after
+        # the newest NaN and the newest value not >= 0. They only err towards "later",
+        # which costs a scan, never a wrong answer.
+        self._break_at = -1
+        self._break_before = -1
+        self._nan_at = -1
+        self._neg_at = -1
 
     def __len__(self) -> int:
         return len(self._ts) - self._head
@@ -152,19 +180,36 @@ class Series:
         return self._vals[-1] if len(self._vals) > self._head else None
 
     def append(self, ts: int, value: float) -> bool:
-        """Append in time order; an out-of-order or duplicate timestamp is refused."""
-        if len(self._ts) > self._head:
+        """Append in time order; an out-of-order or duplicate timestamp is refused.
+
+        Write through `Store` (or an `Appender`) rather than here: the store's data
+        versions, which cached query results depend on, only see writes made there.
+        """
+        n = len(self._ts)
+        if n > self._head:
             last = self._ts[-1]
             if ts < last:
                 return False
             if ts == last:
                 # Same timestamp: last write wins (a re-collected value, not a new sample).
                 self._vals[-1] = value
-                self._nans += value != value
+                # Whether n - 1 is a break may have changed either way: from now on treat
+                # every index up to it as a possible break (windows over it scan).
+                self._break_at = self._break_before = n - 1
+                if value != value:
+                    self._nan_at = n - 1
+                if not value >= 0:
+                    self._neg_at = n - 1
                 return True
+            if not value >= self._vals[-1]:
+                self._break_before = self._break_at
+                self._break_at = n
+        if value != value:
+            self._nan_at = n
+        if not value >= 0:
+            self._neg_at = n
         self._ts.append(ts)
         self._vals.append(value)
-        self._nans += value != value
         return True
 
     def trim_before(self, cutoff_ms: int) -> None:
@@ -175,32 +220,133 @@ class Series:
             del self._ts[:head]
             del self._vals[:head]
             self._head = 0
+            self._break_at -= head
+            self._break_before -= head
+            self._nan_at -= head
+            self._neg_at -= head
+
+    def _after(self, t_ms: int) -> int:
+        """`bisect_right(self._ts, t_ms, self._head)`, usually without the search.
+
+        Samples mostly come at a steady interval, so stepping back from the last sample
+        by the last interval lands on the answer, checked with one or two reads next to
+        each other. Bisection's dozen reads scattered over the buffer are cache misses
+        when thousands of series are read in a row. Timestamps strictly increase, so the
+        check is exact; a miss falls back to bisection over the side it ruled in.
+        """
+        tss = self._ts
+        head = self._head
+        n = len(tss)
+        if n == head:
+            return n
+        last = tss[-1]
+        if t_ms >= last:
+            return n
+        if n - head == 1:
+            return head  # t < the only sample
+        guess = n + (t_ms - last) // (last - tss[-2])  # in [.., n - 1] as t < last
+        if guess <= head:
+            guess = head + 1
+        if tss[guess - 1] > t_ms:
+            below = guess - 1
+            if below > head and tss[below - 1] <= t_ms:
+                return below
+            return bisect_right(tss, t_ms, head, below)
+        if tss[guess] <= t_ms:
+            above = guess + 1  # <= n - 1, as tss[guess] <= t < tss[n - 1]
+            if tss[above] > t_ms:
+                return above
+            return bisect_right(tss, t_ms, above + 1, n)
+        return guess
 
     def latest_at(self, t_ms: int, lookback_ms: int) -> tuple[int, float] | None:
         """The newest sample in (t - lookback, t], or None if absent or stale."""
-        i = bisect_right(self._ts, t_ms, lo=self._head) - 1
+        i = self._after(t_ms) - 1
         if i < self._head:
             return None
-        ts = self._ts[i]
+        tss = self._ts
+        ts = tss[i]
         if ts <= t_ms - lookback_ms:
             return None
         value = self._vals[i]
-        if is_stale_marker(value):
+        if value != value and is_stale_marker(value):
             return None
         return ts, value
 
     def range(self, start_ms: int, end_ms: int, *, left_open: bool = True) -> tuple[array[int], array[float]]:
         """Samples with start < ts <= end (left-closed when asked), stale markers removed."""
-        lo = (bisect_right if left_open else bisect_left)(self._ts, start_ms, lo=self._head)
-        hi = bisect_right(self._ts, end_ms, lo=lo)
-        ts = self._ts[lo:hi]
+        ts, vals, _, _ = self.range_hinted(start_ms, end_ms, left_open=left_open)
+        return ts, vals
+
+    def range_hinted(
+        self, start_ms: int, end_ms: int, *, left_open: bool = True
+    ) -> tuple[array[int], array[float], int, float | None]:
+        """`range` plus what is known about the window without a per-sample scan.
+
+        Returns (timestamps, values, hints, counter correction). `hints` has
+        `RANGE_NONNEGATIVE` when every value is >= 0 (none is NaN); 0 means unknown. The
+        counter correction, when not None, is exactly what summing, left to right from
+        0.0, each value followed by a smaller one gives (Prometheus's counter-reset
+        correction); None means unknown.
+        """
+        tss = self._ts
+        lo = self._after(start_ms) if left_open else bisect_left(tss, start_ms, self._head)
+        hi = max(lo, self._after(end_ms))
+        ts = tss[lo:hi]
         vals = self._vals[lo:hi]
-        if self._nans and any(v != v for v in vals):
+        # A NaN (maybe a staleness marker) at or after the window start: scan.
+        if self._nan_at >= lo and any(v != v for v in vals):
             keep = [i for i, v in enumerate(vals) if not is_stale_marker(v)]
             if len(keep) != len(vals):
                 ts = array("q", (ts[i] for i in keep))
                 vals = array("d", (vals[i] for i in keep))
-        return ts, vals
+            return ts, vals, 0, None
+        hints = RANGE_NONNEGATIVE if self._neg_at < lo else 0
+        return ts, vals, hints, self._correction(lo, hi)
+
+    def window_summary(self, start_ms: int, end_ms: int) -> tuple[int, int, int, float, float, float] | None:
+        """For samples in (start, end]: count, first and last timestamp, first and last value
+        and counter correction (see `range_hinted`), all without copying or scanning them.
+
+        None when that takes a scan (a NaN in the window, or several counter resets):
+        use `range_hinted` then. An empty window gives a count of 0.
+        """
+        tss = self._ts
+        n = len(tss)
+        if n == self._head:
+            return 0, 0, 0, 0.0, 0.0, 0.0
+        last = tss[-1]
+        # `_after(start_ms)` for the usual window inside the buffer, inlined (it runs for
+        # every series of every rate() window); anything else takes the general path.
+        lo = n + (start_ms - last) // (last - tss[-2]) if n - self._head > 1 and start_ms < last else -1
+        if not (self._head < lo < n and tss[lo - 1] <= start_ms < tss[lo]):
+            lo = self._after(start_ms)
+        hi = n if end_ms >= last else max(lo, self._after(end_ms))
+        if lo == hi:
+            return 0, 0, 0, 0.0, 0.0, 0.0
+        if self._nan_at >= lo:
+            return None
+        # `_correction`, inlined: this runs for every series of every rate() window.
+        last_break = self._break_at
+        vals = self._vals
+        if last_break <= lo or (last_break >= hi and self._break_before <= lo):
+            correction = 0.0
+        elif self._break_before <= lo:
+            correction = 0.0 + vals[last_break - 1]
+        else:
+            return None
+        return hi - lo, tss[lo], tss[hi - 1], vals[lo], vals[hi - 1], correction
+
+    def _correction(self, lo: int, hi: int) -> float | None:
+        """The counter correction of buffer window [lo, hi) holding no NaN, if known."""
+        # No NaN in the window, so every break inside it is a real drop.
+        last_break = self._break_at
+        if last_break <= lo or (last_break >= hi and self._break_before <= lo):
+            return 0.0
+        if self._break_before <= lo:
+            # Exactly one drop in the window, at `last_break`: 0.0 + the value before it.
+            return 0.0 + self._vals[last_break - 1]
+        return None
 
     def raw(self) -> tuple[array[int], array[float]]:
         """Every retained sample, staleness markers included (for tests and export)."""
@@ -251,6 +397,18 @@ class Store:
         self._owned: dict[str, set[Labels]] = {}  # source -> series it reported last pass
         self._meta: dict[str, MetricMeta] = {}
         self.out_of_order_total = 0
+        # Cache invalidation. `_generation` counts series created or removed (selections
+        # change only then: appends never do); `_name_generation` holds, per metric name,
+        # the `_generation` of its last such change. `_version` counts writes; `_name_version`
+        # holds, per metric name, the `_version` of its last write. A writer updates
+        # `_name_version` during its write and `_version` last, so a reader that took
+        # `_version` before reading data sees any later (or concurrent) write as a change.
+        self._generation = 0
+        self._name_generation: dict[str, int] = {}
+        self._version = 0
+        self._name_version: dict[str, int] = {}
+        # matchers -> (generation when selected, the name they select by or None, series)
+        self._select_cache: dict[tuple[Matcher, ...], tuple[int, str | None, tuple[Series, ...]]] = {}
 
     # -- writing -----------------------------------------------------------------
 
@@ -261,7 +419,11 @@ class Store:
     def append(self, labels: Labels, timestamp_ms: int, value: float) -> bool:
         """Append one sample outside any source's staleness tracking."""
         with self._lock:
-            return self._get_or_create(labels).append(timestamp_ms, float(value))
+            series = self._get_or_create(labels)
+            written = series.append(timestamp_ms, float(value))
+            if written:
+                self._touch(series.name)
+            return written
 
     def add(
         self,
@@ -291,14 +453,15 @@ class Store:
             last = series.last_value
             base = 0.0 if last is None or math.isnan(last) else last
             series.append(max(ts, series.last_timestamp or ts), base + by)
+            self._touch(series.name)
             return base + by
 
     def mark_stale(self, labels: Labels, timestamp_ms: int) -> None:
         """Write a staleness marker now (a series that ended, e.g. a removed worker)."""
         with self._lock:
             series = self._series.get(labels)
-            if series is not None and not _ends_stale(series):
-                series.append(timestamp_ms, STALE_NAN)
+            if series is not None and not _ends_stale(series) and series.append(timestamp_ms, STALE_NAN):
+                self._touch(series.name)
 
     def drop_source(self, source: str, timestamp_ms: int | None = None) -> None:
         """Mark every series of a source stale (the source was removed)."""
@@ -318,17 +481,39 @@ class Store:
         if series is None:
             series = Series(labels)
             self._series[labels] = series
-            self._by_name.setdefault(metric_name(labels), set()).add(labels)
+            self._by_name.setdefault(series.name, set()).add(labels)
+            # A new series is empty, so no query result changes until its first sample,
+            # whose write bumps the data versions; only selections change now.
+            self._new_generation(series.name)
         return series
+
+    def _new_generation(self, name: str) -> None:
+        """Record that series of `name` were created or removed (call with the lock held)."""
+        generation = self._generation + 1
+        self._name_generation[name] = generation
+        self._generation = generation
+
+    def _touch(self, name: str) -> None:
+        """Record a write to series of `name` (call with the lock held, after the write)."""
+        version = self._version + 1
+        self._name_version[name] = version
+        self._version = version
 
     def _commit(self, source: str, ts: int, samples: Mapping[Labels, float]) -> int:
         with self._lock:
             written = 0
+            # One version for the whole pass, published after its last write (see __init__).
+            version = self._version + 1
+            name_version = self._name_version
             for labels, value in samples.items():
-                if self._get_or_create(labels).append(ts, value):
+                series = self._get_or_create(labels)
+                if series.append(ts, value):
                     written += 1
+                    name_version[series.name] = version
                 else:
                     self.out_of_order_total += 1
+            if written:
+                self._version = version
             previous = self._owned.get(source, set())
             current = set(samples)
             for labels in previous - current:
@@ -343,17 +528,26 @@ class Store:
         cutoff = (now_ms() if now is None else now) - self.retention_ms
         removed = 0
         with self._lock:
+            version = self._version + 1
+            trimmed = False
             for labels in list(self._series):
                 series = self._series[labels]
+                before = len(series)
                 series.trim_before(cutoff)
+                if len(series) != before:
+                    self._name_version[series.name] = version
+                    trimmed = True
                 if len(series) == 0:
                     del self._series[labels]
-                    names = self._by_name.get(metric_name(labels))
+                    names = self._by_name.get(series.name)
                     if names is not None:
                         names.discard(labels)
                         if not names:
-                            del self._by_name[metric_name(labels)]
+                            del self._by_name[series.name]
+                    self._new_generation(series.name)
                     removed += 1
+            if trimmed:
+                self._version = version
         return removed
 
     # -- reading -----------------------------------------------------------------
@@ -370,16 +564,61 @@ class Store:
 
     def select(self, matchers: Sequence[Matcher]) -> list[Series]:
         """Series whose labels satisfy every matcher (a missing label reads as "")."""
+        return list(self.select_cached(matchers))
+
+    def select_cached(self, matchers: Sequence[Matcher]) -> tuple[Series, ...]:
+        """`select` as a shared, immutable tuple.
+
+        Cached until a series of the selected name is created or removed (for matchers
+        without a `__name__` equality: until any series is).
+        """
+        key = tuple(matchers)
+        hit = self._select_cache.get(key)
+        if hit is not None:
+            generation, name, found = hit
+            if name is None:
+                if self._generation == generation:
+                    return found
+            elif self._name_generation.get(name, 0) <= generation:
+                return found
         with self._lock:
-            candidates: Iterable[Labels]
-            name_eq = next((m for m in matchers if m.name == "__name__" and m.op is MatchOp.EQ), None)
-            candidates = list(self._by_name.get(name_eq.value, ())) if name_eq is not None else list(self._series)
-            out = []
-            for labels in candidates:
-                as_dict = dict(labels)
-                if all(m.matches(as_dict.get(m.name, "")) for m in matchers):
-                    out.append(self._series[labels])
-            return out
+            name_eq = next((m for m in key if m.name == "__name__" and m.op is MatchOp.EQ), None)
+            found = tuple(self._select(key, name_eq))
+            if len(self._select_cache) >= _SELECT_CACHE_LIMIT:
+                self._select_cache.clear()
+            self._select_cache[key] = (self._generation, None if name_eq is None else name_eq.value, found)
+            return found
+
+    def _select(self, matchers: tuple[Matcher, ...], name_eq: Matcher | None) -> Iterable[Series]:
+        candidates: Iterable[Labels]
+        candidates = self._by_name.get(name_eq.value, ()) if name_eq is not None else self._series
+        # The name index already decided the name matcher; check only the others.
+        rest = [m for m in matchers if m is not name_eq]
+        series = self._series
+        if not rest:
+            return [series[labels] for labels in candidates]
+        out = []
+        for labels in candidates:
+            as_dict = dict(labels)
+            if all(m.matches(as_dict.get(m.name, "")) for m in rest):
+                out.append(series[labels])
+        return out
+
+    @property
+    def version(self) -> int:
+        """Counts writes; take it before reading data, then ask `changed_since`."""
+        return self._version
+
+    def changed_since(self, version: int, names: Iterable[str] | None) -> bool:
+        """Whether series named in `names` (None: any series) may have changed since `version`.
+
+        Covers samples appended or trimmed and series created or removed; `version`
+        must have been read (`self.version`) before the data it guards.
+        """
+        if names is None:
+            return self._version != version
+        name_version = self._name_version
+        return any(name_version.get(name, 0) > version for name in names)
 
     def instant(self, matchers: Sequence[Matcher], t_ms: int, lookback_ms: int | None = None) -> list[Sample]:
         """Instant-vector lookup: each series' newest non-stale sample within lookback."""
@@ -421,6 +660,9 @@ class Store:
     def sample_count(self) -> int:
         with self._lock:
             return sum(len(s) for s in self._series.values())
+
+
+_SELECT_CACHE_LIMIT = 4096
 
 
 def _ends_stale(series: Series) -> bool:

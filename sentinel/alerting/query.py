@@ -4,6 +4,12 @@ Prometheus's `rules.EngineQueryFunc` turns a query result into the instant vecto
 rule consumes: a vector as is, a scalar as one sample without labels, anything else
 an error. `engine_query` does the same over Sentinel's `Engine`, so the daemon and
 `sentinel test rules` evaluate rules through one code path.
+
+Rules are evaluated one after another at one time (the rule manager runs them in one
+thread), so the queries share sub-expression results (`Engine.shared_results`): a
+group's warning and critical rules over `rate(x[5m])` compute it once. Results are the
+same as with independent queries: a result is reused only while the store reports no
+write to the metrics it reads.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ __all__ = ["engine_query"]
 def engine_query(engine: Engine) -> QueryFn:
     """A QueryFn evaluating expressions with `engine`; PromQL errors become QueryError."""
 
+    shared = engine.shared_results()
+
     def query(expr: str, t_ms: int) -> list[VectorSample]:
         try:
-            value = engine.instant(expr, t_ms)
+            value = engine.instant(expr, t_ms, shared=shared)
         except PromQLError as exc:
             raise QueryError(str(exc)) from exc
         if isinstance(value, Vector):

@@ -88,18 +88,20 @@ def aggregate(ev: Evaluator, node: Aggregate, t: int) -> Value:
 
 def _reduce(vec: Vector, group_of: Callable[[Labels], Labels], reducer: Callable[[Sequence[float]], float]) -> Vector:
     groups: dict[Labels, list[float]] = {}
-    dropped: set[Labels] = set()
-    for s in vec:
-        key = group_of(s.labels)
+    labelsets = [s.labels for s in vec]
+    keys = group_of.map(labelsets) if isinstance(group_of, LabelMemo) else [group_of(ls) for ls in labelsets]
+    for key, value in zip(keys, [s.value for s in vec], strict=True):
         values = groups.get(key)
         if values is None:
-            groups[key] = [s.value]
+            groups[key] = [value]
         else:
-            values.append(s.value)
-        if s.drop_name:
-            # Delayed name removal: a group kept by `__name__` drops it if any member would.
-            dropped.add(key)
-    return Vector(Sample(key, reducer(values), key in dropped) for key, values in groups.items())
+            values.append(value)
+    # Delayed name removal: a group kept by `__name__` drops it if any member would.
+    drops = [s.drop_name for s in vec]
+    if all(drops):
+        return Vector([Sample(key, reducer(values), True) for key, values in groups.items()])
+    dropped = {key for key, drop in zip(keys, drops, strict=True) if drop}
+    return Vector([Sample(key, reducer(values), key in dropped) for key, values in groups.items()])
 
 
 def _select_k(ev: Evaluator, op: str, param: float, vec: Vector, group_of: Callable[[Labels], Labels]) -> Vector:

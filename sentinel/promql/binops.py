@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -18,10 +19,11 @@ if TYPE_CHECKING:
 
 __all__ = ["binary"]
 
+# The operator module's functions are the Python operators themselves, called from C.
 ARITHMETIC: dict[str, Callable[[float, float], float]] = {
-    "+": lambda a, b: a + b,
-    "-": lambda a, b: a - b,
-    "*": lambda a, b: a * b,
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
     "/": gomath.div,
     "%": gomath.mod,
     "^": gomath.pow_,
@@ -29,12 +31,12 @@ ARITHMETIC: dict[str, Callable[[float, float], float]] = {
 }
 
 COMPARISON: dict[str, Callable[[float, float], bool]] = {
-    "==": lambda a, b: a == b,
-    "!=": lambda a, b: a != b,
-    ">": lambda a, b: a > b,
-    "<": lambda a, b: a < b,
-    ">=": lambda a, b: a >= b,
-    "<=": lambda a, b: a <= b,
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    "<": operator.lt,
+    ">=": operator.ge,
+    "<=": operator.le,
 }
 
 SET_OPERATORS = frozenset({"and", "or", "unless"})
@@ -73,21 +75,20 @@ def _scalar_op(op: str, a: float, b: float, return_bool: bool) -> float:
 
 
 def _vector_scalar(op: str, vec: Vector, scalar: float, *, swapped: bool, return_bool: bool) -> Vector:
-    out = Vector()
     arith = ARITHMETIC.get(op)
     if arith is not None:
         if swapped:
-            return Vector(Sample(s.labels, arith(scalar, s.value), True) for s in vec)
-        return Vector(Sample(s.labels, arith(s.value, scalar), True) for s in vec)
+            return Vector([Sample(s.labels, arith(scalar, s.value), True) for s in vec])
+        return Vector([Sample(s.labels, arith(s.value, scalar), True) for s in vec])
     compare = COMPARISON[op]
-    for s in vec:
-        keep = compare(scalar, s.value) if swapped else compare(s.value, scalar)
-        if return_bool:
-            out.append(Sample(s.labels, 1.0 if keep else 0.0, True))
-        elif keep:
-            # A filter keeps the vector's own sample, whichever side the scalar is on.
-            out.append(s)
-    return out
+    if return_bool:
+        if swapped:
+            return Vector([Sample(s.labels, 1.0 if compare(scalar, s.value) else 0.0, True) for s in vec])
+        return Vector([Sample(s.labels, 1.0 if compare(s.value, scalar) else 0.0, True) for s in vec])
+    # A filter keeps the vector's own sample, whichever side the scalar is on.
+    if swapped:
+        return Vector([s for s in vec if compare(scalar, s.value)])
+    return Vector([s for s in vec if compare(s.value, scalar)])
 
 
 @functools.lru_cache(maxsize=1024)
@@ -155,7 +156,7 @@ def _vector_vector(op: str, lhs: Vector, rhs: Vector, matching: VectorMatching, 
             )
         one_by_sig[key] = s
 
-    include = matching.include
+    result_labels = _result_labels_fn(matching, drop_name)
     one_to_one = card == "one-to-one"
     matched: dict[Labels, set[Labels] | None] = {}
     out = Vector()
@@ -186,7 +187,7 @@ def _vector_vector(op: str, lhs: Vector, rhs: Vector, matching: VectorMatching, 
                 value = left
             else:
                 continue
-        labels = _result_labels(s.labels, partner.labels, matching, drop_name, include)
+        labels = result_labels(s.labels, partner.labels)
         if not one_to_one:
             inserted = matched.get(key)
             if inserted is None:
@@ -198,6 +199,32 @@ def _vector_vector(op: str, lhs: Vector, rhs: Vector, matching: VectorMatching, 
     if fill:
         _fill_unmatched_one_side(out, many, one_by_sig, sig, matching, swapped, op, return_bool)
     return out
+
+
+class _PairMemo:
+    """Memoizes `_result_labels` for one matching: the same pairs recur every evaluation."""
+
+    __slots__ = ("_cache", "_drop_name", "_matching")
+
+    def __init__(self, matching: VectorMatching, drop_name: bool) -> None:
+        self._matching = matching
+        self._drop_name = drop_name
+        self._cache: dict[tuple[Labels, Labels], Labels] = {}
+
+    def __call__(self, many: Labels, one: Labels) -> Labels:
+        key = (many, one)
+        cached = self._cache.get(key)
+        if cached is None:
+            if len(self._cache) >= 100_000:
+                self._cache.clear()  # series churn
+            matching = self._matching
+            cached = self._cache[key] = _result_labels(many, one, matching, self._drop_name, matching.include)
+        return cached
+
+
+@functools.lru_cache(maxsize=1024)
+def _result_labels_fn(matching: VectorMatching, drop_name: bool) -> _PairMemo:
+    return _PairMemo(matching, drop_name)
 
 
 def _result_labels(

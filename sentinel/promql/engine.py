@@ -4,11 +4,17 @@ A range query is evaluated as one instant evaluation per step. That keeps a sing
 code path (the one the rule engine uses every second) and matches Prometheus's
 results, because Prometheus's range evaluation is defined step by step too. Within
 one query, each selector's series list is looked up once and reused for every step
-and subquery point.
+and subquery point; across queries, the store caches selections until a series is
+created or removed.
+
+The rule engine runs many instant queries at one time that repeat sub-expressions;
+`SharedResults` lets those queries reuse each other's results while the data they
+read is unchanged.
 """
 
 from __future__ import annotations
 
+import threading
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +34,7 @@ from sentinel.promql.model import (
 )
 from sentinel.store import Labels, Series, Store
 
-__all__ = ["DEFAULT_SUBQUERY_STEP_MS", "Engine", "Evaluator", "QueryResult"]
+__all__ = ["DEFAULT_SUBQUERY_STEP_MS", "Engine", "Evaluator", "QueryResult", "SharedResults"]
 
 DEFAULT_SUBQUERY_STEP_MS = 60_000
 """Step of `x[5m:]` subqueries (Prometheus uses the global evaluation interval)."""
@@ -55,9 +61,21 @@ class Engine:
         self.lookback_ms = lookback_ms
         self.subquery_step_ms = subquery_step_ms
 
-    def instant(self, expr: str | syntax.Node, t_ms: int) -> Value:
-        """Evaluate at one time; the result is a Vector, Scalar, Matrix or String."""
-        return self.instant_query(expr, t_ms).value
+    def instant(self, expr: str | syntax.Node, t_ms: int, *, shared: SharedResults | None = None) -> Value:
+        """Evaluate at one time; the result is a Vector, Scalar, Matrix or String.
+
+        With `shared` (from `shared_results`), sub-expression results are reused across
+        the calls that pass it; the value is the same as without it.
+        """
+        if shared is None or not shared.begin(self, t_ms):
+            return self.instant_query(expr, t_ms).value
+        node = syntax.parse(expr) if isinstance(expr, str) else expr
+        ev = Evaluator(self, t_ms, t_ms, is_range=False, shared=shared)
+        return finish(ev.eval(node, t_ms))
+
+    def shared_results(self) -> SharedResults:
+        """A result cache for a sequence of `instant` calls made by one thread (the rule engine's)."""
+        return SharedResults(self)
 
     def range(self, expr: str | syntax.Node, start_ms: int, end_ms: int, step_ms: int) -> Matrix:
         """Evaluate at start, start+step, ... end; one series per distinct label set."""
@@ -124,6 +142,66 @@ def finish(value: Value) -> Value:
     return value
 
 
+class SharedResults:
+    """Results of sub-expressions shared by the instant queries of one thread.
+
+    The rules of a group are evaluated at one time and repeat sub-expressions
+    (`rate(x[5m]) > 5` for a warning, `> 10` for a page; the same selector joined in
+    several rules). Parsed nodes are interned, so equal sub-expressions are one object;
+    this cache keeps each node's instant-vector or scalar result at the current
+    evaluation time, and reuses it while the store reports no write to the metrics the
+    node reads (`Store.changed_since`) — a recording rule earlier in the group, or a
+    collector, invalidates exactly the results that read what it wrote. Entries for
+    other times are dropped when the evaluation time moves on.
+
+    Shared results are never mutated (no evaluation step modifies its operands).
+    Annotations of a reused result are not raised again, which is why only `instant`
+    (which returns no annotations) takes this cache. Calls from a thread other than
+    the first one to use it bypass the cache.
+    """
+
+    _LIMIT = 50_000
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._owner: int | None = None
+        self._t: int | None = None
+        # (id(node), t) -> (node, store version before evaluating, metric deps, value)
+        self._entries: dict[tuple[int, int], tuple[syntax.Node, int, frozenset[str] | None, Value]] = {}
+        # id(node) -> (node, metric names it reads, None for any)
+        self._deps: dict[int, tuple[syntax.Node, frozenset[str] | None]] = {}
+
+    def begin(self, engine: Engine, t_ms: int) -> bool:
+        """Start one query at `t_ms`; False when this cache cannot serve it."""
+        ident = threading.get_ident()
+        if self._owner is None:
+            self._owner = ident
+        if ident != self._owner or engine is not self._engine:
+            return False
+        if t_ms != self._t or len(self._entries) >= self._LIMIT:
+            self._entries.clear()
+            self._t = t_ms
+        if len(self._deps) >= self._LIMIT:
+            self._deps.clear()
+        return True
+
+    def eval(self, ev: Evaluator, node: syntax.Node, t: int) -> Value:
+        """`node`'s value at `t`: reused when its inputs are unchanged, else computed."""
+        key = (id(node), t)
+        store = ev.store
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is node and not store.changed_since(entry[1], entry[2]):
+            return entry[3]
+        version = store.version
+        value = _HANDLERS[type(node)](ev, node, t)
+        if isinstance(value, Vector | Scalar):
+            known = self._deps.get(id(node))
+            if known is None or known[0] is not node:
+                known = self._deps[id(node)] = (node, syntax.metric_deps(node))
+            self._entries[key] = (node, version, known[1], value)
+        return value
+
+
 def _ints(values: list[int]) -> array[int]:
     return array("q", values)
 
@@ -135,7 +213,16 @@ def _floats(values: list[float]) -> array[float]:
 class Evaluator:
     """State of one query: its time bounds, annotations and per-query selector cache."""
 
-    def __init__(self, engine: Engine, start_ms: int, end_ms: int, *, is_range: bool, step_ms: int = 0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        start_ms: int,
+        end_ms: int,
+        *,
+        is_range: bool,
+        step_ms: int = 0,
+        shared: SharedResults | None = None,
+    ) -> None:
         self.store = engine.store
         self.lookback_ms = engine.lookback_ms
         self.subquery_step_ms = engine.subquery_step_ms
@@ -144,12 +231,15 @@ class Evaluator:
         self.is_range = is_range
         self.step_ms = step_ms
         self.annotations = Annotations()
-        self._series_cache: dict[int, list[Series]] = {}
+        self._series_cache: dict[int, tuple[Series, ...]] = {}
+        self._shared = shared
 
     # -- dispatch -----------------------------------------------------------------
 
     def eval(self, node: syntax.Node, t: int) -> Value:
         """Evaluate `node` at time `t` (ms)."""
+        if self._shared is not None and type(node) in _SHAREABLE:
+            return self._shared.eval(self, node, t)
         handler = _HANDLERS.get(type(node))
         if handler is None:
             raise PromQLError(f"cannot evaluate {type(node).__name__}")
@@ -188,20 +278,20 @@ class Evaluator:
 
     # -- selectors ---------------------------------------------------------------
 
-    def series_for(self, sel: syntax.Selector) -> list[Series]:
+    def series_for(self, sel: syntax.Selector) -> tuple[Series, ...]:
         """The store series a selector matches (looked up once per query)."""
         key = id(sel)
         cached = self._series_cache.get(key)
         if cached is not None:
             return cached
         if len(sel.alternatives) == 1:
-            found = self.store.select(sel.alternatives[0])
+            found = self.store.select_cached(sel.alternatives[0])
         else:
             merged: dict[Labels, Series] = {}
             for group in sel.alternatives:
-                for series in self.store.select(group):
+                for series in self.store.select_cached(group):
                     merged[series.labels] = series
-            found = list(merged.values())
+            found = tuple(merged.values())
         self._series_cache[key] = found
         return found
 
@@ -234,9 +324,9 @@ class Evaluator:
         out = Matrix()
         append = out.append
         for series in self.series_for(sel):
-            ts, vs = series.range(start, te)
+            ts, vs, hints, correction = series.range_hinted(start, te)
             if len(ts):
-                append(RangeSeries(series.labels, ts, vs))
+                append(RangeSeries(series.labels, ts, vs, False, hints, correction))
         return out, te
 
     def eval_range_arg(self, node: syntax.Node, t: int) -> tuple[Matrix, int, int]:
@@ -316,6 +406,9 @@ def _eval_aggregate(ev: Evaluator, node: syntax.Aggregate, t: int) -> Value:
 def _eval_binary(ev: Evaluator, node: syntax.Binary, t: int) -> Value:
     return binops.binary(ev, node, t)
 
+
+_SHAREABLE = frozenset({syntax.Selector, syntax.Call, syntax.Aggregate, syntax.Binary, syntax.Unary})
+"""Nodes whose (instant vector or scalar) results `SharedResults` keeps."""
 
 _HANDLERS: dict[type, Callable[[Evaluator, syntax.Node, int], Value]] = {
     syntax.NumberLit: _eval_number,  # type: ignore[dict-item]

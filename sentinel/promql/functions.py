@@ -5,13 +5,13 @@ from __future__ import annotations
 import calendar
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from sentinel.promql import gomath, rangefuncs, syntax
 from sentinel.promql.histogram import histogram_quantile
 from sentinel.promql.labels import NAME, check_unique, get, with_label
-from sentinel.promql.model import Matrix, PromQLError, Sample, Scalar, Value, Vector
+from sentinel.promql.model import PromQLError, Sample, Scalar, Value, Vector
 from sentinel.promql.regex import translate_regex
 from sentinel.store import Labels, MatchOp
 
@@ -144,28 +144,44 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     else:
         matrix_arg = node.args[0]
         params = [ev.eval_scalar(a, t) for a in node.args[1:]]
+    rates = _RATES.get(name)
+    if rates is not None and isinstance(matrix_arg, syntax.MatrixSel):
+        return _rate_of_selector(ev, matrix_arg, t, *rates)
     matrix, range_end, range_ms = ev.eval_range_arg(matrix_arg, t)
     keep_name = name in _KEEP_NAME
     out = Vector()
     append = out.append
-    rates = _RATES.get(name)
     if rates is not None:
         counter, is_rate = rates
         range_start = range_end - range_ms
         for series in matrix:
             value = rangefuncs.extrapolated_rate(
-                series.timestamps, series.values, range_start, range_end, range_ms, counter=counter, rate=is_rate
+                series.timestamps,
+                series.values,
+                range_start,
+                range_end,
+                range_ms,
+                counter=counter,
+                rate=is_rate,
+                reset_correction=series.reset_correction,
             )
             if value is not None:
                 append(Sample(series.labels, value, True))
         if counter and out:
-            _note_non_counters(ev, matrix_arg, matrix)
+            _note_non_counters(ev, matrix_arg, (s.labels for s in matrix if len(s) > 1))
         return out
     if name in ("irate", "idelta"):
         for series in matrix:
             value = rangefuncs.instant_value(series.timestamps, series.values, rate=name == "irate")
             if value is not None:
                 append(Sample(series.labels, value, True))
+        return out
+    hinted = rangefuncs.HINTED_KERNELS.get(name)
+    if hinted is not None:
+        for series in matrix:
+            value = hinted(series.timestamps, series.values, series.hints)
+            if value is not None:
+                append(Sample(series.labels, value, series.drop_name if keep_name else True))
         return out
     kernel = rangefuncs.KERNELS.get(name)
     if kernel is None:
@@ -177,13 +193,55 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     return out
 
 
-def _note_non_counters(ev: Evaluator, arg: syntax.Node, matrix: Matrix) -> None:
-    """Prometheus's info annotation for rate/increase over a name that is not a counter's."""
+def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: bool, is_rate: bool) -> Value:
+    """rate/increase/delta straight from the store: most windows need only their ends.
+
+    The same numbers as over `select_range`'s copies; a window that needs a scan (a NaN,
+    several counter resets) still gets one.
+    """
+    sel = arg.selector
+    range_ms = arg.range_ms
+    range_end = ev.resolve_time(sel.at, sel.offset_ms, t)
+    range_start = range_end - range_ms
+    out = Vector()
+    append = out.append
+    from_summary = rangefuncs.rate_from_summary
+    # Series with 2+ samples, for the annotation (which needs them only without a name).
+    summed: list[Labels] | None = [] if counter and not sel.name else None
+    for series in ev.series_for(sel):
+        summary = series.window_summary(range_start, range_end)
+        if summary is None:
+            ts, vs, _, correction = series.range_hinted(range_start, range_end)
+            n = len(ts)
+            value = rangefuncs.extrapolated_rate(
+                ts, vs, range_start, range_end, range_ms, counter=counter, rate=is_rate, reset_correction=correction
+            )
+        else:
+            n, first_t, last_t, first_v, last_v, correction = summary
+            if n < 2:
+                continue
+            value = from_summary(
+                n, first_t, last_t, first_v, last_v, correction, range_start, range_end, range_ms, counter, is_rate
+            )
+        if summed is not None and n > 1:
+            summed.append(series.labels)
+        if value is not None:
+            append(Sample(series.labels, value, True))
+    if counter and out:
+        _note_non_counters(ev, arg, summed or ())
+    return out
+
+
+def _note_non_counters(ev: Evaluator, arg: syntax.Node, summed: Iterable[Labels]) -> None:
+    """Prometheus's info annotation for rate/increase over a name that is not a counter's.
+
+    `summed` lists the labels of the input series with 2 or more samples.
+    """
     if isinstance(arg, syntax.MatrixSel) and arg.selector.name:
         # The common `rate(name[5m])`: one name, known without looking at each series.
         names = {arg.selector.name}
     else:
-        names = {get(s.labels, NAME) for s in matrix if len(s) > 1}
+        names = {get(labels, NAME) for labels in summed}
     for name in sorted(names):
         if name and not name.endswith(_COUNTER_SUFFIXES):
             ev.annotations.info(

@@ -110,5 +110,13 @@ class LabelMemo:
             cached = self._cache[labels] = self._fn(labels)
         return cached
 
+    def map(self, labelsets: list[Labels]) -> list[Labels]:
+        """`[self(labels) for labels in labelsets]`, with the cache lookups in one C loop."""
+        get = self._cache.get
+        found = [get(labels) for labels in labelsets]
+        if None in found:
+            return [self(labels) if hit is None else hit for labels, hit in zip(labelsets, found, strict=True)]
+        return found  # type: ignore[return-value]  # no None left
+
 
 _WITHOUT_NAME = LabelMemo(_without_name)

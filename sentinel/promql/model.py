@@ -56,15 +56,30 @@ class Sample:
 
 
 class RangeSeries:
-    """One series of a range vector: labels plus parallel timestamp/value arrays."""
+    """One series of a range vector: labels plus parallel timestamp/value arrays.
 
-    __slots__ = ("drop_name", "labels", "timestamps", "values")
+    Read straight from the store, it also carries what the store knew about the window
+    without a scan (`Series.range_hinted`): `hints` bits (0: unknown) and the counter
+    reset correction (None: unknown), so kernels can skip per-sample passes.
+    """
 
-    def __init__(self, labels: Labels, timestamps: array[int], values: array[float], drop_name: bool = False) -> None:
+    __slots__ = ("drop_name", "hints", "labels", "reset_correction", "timestamps", "values")
+
+    def __init__(
+        self,
+        labels: Labels,
+        timestamps: array[int],
+        values: array[float],
+        drop_name: bool = False,
+        hints: int = 0,
+        reset_correction: float | None = None,
+    ) -> None:
         self.labels = labels
         self.timestamps = timestamps
         self.values = values
         self.drop_name = drop_name
+        self.hints = hints
+        self.reset_correction = reset_correction
 
     def __len__(self) -> int:
         return len(self.timestamps)

@@ -13,25 +13,61 @@ from collections.abc import Callable
 
 from sentinel.promql import stats
 from sentinel.promql.model import PromQLError
+from sentinel.store import RANGE_NONNEGATIVE
 
-__all__ = ["KERNELS", "PARAM_KERNELS", "extrapolated_rate", "instant_value"]
+__all__ = ["HINTED_KERNELS", "KERNELS", "PARAM_KERNELS", "extrapolated_rate", "instant_value", "rate_from_summary"]
 
 Kernel = Callable[["array[int]", "array[float]"], float | None]
+HintedKernel = Callable[["array[int]", "array[float]", int], float | None]
+"""A kernel that also takes the window's `RangeSeries.hints` bits."""
 
 
 def extrapolated_rate(
-    ts: array[int], vs: array[float], range_start: int, range_end: int, range_ms: int, *, counter: bool, rate: bool
+    ts: array[int],
+    vs: array[float],
+    range_start: int,
+    range_end: int,
+    range_ms: int,
+    *,
+    counter: bool,
+    rate: bool,
+    reset_correction: float | None = None,
 ) -> float | None:
-    """Prometheus's `extrapolatedRate` for rate, increase and delta."""
+    """Prometheus's `extrapolatedRate` for rate, increase and delta.
+
+    `reset_correction`, when the caller knows it (`RangeSeries.reset_correction`), saves
+    the scan for counter resets.
+    """
     n = len(vs)
     if n < 2:
         return None
-    first_t = ts[0]
-    last_t = ts[-1]
-    first_v = vs[0]
-    result = vs[-1] - first_v
+    correction = 0.0
     if counter:
-        result += _reset_correction(vs)
+        correction = _reset_correction(vs) if reset_correction is None else reset_correction
+    return rate_from_summary(
+        n, ts[0], ts[-1], vs[0], vs[-1], correction, range_start, range_end, range_ms, counter, rate
+    )
+
+
+def rate_from_summary(
+    n: int,
+    first_t: int,
+    last_t: int,
+    first_v: float,
+    last_v: float,
+    correction: float,
+    range_start: int,
+    range_end: int,
+    range_ms: int,
+    counter: bool,
+    rate: bool,
+) -> float | None:
+    """`extrapolated_rate` from a window's ends (`Series.window_summary`) and its counter correction."""
+    if n < 2:
+        return None
+    result = last_v - first_v
+    if counter:
+        result += correction
     to_start = (first_t - range_start) / 1000
     to_end = (range_end - last_t) / 1000
     sampled = (last_t - first_t) / 1000
@@ -84,6 +120,32 @@ def instant_value(ts: array[int], vs: array[float], *, rate: bool) -> float | No
             return None
         result /= interval / 1000
     return result
+
+
+def _nonnegative_sum(vs: array[float], hints: int) -> float | None:
+    """The exact sum of a window known to hold no negative value (nor NaN), else None.
+
+    Equal to `stats.kahan_sum`'s result: its fast path returns `math.fsum` unless
+    len * max|v| > 1e11 * |sum|, and with no negative value the correctly rounded sum
+    is at least the largest value, so (rounding being monotonic) len * max <= len * sum
+    <= 1e11 * sum always holds. Only the max/min passes that test needs are skipped.
+    """
+    if not hints & RANGE_NONNEGATIVE:
+        return None
+    try:
+        return math.fsum(vs)
+    except (ValueError, OverflowError):
+        return None  # an overflowing sum: let the general path decide
+
+
+def _sum_hinted(ts: array[int], vs: array[float], hints: int) -> float | None:
+    total = _nonnegative_sum(vs, hints)
+    return stats.kahan_sum(vs) if total is None else total
+
+
+def _avg_hinted(ts: array[int], vs: array[float], hints: int) -> float | None:
+    total = _nonnegative_sum(vs, hints)
+    return stats.mean(vs) if total is None else total / len(vs)
 
 
 def _count(ts: array[int], vs: array[float]) -> float | None:
@@ -201,6 +263,13 @@ KERNELS: dict[str, Kernel] = {
     "ts_of_last_over_time": _ts_of_last,
     "ts_of_first_over_time": _ts_of_first,
 }
+
+
+HINTED_KERNELS: dict[str, HintedKernel] = {
+    "sum_over_time": _sum_hinted,
+    "avg_over_time": _avg_hinted,
+}
+"""Kernels that use a window's hints; they take precedence over `KERNELS`."""
 
 
 def _quantile_over_time(params: list[float]) -> Kernel:

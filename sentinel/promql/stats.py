@@ -7,6 +7,7 @@ ill-conditioned inputs are part of the conformance suite), with a C fast path.
 from __future__ import annotations
 
 import math
+from array import array
 from collections.abc import Sequence
 
 from sentinel.promql import gomath
@@ -148,25 +149,77 @@ def kahan_inc(inc: float, total: float, comp: float) -> tuple[float, float]:
 
 
 def linear_regression(ts: Sequence[int], vs: Sequence[float], intercept_ms: int) -> tuple[float, float]:
-    """Least-squares slope (per second) and intercept at `intercept_ms`, as Prometheus."""
+    """Least-squares slope (per second) and intercept at `intercept_ms`, as Prometheus.
+
+    Rules ask the same regression more than once per evaluation (`predict_linear` with
+    a warning and a critical horizon), and series of one collector share timestamps; so
+    results are cached by the exact input (array bytes), and the timestamp-only sums
+    (of x and x^2) by the timestamps. The arithmetic is Prometheus's, unchanged: four
+    independent Kahan-Neumaier sums, each over the samples in order.
+    """
+    key: tuple[bytes, bytes, int] | None = None
+    if isinstance(ts, array) and isinstance(vs, array):
+        key = (ts.tobytes(), vs.tobytes(), intercept_ms)
+        hit = _REGRESSIONS.get(key)
+        if hit is not None:
+            return hit
+    result = _linear_regression(ts, vs, intercept_ms, key)
+    if key is not None:
+        if len(_REGRESSIONS) >= _REGRESSION_CACHE_LIMIT:
+            _REGRESSIONS.clear()
+        _REGRESSIONS[key] = result
+    return result
+
+
+# Bounded (keys hold the windows' bytes); clearing only costs recomputation.
+_REGRESSION_CACHE_LIMIT = 256
+_X_SUMS_CACHE_LIMIT = 64
+_REGRESSIONS: dict[tuple[bytes, bytes, int], tuple[float, float]] = {}
+_X_SUMS: dict[tuple[bytes, int], tuple[list[float], float, float]] = {}
+
+
+def _linear_regression(
+    ts: Sequence[int], vs: Sequence[float], intercept_ms: int, key: tuple[bytes, bytes, int] | None
+) -> tuple[float, float]:
     first = vs[0]
     if all(v == first for v in vs):
         if math.isinf(first):
             return NAN, NAN
         return 0.0, first
     n = float(len(vs))
-    sx = cx = sy = cy = sxy = cxy = sx2 = cx2 = 0.0
-    for t, v in zip(ts, vs, strict=True):
-        x = (t - intercept_ms) / 1e3
-        sx, cx = kahan_inc(x, sx, cx)
-        sy, cy = kahan_inc(v, sy, cy)
-        sxy, cxy = kahan_inc(x * v, sxy, cxy)
-        sx2, cx2 = kahan_inc(x * x, sx2, cx2)
-    sx += cx
-    sy += cy
-    sxy += cxy
-    sx2 += cx2
+    x_key = None if key is None else (key[0], intercept_ms)
+    cached = None if x_key is None else _X_SUMS.get(x_key)
+    if cached is None:
+        xs = [(t - intercept_ms) / 1e3 for t in ts]
+        sx = _neumaier_sum(xs)
+        sx2 = _neumaier_sum([x * x for x in xs])
+        if x_key is not None:
+            if len(_X_SUMS) >= _X_SUMS_CACHE_LIMIT:
+                _X_SUMS.clear()
+            _X_SUMS[x_key] = (xs, sx, sx2)
+    else:
+        xs, sx, sx2 = cached
+    if len(xs) != len(vs):
+        raise ValueError("timestamps and values differ in length")  # zip(strict=True) before
+    sy = _neumaier_sum(vs)
+    sxy = _neumaier_sum([x * v for x, v in zip(xs, vs, strict=True)])
     cov = sxy - sx * sy / n
     var = sx2 - sx * sx / n
     slope = gomath.div(cov, var)
     return slope, sy / n - slope * sx / n
+
+
+def _neumaier_sum(values: Sequence[float]) -> float:
+    """`kahan_inc` over `values` from (0, 0), then total + compensation (inlined: hot loop)."""
+    total = comp = 0.0
+    isinf = math.isinf
+    for v in values:
+        t = total + v
+        if isinf(t):
+            comp = 0.0
+        elif abs(total) >= abs(v):
+            comp += (total - t) + v
+        else:
+            comp += (v - t) + total
+        total = t
+    return total + comp

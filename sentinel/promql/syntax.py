@@ -4,16 +4,21 @@ The Rust-backed AST is converted because (a) every attribute read on it crosses 
 FFI boundary, which the hot path cannot afford, (b) its matchers must become the
 store's `Matcher` (with compiled regexes) anyway, and (c) typed frozen dataclasses
 let mypy check the evaluator. `parse` caches by text, so a rule is parsed once.
+
+Nodes are interned: equal sub-expressions of different expressions (`rate(x[5m])` in
+`rate(x[5m]) > 1` and in `rate(x[5m]) > 5`) are one object, so the rule engine can
+share their results by identity (`engine.SharedResults`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import struct
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import promql_parser as pp
 
@@ -34,6 +39,7 @@ __all__ = [
     "Subquery",
     "Unary",
     "VectorMatching",
+    "metric_deps",
     "metric_names",
     "parse",
     "selectors",
@@ -141,12 +147,43 @@ def parse(text: str) -> Node:
 
 
 def convert(raw: Any) -> Node:
-    """Convert one promql-parser expression (recursively)."""
+    """Convert one promql-parser expression (recursively); the result is interned."""
     kind = type(raw).__name__
     converter = _CONVERTERS.get(kind)
     if converter is None:
         raise PromQLError(f"unsupported expression type {kind}")
-    return converter(raw)
+    return intern(converter(raw))
+
+
+_INTERNED: dict[Hashable, Node] = {}
+_N = TypeVar("_N", bound=Node)
+_INTERN_LIMIT = 100_000
+
+
+def intern(node: _N) -> _N:
+    """The canonical object equal to `node` (its children must be interned already).
+
+    Equal means the same type, identical child objects and exactly equal fields, floats
+    compared by bit pattern (so `0` and `-0`, or two NaNs, are never confused).
+    """
+    key = (type(node), *(_field_key(getattr(node, f.name)) for f in fields(node)))
+    if len(_INTERNED) >= _INTERN_LIMIT:
+        _INTERNED.clear()  # only sharing is lost; nodes stay valid
+    return _INTERNED.setdefault(key, node)  # type: ignore[return-value]  # equal key: same type
+
+
+def _field_key(value: object) -> Hashable:
+    if isinstance(value, _NODE_TYPES):
+        # Identity: the table holds the parent, which keeps the child (and its id) alive.
+        return ("node", id(value))
+    if isinstance(value, float):
+        return ("float", struct.pack("<d", value))
+    if isinstance(value, tuple):
+        return tuple(_field_key(v) for v in value)
+    if isinstance(value, VectorMatching):
+        return (VectorMatching, *(_field_key(getattr(value, f.name)) for f in fields(value)))
+    assert isinstance(value, str | int | At | Matcher | None), type(value)
+    return value
 
 
 def _ms(delta: timedelta | None) -> int:
@@ -218,7 +255,7 @@ def _selector(raw: Any) -> Selector:
 
 
 def _matrix(raw: Any) -> MatrixSel:
-    return MatrixSel(_selector(raw.vector_selector), _ms(raw.range))
+    return MatrixSel(intern(_selector(raw.vector_selector)), _ms(raw.range))
 
 
 def _subquery(raw: Any) -> Subquery:
@@ -281,6 +318,9 @@ def _binary(raw: Any) -> Binary:
     if matching is None:
         matching = VectorMatching("one-to-one", False, (), ())
     return Binary(op, lhs, rhs, matching, return_bool)
+
+
+_NODE_TYPES = (NumberLit, StringLit, Selector, MatrixSel, Subquery, Call, Aggregate, Binary, Unary)
 
 
 def _unary(raw: Any) -> Node:
@@ -359,6 +399,18 @@ def metric_names(expr: str | Node) -> set[str]:
                 if m.name == "__name__" and m.op is MatchOp.EQ:
                     names.add(m.value)
     return names
+
+
+def metric_deps(node: Node) -> frozenset[str] | None:
+    """The metric names whose data `node`'s result depends on; None when it may read any."""
+    names: set[str] = set()
+    for sel in selectors(node):
+        for group in sel.alternatives:
+            found = [m.value for m in group if m.name == "__name__" and m.op is MatchOp.EQ]
+            if not found:
+                return None
+            names.update(found)
+    return frozenset(names)
 
 
 def reads_any_metric(expr: str | Node) -> bool:
