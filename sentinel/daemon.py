@@ -31,6 +31,7 @@ from sentinel.collectors.base import Collector, CollectorRunner
 from sentinel.collectors.http import SharedHttpSession
 from sentinel.config import Config, ConfigError, load_config, split_listen
 from sentinel.events import EventBus
+from sentinel.gctune import tune_for_daemon
 from sentinel.healing import HealingStack
 from sentinel.logsetup import setup_logging
 from sentinel.probe_endpoint import ProbeRegistry
@@ -188,6 +189,7 @@ class Daemon:
             self._trim, "interval", seconds=TRIM_INTERVAL_S, id="store-trim", max_instances=1, coalesce=True
         )
         self._ready = True
+        tune_for_daemon()
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
         if self.notifier.watchdog_interval_s:
             self._spawn(self._watchdog(self.notifier.watchdog_interval_s))
