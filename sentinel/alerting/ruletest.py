@@ -42,7 +42,7 @@ import yaml
 
 from sentinel.alerting.group import GroupEvaluator, QueryError, QueryFn
 from sentinel.alerting.query import engine_query
-from sentinel.alerting.rulefile import RuleFileError, RuleGroup, RuleProblem, parse_prom_duration, parse_rule_file
+from sentinel.alerting.rulefile import RuleFileError, RuleGroup, load_rule_files, parse_prom_duration
 from sentinel.alerting.state import AlertState
 from sentinel.alerting.template_values import go_quote
 from sentinel.promql import Engine
@@ -239,25 +239,6 @@ def _resolve_rule_files(base_dir: str, patterns: Sequence[str], out: _Report) ->
     return files
 
 
-def _load_groups(files: Sequence[str]) -> list[RuleGroup]:
-    """Every group of every file; raises RuleFileError listing all problems."""
-    problems: list[RuleProblem] = []
-    groups: list[RuleGroup] = []
-    for path in files:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            problems.append(RuleProblem(path, None, None, None, f"cannot read: {exc}"))
-            continue
-        try:
-            groups.extend(parse_rule_file(text, path))
-        except RuleFileError as exc:
-            problems.extend(exc.problems)
-    if problems:
-        raise RuleFileError(problems)
-    return groups
-
-
 def _ordered(groups: Sequence[RuleGroup], order: Mapping[str, int]) -> list[RuleGroup]:
     # promtool sorts by the listed position and gives unlisted groups 0, so they tie
     # with the first listed group; its tie order is Go map order (random), ours is
@@ -299,7 +280,7 @@ def _run_test_group(
     except ValueError as exc:
         return [str(exc)]
     try:
-        rule_groups = _ordered(_load_groups(rule_files), order)
+        rule_groups = _ordered(load_rule_files(rule_files), order)
     except RuleFileError as exc:
         return [str(p) for p in exc.problems]
     for case in group.alert_rule_tests:
