@@ -177,8 +177,8 @@ class Timeline:
         return time.monotonic() - self.started
 
     def say(self, what: str) -> None:
-        if not self.quiet:
-            print(f"  +{self.now():6.1f}s  {what}", file=self.out, flush=True)
+        # With --json the timeline goes to stderr, so stdout stays one JSON object.
+        print(f"  +{self.now():6.1f}s  {what}", file=sys.stderr if self.quiet else self.out, flush=True)
 
     def on_alert(self, event: AlertEvent) -> None:
         t = event.transition
@@ -269,8 +269,17 @@ class Demo:
         return False
 
     async def _admin(self, body: dict[str, Any]) -> None:
-        async with self.http.post(self.worker_url + "/admin/fault", json=body) as r:
-            r.raise_for_status()
+        # The worker may be between a restart and its first request (torch is slow to
+        # import on a busy machine): wait for it rather than fail the demo.
+        for attempt in range(3):
+            try:
+                async with self.http.post(self.worker_url + "/admin/fault", json=body) as r:
+                    r.raise_for_status()
+                    return
+            except aiohttp.ClientError:
+                if attempt == 2:
+                    raise
+                await self._wait_healthy(60)
 
     async def _inject(self, fault: Fault, loads: list[LoadGenerator]) -> None:
         if fault.name == "gpu-lost":
@@ -290,6 +299,8 @@ class Demo:
         tl = self.timeline
         result = FaultResult(fault.name)
         print_header = f"fault: {fault.description}"
+        if not await self._wait_healthy(90):
+            tl.say(f"worker {WORKER} is not healthy before the fault; injecting anyway")
         tl.say(print_header)
         result.injected_at = round(tl.now(), 2)
         await self._inject(fault, loads)
