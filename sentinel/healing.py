@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from pathlib import Path
 
 from aiohttp import web
@@ -29,6 +31,19 @@ __all__ = ["HealingStack"]
 log = logging.getLogger(__name__)
 
 CLOSE_BUDGET_S = 0.6
+
+
+def _kill_supervised_child(name: str, backend: WorkerBackend) -> None:
+    """Last resort at exit: a supervised child that outlived its stop budget is killed,
+    so a stop of Sentinel never leaves an orphaned worker behind."""
+    pid = getattr(backend, "pid", None)
+    if not getattr(backend, "stop_on_exit", False) or not isinstance(pid, int):
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)  # the child leads its own process group
+        log.warning("killed worker %s (pid %d): it did not stop within the shutdown budget", name, pid)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class HealingStack:
@@ -129,6 +144,7 @@ class HealingStack:
                 await asyncio.wait_for(backend.close(), CLOSE_BUDGET_S)
             except Exception as exc:
                 log.warning("backend of %s did not close cleanly: %s", name, exc)
+                _kill_supervised_child(name, backend)
         if self.notifications is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.notifications.close(), CLOSE_BUDGET_S)
