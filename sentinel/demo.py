@@ -302,21 +302,20 @@ class Demo:
         if not await self._wait_healthy(90):
             tl.say(f"worker {WORKER} is not healthy before the fault; injecting anyway")
         tl.say(print_header)
-        result.injected_at = round(tl.now(), 2)
+        injected = tl.now()  # unrounded: an alert can fire within the same millisecond
+        result.injected_at = round(injected, 2)
         await self._inject(fault, loads)
         deadline = time.monotonic() + fault.timeout_s
         while time.monotonic() < deadline:
             if result.detected_at is None:
-                hit = next(
-                    ((t, name) for t, name, _ in tl.firing if t >= result.injected_at and name in fault.alerts), None
-                )
+                hit = next(((t, name) for t, name, _ in tl.firing if t >= injected and name in fault.alerts), None)
                 if hit is not None:
                     result.detected_at, result.alert = round(hit[0], 2), hit[1]
                     if fault.name == "hotspot":
                         # No automatic action fits an imbalance; the operator rebalances.
                         await self._admin({"kind": "clear"})
                         tl.say("operator clears the routing skew (MoE imbalance is notify-only)")
-            action = await self._new_action(result.injected_at)
+            action = await self._new_action(injected)
             if action is not None and (result.action is None or action.get("outcome") == "succeeded"):
                 result.action = action["action"]
             if action is not None and action.get("outcome") == "succeeded" and result.recovered_at is None:
