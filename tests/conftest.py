@@ -5,6 +5,10 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
 from types import ModuleType
 
 import pytest
@@ -34,3 +38,16 @@ def require_module(name: str, hint: str = "") -> ModuleType:
         if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message, allow_module_level=True)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A real child process with a unique token in its command line, killed afterwards."""
+    token = f"sentinel-test-{uuid.uuid4().hex}"
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token])
+    try:
+        yield proc, token
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -6,9 +6,7 @@ import asyncio
 import logging
 import os
 import subprocess
-import sys
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -391,18 +389,6 @@ async def test_worker_moving_to_another_cgroup_takes_a_new_baseline(fake: FakeHo
 
 
 # -- the real /proc ---------------------------------------------------------------------
-
-
-@pytest.fixture
-def sleeper() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    token = f"sentinel-test-{uuid.uuid4().hex}"
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token])
-    try:
-        yield proc, token
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def kill_leaving_zombie(proc: subprocess.Popen[bytes]) -> None:

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -370,18 +370,6 @@ def test_read_stat_of_missing_process_is_none(tmp_path: Path) -> None:
 
 
 # -- the real /proc -------------------------------------------------------------------
-
-
-@pytest.fixture
-def sleeper() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
-    token = f"sentinel-test-{uuid.uuid4().hex}"
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", token])
-    try:
-        yield proc, token
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_real_child_process_found_by_cmdline_and_pid_file_then_gone_after_kill(

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 from collections.abc import Callable
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -19,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from sentinel.alerting.manager import RuleManager
+from sentinel.alerting.rulefile import parse_prom_duration
 from sentinel.alerting.state import Alert, AlertState
 from sentinel.promql import Engine, Matrix, PromQLError, Scalar, String, Vector, parse
 from sentinel.promql.syntax import Selector
@@ -65,20 +65,16 @@ def _parse_time(text: str | None, default_ms: int | None) -> int | None:
         raise ValueError(f'cannot parse "{text}" to a valid timestamp') from None
 
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w|y)$")
-
-
 def _parse_step(text: str | None) -> int:
     if not text:
         raise ValueError("missing step")
     try:
         seconds = float(text)
     except ValueError:
-        m = _DURATION.match(text)
-        if not m:
+        try:
+            seconds = parse_prom_duration(text) / 1000
+        except ValueError:
             raise ValueError(f'cannot parse "{text}" to a valid duration') from None
-        unit = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}[m.group(2)]
-        seconds = int(m.group(1)) * unit
     if seconds <= 0:
         raise ValueError("zero or negative query resolution step widths are not accepted. Try a positive integer")
     return round(seconds * 1000)
