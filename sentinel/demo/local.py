@@ -89,7 +89,7 @@ def _free_port() -> int:
 
 
 def _repo_rules() -> Path:
-    rules = Path(__file__).resolve().parents[1] / "rules"
+    rules = Path(__file__).resolve().parents[2] / "rules"  # the checkout's rules/, not the sentinel.rules package
     if not rules.is_dir():
         raise SystemExit(f"sentinel demo: the default rules are not at {rules} (run it from a checkout)")
     return rules
