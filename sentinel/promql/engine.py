@@ -10,6 +10,12 @@ created or removed.
 The rule engine runs many instant queries at one time that repeat sub-expressions;
 `SharedResults` lets those queries reuse each other's results while the data they
 read is unchanged.
+
+`prometheus_compat=2` evaluates as Prometheus 2.42 does (see `prom2`): windows that
+include their start (`[t - range, t]`, lookback `[t - 5m, t]`, subquery steps from the
+first aligned time at or after the start), `__name__` dropped by each function or
+operator at once (so duplicates fail there, not only in the final result), 2.42's
+arithmetic (`prom2_math`), its legacy label-name rule, and its syntax.
 """
 
 from __future__ import annotations
@@ -39,6 +45,17 @@ __all__ = ["DEFAULT_SUBQUERY_STEP_MS", "Engine", "Evaluator", "QueryResult", "Sh
 DEFAULT_SUBQUERY_STEP_MS = 60_000
 """Step of `x[5m:]` subqueries (Prometheus uses the global evaluation interval)."""
 
+PROMETHEUS_COMPAT_MODES = (2, 3)
+"""`prometheus_compat` values: the Prometheus major version whose semantics to follow."""
+
+
+def check_compat(value: object) -> int:
+    """`value` as a compat mode, or ValueError naming the allowed ones."""
+    if isinstance(value, bool) or value not in PROMETHEUS_COMPAT_MODES:
+        raise ValueError(f"prometheus_compat must be 2 or 3, got {value!r}")
+    assert isinstance(value, int)
+    return value
+
 
 @dataclass
 class QueryResult:
@@ -49,28 +66,40 @@ class QueryResult:
 
 
 class Engine:
-    """Evaluates PromQL over a `Store` with Prometheus 3.x semantics."""
+    """Evaluates PromQL over a `Store` with Prometheus 3.x semantics (or 2.42's: `prometheus_compat=2`)."""
 
     def __init__(
         self,
         store: Store,
         lookback_ms: int = 300_000,
         subquery_step_ms: int = DEFAULT_SUBQUERY_STEP_MS,
+        *,
+        prometheus_compat: int = 3,
     ) -> None:
         self.store = store
         self.lookback_ms = lookback_ms
         self.subquery_step_ms = subquery_step_ms
+        self.prometheus_compat = check_compat(prometheus_compat)
 
-    def instant(self, expr: str | syntax.Node, t_ms: int, *, shared: SharedResults | None = None) -> Value:
+    def parse(self, expr: str | syntax.Node) -> syntax.Node:
+        """`expr` parsed with this engine's syntax (Prometheus 2.42's refuses more)."""
+        return syntax.parse(expr, self.prometheus_compat) if isinstance(expr, str) else expr
+
+    def instant(
+        self, expr: str | syntax.Node, t_ms: int, *, shared: SharedResults | None = None, as_rule: bool = False
+    ) -> Value:
         """Evaluate at one time; the result is a Vector, Scalar, Matrix or String.
 
         With `shared` (from `shared_results`), sub-expression results are reused across
-        the calls that pass it; the value is the same as without it.
+        the calls that pass it; the value is the same as without it. `as_rule` evaluates
+        as Prometheus evaluates a rule: its expression as re-printed, which sorts each
+        selector's matchers (only `absent()` can tell).
         """
+        node = self.parse(expr)
         if shared is None or not shared.begin(self, t_ms):
-            return self.instant_query(expr, t_ms).value
-        node = syntax.parse(expr) if isinstance(expr, str) else expr
-        ev = Evaluator(self, t_ms, t_ms, is_range=False, shared=shared)
+            ev = Evaluator(self, t_ms, t_ms, is_range=False, as_rule=as_rule)
+        else:
+            ev = Evaluator(self, t_ms, t_ms, is_range=False, shared=shared, as_rule=as_rule)
         return finish(ev.eval(node, t_ms))
 
     def shared_results(self) -> SharedResults:
@@ -83,7 +112,7 @@ class Engine:
 
     def instant_query(self, expr: str | syntax.Node, t_ms: int) -> QueryResult:
         """Like `instant`, with annotations."""
-        node = syntax.parse(expr) if isinstance(expr, str) else expr
+        node = self.parse(expr)
         ev = Evaluator(self, t_ms, t_ms, is_range=False)
         value = finish(ev.eval(node, t_ms))
         return QueryResult(value, ev.annotations)
@@ -94,7 +123,7 @@ class Engine:
             raise PromQLError("zero or negative query resolution step widths are not accepted")
         if end_ms < start_ms:
             raise PromQLError("end timestamp must not be before start time")
-        node = syntax.parse(expr) if isinstance(expr, str) else expr
+        node = self.parse(expr)
         ev = Evaluator(self, start_ms, end_ms, is_range=True, step_ms=step_ms)
         series: dict[Labels, tuple[list[int], list[float]]] = {}
         for t in range(start_ms, end_ms + 1, step_ms):
@@ -202,6 +231,10 @@ class SharedResults:
         return value
 
 
+def _series_labels(series: Series) -> Labels:
+    return series.labels
+
+
 def _ints(values: list[int]) -> array[int]:
     return array("q", values)
 
@@ -222,14 +255,20 @@ class Evaluator:
         is_range: bool,
         step_ms: int = 0,
         shared: SharedResults | None = None,
+        as_rule: bool = False,
     ) -> None:
         self.store = engine.store
         self.lookback_ms = engine.lookback_ms
         self.subquery_step_ms = engine.subquery_step_ms
+        self.compat = engine.prometheus_compat
+        # Timestamps are whole milliseconds, so Prometheus 2's closed window [s, e] is the
+        # open (s - 1, e] that the store reads: every read widens by this much.
+        self.closed_shift = 1 if self.compat == 2 else 0
         self.start_ms = start_ms
         self.end_ms = end_ms
         self.is_range = is_range
         self.step_ms = step_ms
+        self.as_rule = as_rule
         self.annotations = Annotations()
         self._series_cache: dict[int, tuple[Series, ...]] = {}
         self._shared = shared
@@ -239,11 +278,17 @@ class Evaluator:
     def eval(self, node: syntax.Node, t: int) -> Value:
         """Evaluate `node` at time `t` (ms)."""
         if self._shared is not None and type(node) in _SHAREABLE:
-            return self._shared.eval(self, node, t)
-        handler = _HANDLERS.get(type(node))
-        if handler is None:
-            raise PromQLError(f"cannot evaluate {type(node).__name__}")
-        return handler(self, node, t)
+            value = self._shared.eval(self, node, t)
+        else:
+            handler = _HANDLERS.get(type(node))
+            if handler is None:
+                raise PromQLError(f"cannot evaluate {type(node).__name__}")
+            value = handler(self, node, t)
+        if self.compat == 2 and isinstance(value, Vector):
+            # Prometheus 2 drops `__name__` in each function and operator, and refuses
+            # duplicate label sets right there.
+            return finish_vector(value)
+        return value
 
     def eval_vector(self, node: syntax.Node, t: int) -> Vector:
         value = self.eval(node, t)
@@ -292,13 +337,17 @@ class Evaluator:
                 for series in self.store.select_cached(group):
                     merged[series.labels] = series
             found = tuple(merged.values())
+        if self.compat == 2:
+            # Prometheus reads series sorted by labels, and 2.42's plain `sum` adds in
+            # that order: the same order gives the same rounding.
+            found = tuple(sorted(found, key=_series_labels))
         self._series_cache[key] = found
         return found
 
     def select_instant(self, sel: syntax.Selector, t: int) -> Vector:
         """Each matching series' newest non-stale sample in (t - lookback, t]."""
         te = self.resolve_time(sel.at, sel.offset_ms, t)
-        lookback = self.lookback_ms
+        lookback = self.lookback_ms + self.closed_shift
         out = Vector()
         append = out.append
         for series in self.series_for(sel):
@@ -311,16 +360,17 @@ class Evaluator:
         """Like `select_instant`, but each value is the sample's own timestamp in seconds."""
         te = self.resolve_time(sel.at, sel.offset_ms, t)
         out = Vector()
+        lookback = self.lookback_ms + self.closed_shift
         for series in self.series_for(sel):
-            hit = series.latest_at(te, self.lookback_ms)
+            hit = series.latest_at(te, lookback)
             if hit is not None:
                 out.append(Sample(series.labels, hit[0] / 1000, drop_name=True))
         return out
 
     def select_range(self, sel: syntax.Selector, range_ms: int, t: int) -> tuple[Matrix, int]:
-        """Samples in (te - range, te] per series, plus te (the window's end)."""
+        """Samples in (te - range, te] per series ([te - range, te] in mode 2), plus te (the window's end)."""
         te = self.resolve_time(sel.at, sel.offset_ms, t)
-        start = te - range_ms
+        start = te - range_ms - self.closed_shift
         out = Matrix()
         append = out.append
         for series in self.series_for(sel):
@@ -343,8 +393,9 @@ class Evaluator:
         """Evaluate the inner expression at each aligned step in (te - range, te]."""
         te = self.resolve_time(node.at, node.offset_ms, t)
         step = node.step_ms or self.subquery_step_ms
-        # Prometheus aligns subquery steps to absolute multiples of the step.
-        first = ((te - node.range_ms) // step + 1) * step
+        # Prometheus aligns subquery steps to absolute multiples of the step: the first
+        # after the window's start (3.x), or at or after it (2.x).
+        first = ((te - node.range_ms - self.closed_shift) // step + 1) * step
         series: dict[Labels, tuple[list[int], list[float], list[bool]]] = {}
         for ts in range(first, te + 1, step):
             value = self.eval(node.expr, ts)

@@ -5,15 +5,17 @@ from __future__ import annotations
 import calendar
 import math
 import re
+from array import array
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
-from sentinel.promql import gomath, rangefuncs, syntax
+from sentinel.promql import gomath, prom2_math, rangefuncs, syntax
 from sentinel.promql.histogram import histogram_quantile
-from sentinel.promql.labels import NAME, check_unique, get, with_label
+from sentinel.promql.labels import NAME, check_unique, get, valid_label_name, with_label
 from sentinel.promql.model import PromQLError, Sample, Scalar, Value, Vector
+from sentinel.promql.prom2 import go_quote
 from sentinel.promql.regex import translate_regex
-from sentinel.store import Labels, MatchOp
+from sentinel.store import Labels, Matcher, MatchOp
 
 if TYPE_CHECKING:
     from sentinel.promql.engine import Evaluator
@@ -154,6 +156,7 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     if rates is not None:
         counter, is_rate = rates
         range_start = range_end - range_ms
+        from_summary = prom2_math.rate_from_summary if ev.compat == 2 else None
         for series in matrix:
             value = rangefuncs.extrapolated_rate(
                 series.timestamps,
@@ -164,6 +167,7 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
                 counter=counter,
                 rate=is_rate,
                 reset_correction=series.reset_correction,
+                from_summary=from_summary,
             )
             if value is not None:
                 append(Sample(series.labels, value, True))
@@ -176,21 +180,49 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
             if value is not None:
                 append(Sample(series.labels, value, True))
         return out
-    hinted = rangefuncs.HINTED_KERNELS.get(name)
+    hinted = rangefuncs.HINTED_KERNELS.get(name) if ev.compat == 3 else None
     if hinted is not None:
         for series in matrix:
             value = hinted(series.timestamps, series.values, series.hints)
             if value is not None:
                 append(Sample(series.labels, value, series.drop_name if keep_name else True))
         return out
-    kernel = rangefuncs.KERNELS.get(name)
+    kernel = (_PROM2_KERNELS.get(name) if ev.compat == 2 else None) or rangefuncs.KERNELS.get(name)
     if kernel is None:
-        kernel = rangefuncs.param_kernel(name, t, params)
+        if ev.compat == 2 and name == "predict_linear":
+            kernel = _prom2_predict_linear(t, params[0])
+        else:
+            kernel = rangefuncs.param_kernel(name, t, params)
     for series in matrix:
         value = kernel(series.timestamps, series.values)
         if value is not None:
             append(Sample(series.labels, value, series.drop_name if keep_name else True))
     return out
+
+
+def _prom2_deriv(ts: array[int], vs: array[float]) -> float | None:
+    if len(vs) < 2:
+        return None
+    return prom2_math.linear_regression(ts, vs, ts[0])[0]
+
+
+def _prom2_predict_linear(t_ms: int, duration: float) -> rangefuncs.Kernel:
+    def kernel(ts: array[int], vs: array[float]) -> float | None:
+        if len(vs) < 2:
+            return None
+        slope, intercept = prom2_math.linear_regression(ts, vs, t_ms)
+        return slope * duration + intercept
+
+    return kernel
+
+
+_PROM2_KERNELS: dict[str, rangefuncs.Kernel] = {
+    "avg_over_time": lambda ts, vs: prom2_math.avg_over_time(vs),
+    "stddev_over_time": lambda ts, vs: prom2_math.stddev_over_time(vs),
+    "stdvar_over_time": lambda ts, vs: prom2_math.stdvar_over_time(vs),
+    "deriv": _prom2_deriv,
+}
+"""Range kernels whose Prometheus 2.42 arithmetic differs from 3.x's (compat mode 2)."""
 
 
 def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: bool, is_rate: bool) -> Value:
@@ -203,18 +235,27 @@ def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: boo
     range_ms = arg.range_ms
     range_end = ev.resolve_time(sel.at, sel.offset_ms, t)
     range_start = range_end - range_ms
+    read_start = range_start - ev.closed_shift
     out = Vector()
     append = out.append
-    from_summary = rangefuncs.rate_from_summary
+    from_summary = prom2_math.rate_from_summary if ev.compat == 2 else rangefuncs.rate_from_summary
     # Series with 2+ samples, for the annotation (which needs them only without a name).
     summed: list[Labels] | None = [] if counter and not sel.name else None
     for series in ev.series_for(sel):
-        summary = series.window_summary(range_start, range_end)
+        summary = series.window_summary(read_start, range_end)
         if summary is None:
-            ts, vs, _, correction = series.range_hinted(range_start, range_end)
+            ts, vs, _, correction = series.range_hinted(read_start, range_end)
             n = len(ts)
             value = rangefuncs.extrapolated_rate(
-                ts, vs, range_start, range_end, range_ms, counter=counter, rate=is_rate, reset_correction=correction
+                ts,
+                vs,
+                range_start,
+                range_end,
+                range_ms,
+                counter=counter,
+                rate=is_rate,
+                reset_correction=correction,
+                from_summary=from_summary,
             )
         else:
             n, first_t, last_t, first_v, last_v, correction = summary
@@ -407,10 +448,6 @@ def expand_template(template: str, match: re.Match[str]) -> str:
     return _GO_TEMPLATE.sub(replace, template)
 
 
-def _valid_label_name(name: str) -> bool:
-    return bool(name) and name.isprintable()
-
-
 def _label_replace(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     vec = ev.eval_vector(node.args[0], t)
     dst, replacement, src, pattern = (ev.eval_string(a) for a in node.args[1:5])
@@ -418,7 +455,7 @@ def _label_replace(ev: Evaluator, node: syntax.Call, t: int) -> Value:
         regex = re.compile(f"(?s:{translate_regex(pattern)})\\Z")
     except re.error as exc:
         raise PromQLError(f"invalid regular expression in label_replace(): {pattern}: {exc}") from exc
-    if not _valid_label_name(dst):
+    if not valid_label_name(dst, ev.compat):
         raise PromQLError(f"invalid destination label name in label_replace(): {dst}")
     out = Vector()
     for s in vec:
@@ -437,10 +474,10 @@ def _label_join(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     dst = ev.eval_string(node.args[1])
     sep = ev.eval_string(node.args[2])
     sources = [ev.eval_string(a) for a in node.args[3:]]
-    if not _valid_label_name(dst):
+    if not valid_label_name(dst, ev.compat):
         raise PromQLError(f"invalid destination label name in label_join(): {dst}")
     for src in sources:
-        if not _valid_label_name(src):
+        if not valid_label_name(src, ev.compat):
             raise PromQLError(f"invalid source label name in label_join(): {src}")
     out = Vector()
     for s in vec:
@@ -451,17 +488,25 @@ def _label_join(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     return out
 
 
-def _absent_labels(arg: syntax.Node) -> Labels:
-    """Labels of absent()'s output: the selector's equality matchers (conflicts removed)."""
+def _absent_labels(arg: syntax.Node, as_rule: bool) -> Labels:
+    """Labels of absent()'s output: the selector's equality matchers (conflicts removed).
+
+    Matchers apply in order: an equality sets its label unless an earlier equality set
+    it, anything else removes it (Prometheus's `createLabelsForAbsentFunction`). A rule
+    runs its re-printed expression (`expr.String()`), in which matchers are sorted by
+    their text, so `absent(x{k="c", j="j", j!~"z"})` gives `{j="j", k="c"}` in a rule
+    and `{k="c"}` as a query.
+    """
     if isinstance(arg, syntax.MatrixSel):
         arg = arg.selector
     if not isinstance(arg, syntax.Selector) or len(arg.alternatives) != 1:
         return ()
+    matchers = [m for m in arg.alternatives[0] if m.name != NAME]
+    if as_rule:
+        matchers.sort(key=_printed_matcher)
     result: dict[str, str] = {}
     seen: set[str] = set()
-    for m in arg.alternatives[0]:
-        if m.name == NAME:
-            continue
+    for m in matchers:
         if m.op is MatchOp.EQ and m.name not in seen:
             result[m.name] = m.value
             seen.add(m.name)
@@ -470,17 +515,26 @@ def _absent_labels(arg: syntax.Node) -> Labels:
     return tuple(sorted((k, v) for k, v in result.items() if v != ""))
 
 
+def _printed_matcher(m: Matcher) -> str:
+    """A matcher as Prometheus prints it (`name=~"value"`), which is what rule expressions sort by."""
+    name = m.name if _LEGACY_LABEL_NAME.fullmatch(m.name) else go_quote(m.name)
+    return f"{name}{m.op.value}{go_quote(m.value)}"
+
+
+_LEGACY_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
 def _absent(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     if ev.eval_vector(node.args[0], t):
         return Vector()
-    return Vector([Sample(_absent_labels(node.args[0]), 1.0)])
+    return Vector([Sample(_absent_labels(node.args[0], ev.as_rule), 1.0)])
 
 
 def _absent_over_time(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     matrix, _, _ = ev.eval_range_arg(node.args[0], t)
     if matrix:
         return Vector()
-    return Vector([Sample(_absent_labels(node.args[0]), 1.0)])
+    return Vector([Sample(_absent_labels(node.args[0], ev.as_rule), 1.0)])
 
 
 def _date_function(part: Callable[[_Civil], float]) -> Handler:
@@ -552,7 +606,10 @@ _DATE_PARTS: dict[str, Callable[[_Civil], float]] = {
 
 def _histogram_quantile(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     q = ev.eval_scalar(node.args[0], t)
-    return histogram_quantile(ev, q, ev.eval_vector(node.args[1], t))
+    vec = ev.eval_vector(node.args[1], t)
+    if ev.compat == 2:
+        return histogram_quantile(ev, q, vec, lambda q, buckets: (prom2_math.bucket_quantile(q, buckets), False))
+    return histogram_quantile(ev, q, vec)
 
 
 def _native_only(ev: Evaluator, node: syntax.Call, t: int) -> Value:

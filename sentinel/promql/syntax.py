@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import promql_parser as pp
 
+from sentinel.promql import prom2
 from sentinel.promql.model import PromQLError
 from sentinel.promql.regex import translate_regex
 from sentinel.store import Matcher, MatchOp
@@ -136,9 +137,22 @@ class Unary:
 Node = NumberLit | StringLit | Selector | MatrixSel | Subquery | Call | Aggregate | Binary | Unary
 
 
+def parse(text: str, compat: int = 3) -> Node:
+    """Parse PromQL text into a `Node`; results are cached by text.
+
+    `compat=2` also refuses what Prometheus 2.42 cannot parse (`prom2.check`, with
+    promtool's message) and reads its `holt_winters`.
+    """
+    return _parse(text, compat)
+
+
 @functools.lru_cache(maxsize=4096)
-def parse(text: str) -> Node:
-    """Parse PromQL text into a `Node`; results are cached by text."""
+def _parse(text: str, compat: int) -> Node:
+    if compat == 2:
+        prom2.check(text)
+        text = prom2.to_prometheus3(text)
+    elif compat != 3:
+        raise ValueError(f"prometheus_compat must be 2 or 3, got {compat!r}")
     try:
         raw = pp.parse(text)
     except ValueError as exc:
