@@ -81,7 +81,16 @@ def test_mode_2_refuses_what_promtool_2_42_refuses_with_its_message(expr: str, m
 
 @pytest.mark.parametrize("expr", ACCEPTED_BY_BOTH)
 def test_mode_2_accepts_what_2_42_accepts(expr: str) -> None:
-    assert syntax.parse(expr, 2) is syntax.parse(expr, 3)
+    assert type(syntax.parse(expr, 2)) is type(syntax.parse(expr, 3))
+
+
+def test_regex_dot_matches_newline_only_in_mode_3() -> None:
+    store = Store()
+    store.add("nl", 1, {"a": "a\nb"}, timestamp_ms=0)
+    store.add("nl", 1, {"a": "axb"}, timestamp_ms=0)
+    expr = 'count(nl{a=~"a.b"}) + count(label_replace(nl, "m", "$1", "a", "a(.)b"))'
+    assert [s.value for s in Engine(store).instant(expr, 0)] == [4.0]  # type: ignore[union-attr]
+    assert [s.value for s in Engine(store, prometheus_compat=2).instant(expr, 0)] == [3.0]  # type: ignore[union-attr]
 
 
 def test_holt_winters_is_2_42_only_and_equals_double_exponential_smoothing() -> None:
@@ -160,6 +169,8 @@ SERIES = {
     # promtool 2.42 loads test series from a Go map, so the order in which `sum`, `avg`
     # and `stddev` see 3+ series (and the last bits of their results) changes from run
     # to run: these values aggregate exactly in any order.
+    'nl{a="a\\nb"}': "1 1 1 1 1 1 1 1 1 1 1",
+    'nl{a="axb"}': "1 1 1 1 1 1 1 1 1 1 1",
     'q{job="a"}': "0.5 1.25 -3 4 3 2 1 8 -0.75 3 0.5",
     'q{job="b"}': "2 0.25 1 -1 0 6 -2.5 1 0.25 1 1.5",
     'q{job="c"}': "-1.5 0.5 2 0.375 0 -4 1 0.5 1 0.25 2",
@@ -199,6 +210,8 @@ EXPRESSIONS = [
     ("-g", "2m"),
     ("g > 0.3", "3m"),
     ("timestamp(x)", "4m"),
+    ('count(nl{a=~"a.b"})', "1m"),
+    ('label_replace(nl, "m", "$1", "a", "a(.)b")', "1m"),
 ]
 
 

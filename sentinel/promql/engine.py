@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sentinel.promql import aggregations, binops, functions, syntax
+from sentinel.promql.budget import QueryBudget
 from sentinel.promql.labels import check_unique, without_name
 from sentinel.promql.model import (
     Annotations,
@@ -110,24 +111,36 @@ class Engine:
         """Evaluate at start, start+step, ... end; one series per distinct label set."""
         return self.range_query(expr, start_ms, end_ms, step_ms).value  # type: ignore[return-value]
 
-    def instant_query(self, expr: str | syntax.Node, t_ms: int) -> QueryResult:
-        """Like `instant`, with annotations."""
+    def instant_query(self, expr: str | syntax.Node, t_ms: int, *, budget: QueryBudget | None = None) -> QueryResult:
+        """Like `instant`, with annotations; `budget` bounds its time and samples."""
         node = self.parse(expr)
-        ev = Evaluator(self, t_ms, t_ms, is_range=False)
-        value = finish(ev.eval(node, t_ms))
+        ev = Evaluator(self, t_ms, t_ms, is_range=False, budget=budget)
+        value = finish(_guarded(ev.eval, node, t_ms))
         return QueryResult(value, ev.annotations)
 
-    def range_query(self, expr: str | syntax.Node, start_ms: int, end_ms: int, step_ms: int) -> QueryResult:
-        """Like `range`, with annotations."""
+    def range_query(
+        self,
+        expr: str | syntax.Node,
+        start_ms: int,
+        end_ms: int,
+        step_ms: int,
+        *,
+        budget: QueryBudget | None = None,
+    ) -> QueryResult:
+        """Like `range`, with annotations; `budget` bounds its time and samples."""
         if step_ms <= 0:
             raise PromQLError("zero or negative query resolution step widths are not accepted")
         if end_ms < start_ms:
             raise PromQLError("end timestamp must not be before start time")
         node = self.parse(expr)
-        ev = Evaluator(self, start_ms, end_ms, is_range=True, step_ms=step_ms)
+        ev = Evaluator(self, start_ms, end_ms, is_range=True, step_ms=step_ms, budget=budget)
         series: dict[Labels, tuple[list[int], list[float]]] = {}
         for t in range(start_ms, end_ms + 1, step_ms):
-            value = ev.eval(node, t)
+            if budget is not None:
+                budget.check()
+            value = _guarded(ev.eval, node, t)
+            if budget is not None:
+                budget.hold(len(value) if isinstance(value, Vector) else 1)
             if isinstance(value, Scalar):
                 points = series.setdefault((), ([], []))
                 points[0].append(t)
@@ -143,6 +156,14 @@ class Engine:
         matrix = Matrix(RangeSeries(labels, _ints(ts), _floats(vs)) for labels, (ts, vs) in series.items())
         matrix.sort(key=lambda s: s.labels)
         return QueryResult(matrix, ev.annotations)
+
+
+def _guarded(evaluate: Callable[[syntax.Node, int], Value], node: syntax.Node, t: int) -> Value:
+    """`evaluate(node, t)`, with a stack too deep for Python reported as a query error."""
+    try:
+        return evaluate(node, t)
+    except RecursionError:
+        raise PromQLError("query too deeply nested to evaluate") from None
 
 
 def finish_vector(value: Vector) -> Vector:
@@ -256,6 +277,7 @@ class Evaluator:
         step_ms: int = 0,
         shared: SharedResults | None = None,
         as_rule: bool = False,
+        budget: QueryBudget | None = None,
     ) -> None:
         self.store = engine.store
         self.lookback_ms = engine.lookback_ms
@@ -269,6 +291,7 @@ class Evaluator:
         self.is_range = is_range
         self.step_ms = step_ms
         self.as_rule = as_rule
+        self.budget = budget
         self.annotations = Annotations()
         self._series_cache: dict[int, tuple[Series, ...]] = {}
         self._shared = shared
@@ -377,6 +400,8 @@ class Evaluator:
             ts, vs, hints, correction = series.range_hinted(start, te)
             if len(ts):
                 append(RangeSeries(series.labels, ts, vs, False, hints, correction))
+        if self.budget is not None:
+            self.budget.peek(sum(len(s) for s in out))
         return out, te
 
     def eval_range_arg(self, node: syntax.Node, t: int) -> tuple[Matrix, int, int]:
@@ -397,24 +422,42 @@ class Evaluator:
         # after the window's start (3.x), or at or after it (2.x).
         first = ((te - node.range_ms - self.closed_shift) // step + 1) * step
         series: dict[Labels, tuple[list[int], list[float], list[bool]]] = {}
-        for ts in range(first, te + 1, step):
-            value = self.eval(node.expr, ts)
-            if isinstance(value, Scalar):
-                value = Vector([Sample((), value.value)])
-            if not isinstance(value, Vector):
-                raise PromQLError("subquery is only allowed on instant vector")
-            for sample in value:
-                points = series.get(sample.labels)
-                if points is None:
-                    points = series[sample.labels] = ([], [], [False])
-                points[0].append(ts)
-                points[1].append(sample.value)
-                if sample.drop_name:
-                    points[2][0] = True
+        budget = self.budget
+        held = 0
+        try:
+            for ts in range(first, te + 1, step):
+                if budget is not None:
+                    budget.check()
+                value = self.eval(node.expr, ts)
+                if budget is not None:
+                    points = len(value) if isinstance(value, Vector) else 1
+                    held += points
+                    budget.hold(points)
+                self._collect_subquery_step(series, ts, value)
+        finally:
+            if budget is not None:
+                budget.release(held)
         matrix = Matrix(
             RangeSeries(labels, _ints(tss), _floats(vss), drop[0]) for labels, (tss, vss, drop) in series.items()
         )
         return matrix, te
+
+    def _collect_subquery_step(
+        self, series: dict[Labels, tuple[list[int], list[float], list[bool]]], ts: int, value: Value
+    ) -> None:
+        """Add one subquery step's value to the series being built."""
+        if isinstance(value, Scalar):
+            value = Vector([Sample((), value.value)])
+        if not isinstance(value, Vector):
+            raise PromQLError("subquery is only allowed on instant vector")
+        for sample in value:
+            points = series.get(sample.labels)
+            if points is None:
+                points = series[sample.labels] = ([], [], [False])
+            points[0].append(ts)
+            points[1].append(sample.value)
+            if sample.drop_name:
+                points[2][0] = True
 
 
 def _eval_number(ev: Evaluator, node: syntax.NumberLit, t: int) -> Value:

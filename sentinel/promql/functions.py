@@ -7,14 +7,14 @@ import math
 import re
 from array import array
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sentinel.goregex import RegexError, compile_go, searchable
 from sentinel.promql import gomath, prom2_math, rangefuncs, syntax
 from sentinel.promql.histogram import histogram_quantile
 from sentinel.promql.labels import NAME, check_unique, get, valid_label_name, with_label
 from sentinel.promql.model import PromQLError, Sample, Scalar, Value, Vector
 from sentinel.promql.prom2 import go_quote
-from sentinel.promql.regex import translate_regex
 from sentinel.store import Labels, Matcher, MatchOp
 
 if TYPE_CHECKING:
@@ -430,13 +430,13 @@ def _sort_by_label_desc(ev: Evaluator, node: syntax.Call, t: int) -> Value:
 _GO_TEMPLATE = re.compile(r"\$(?:\$|\{([^}]*)\}|([A-Za-z0-9_]+))")
 
 
-def expand_template(template: str, match: re.Match[str]) -> str:
+def expand_template(template: str, match: Any) -> str:
     """Go's `regexp.Expand`: `$1`, `${1}`, `$name`, `${name}`, `$$`; unknown groups expand to ""."""
 
     def group(ref: str) -> str:
         try:
             return match.group(int(ref) if ref.isdigit() else ref) or ""
-        except IndexError:  # no such group
+        except (IndexError, KeyError):  # no such group
             return ""
 
     def replace(m: re.Match[str]) -> str:
@@ -452,21 +452,37 @@ def _label_replace(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     vec = ev.eval_vector(node.args[0], t)
     dst, replacement, src, pattern = (ev.eval_string(a) for a in node.args[1:5])
     try:
-        regex = re.compile(f"(?s:{translate_regex(pattern)})\\Z")
-    except re.error as exc:
-        raise PromQLError(f"invalid regular expression in label_replace(): {pattern}: {exc}") from exc
+        # Prometheus 3 compiles `^(?s:regex)$`, 2.x `^(?:regex)$`.
+        regex = compile_go(pattern, dot_nl=ev.compat == 3)
+    except RegexError:
+        raise PromQLError(f"invalid regular expression in label_replace(): {pattern}") from None
     if not valid_label_name(dst, ev.compat):
         raise PromQLError(f"invalid destination label name in label_replace(): {dst}")
     out = Vector()
+    # The same label values come back every evaluation; RE2 calls cost microseconds.
+    replaced = _REPLACEMENTS.setdefault((id(regex), regex, replacement), {})
+    if len(replaced) > _REPLACEMENT_LIMIT:
+        replaced.clear()
     for s in vec:
-        m = regex.match(get(s.labels, src))
-        if m is None:
+        value = get(s.labels, src)
+        if value in replaced:
+            expanded = replaced[value]
+        else:
+            m = regex.fullmatch(searchable(value))
+            expanded = replaced[value] = None if m is None else expand_template(replacement, m)
+        if expanded is None:
             out.append(s)
             continue
-        labels = with_label(s.labels, dst, expand_template(replacement, m))
+        labels = with_label(s.labels, dst, expanded)
         out.append(Sample(labels, s.value, s.drop_name and dst != NAME))
     check_unique(s.labels for s in out)
     return out
+
+
+_REPLACEMENT_LIMIT = 8192
+# (id, compiled regex, replacement) -> {source value: expansion or None for no match}.
+# The compiled regex is kept in the key so its id cannot be reused while the entry lives.
+_REPLACEMENTS: dict[tuple[int, Any, str], dict[str, str | None]] = {}
 
 
 def _label_join(ev: Evaluator, node: syntax.Call, t: int) -> Value:
