@@ -179,6 +179,11 @@ class Series:
         return len(self._ts) - self._head
 
     @property
+    def first_timestamp(self) -> int | None:
+        """The oldest retained sample's time (it grows when retention trims the series)."""
+        return self._ts[self._head] if len(self._ts) > self._head else None
+
+    @property
     def last_timestamp(self) -> int | None:
         return self._ts[-1] if len(self._ts) > self._head else None
 

@@ -25,7 +25,7 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sentinel.promql import aggregations, binops, functions, syntax
+from sentinel.promql import aggregations, binops, functions, subcache, syntax
 from sentinel.promql.budget import QueryBudget
 from sentinel.promql.labels import check_unique, without_name
 from sentinel.promql.model import (
@@ -39,6 +39,7 @@ from sentinel.promql.model import (
     Value,
     Vector,
 )
+from sentinel.promql.subcache import SubqueryCache
 from sentinel.store import Labels, Series, Store
 
 __all__ = ["DEFAULT_SUBQUERY_STEP_MS", "Engine", "Evaluator", "QueryResult", "SharedResults"]
@@ -76,11 +77,16 @@ class Engine:
         subquery_step_ms: int = DEFAULT_SUBQUERY_STEP_MS,
         *,
         prometheus_compat: int = 3,
+        subquery_settle_ms: int = 60_000,
     ) -> None:
+        """`subquery_settle_ms`: how late a sample may still be written (writers append in time
+        order, a collector's pass at most this long after its timestamp); rule evaluations
+        reuse subquery steps that read only older data (`subcache`)."""
         self.store = store
         self.lookback_ms = lookback_ms
         self.subquery_step_ms = subquery_step_ms
         self.prometheus_compat = check_compat(prometheus_compat)
+        self.subquery_settle_ms = subquery_settle_ms
 
     def parse(self, expr: str | syntax.Node) -> syntax.Node:
         """`expr` parsed with this engine's syntax (Prometheus 2.42's refuses more)."""
@@ -100,7 +106,16 @@ class Engine:
         if shared is None or not shared.begin(self, t_ms):
             ev = Evaluator(self, t_ms, t_ms, is_range=False, as_rule=as_rule)
         else:
-            ev = Evaluator(self, t_ms, t_ms, is_range=False, shared=shared, as_rule=as_rule)
+            ev = Evaluator(
+                self,
+                t_ms,
+                t_ms,
+                is_range=False,
+                shared=shared,
+                as_rule=as_rule,
+                subqueries=shared.subqueries,
+                settled_before=t_ms - self.subquery_settle_ms,
+            )
         return finish(ev.eval(node, t_ms))
 
     def shared_results(self) -> SharedResults:
@@ -133,7 +148,10 @@ class Engine:
         if end_ms < start_ms:
             raise PromQLError("end timestamp must not be before start time")
         node = self.parse(expr)
-        ev = Evaluator(self, start_ms, end_ms, is_range=True, step_ms=step_ms, budget=budget)
+        # Consecutive steps share most subquery steps; within one query all data is settled.
+        ev = Evaluator(
+            self, start_ms, end_ms, is_range=True, step_ms=step_ms, budget=budget, subqueries=SubqueryCache()
+        )
         series: dict[Labels, tuple[list[int], list[float]]] = {}
         for t in range(start_ms, end_ms + 1, step_ms):
             if budget is not None:
@@ -220,6 +238,8 @@ class SharedResults:
         self._entries: dict[tuple[int, int], tuple[syntax.Node, int, frozenset[str] | None, Value]] = {}
         # id(node) -> (node, metric names it reads, None for any)
         self._deps: dict[int, tuple[syntax.Node, frozenset[str] | None]] = {}
+        # Subquery steps, kept across evaluation times (only settled data: `subcache`).
+        self.subqueries = SubqueryCache()
 
     def begin(self, engine: Engine, t_ms: int) -> bool:
         """Start one query at `t_ms`; False when this cache cannot serve it."""
@@ -278,6 +298,8 @@ class Evaluator:
         shared: SharedResults | None = None,
         as_rule: bool = False,
         budget: QueryBudget | None = None,
+        subqueries: SubqueryCache | None = None,
+        settled_before: int | None = None,
     ) -> None:
         self.store = engine.store
         self.lookback_ms = engine.lookback_ms
@@ -292,6 +314,8 @@ class Evaluator:
         self.step_ms = step_ms
         self.as_rule = as_rule
         self.budget = budget
+        self._subqueries = subqueries
+        self._settled_before = settled_before
         self.annotations = Annotations()
         self._series_cache: dict[int, tuple[Series, ...]] = {}
         self._shared = shared
@@ -421,43 +445,49 @@ class Evaluator:
         # Prometheus aligns subquery steps to absolute multiples of the step: the first
         # after the window's start (3.x), or at or after it (2.x).
         first = ((te - node.range_ms - self.closed_shift) // step + 1) * step
-        series: dict[Labels, tuple[list[int], list[float], list[bool]]] = {}
+        steps = range(first, te + 1, step)
         budget = self.budget
         held = 0
+
+        def compute(ts: int) -> Vector:
+            nonlocal held
+            if budget is not None:
+                budget.check()
+            value = self.eval(node.expr, ts)
+            if isinstance(value, Scalar):
+                value = Vector([Sample((), value.value)])
+            if not isinstance(value, Vector):
+                raise PromQLError("subquery is only allowed on instant vector")
+            if budget is not None:
+                held += len(value)
+                budget.hold(len(value))
+            return value
+
         try:
-            for ts in range(first, te + 1, step):
-                if budget is not None:
-                    budget.check()
-                value = self.eval(node.expr, ts)
-                if budget is not None:
-                    points = len(value) if isinstance(value, Vector) else 1
-                    held += points
-                    budget.hold(points)
-                self._collect_subquery_step(series, ts, value)
+            points = None
+            if self._subqueries is not None:
+                selections = [
+                    self.store.select_cached(g) for sel in syntax.selectors(node.expr) for g in sel.alternatives
+                ]
+                points = self._subqueries.evaluate(
+                    node, self.lookback_ms + self.closed_shift, selections, steps, self._settled_before, compute
+                )
+            if points is None:
+                points = {}
+                for ts in steps:
+                    for sample in compute(ts):
+                        subcache.append_point(points, sample.labels, ts, sample.value, sample.drop_name)
+            if budget is not None:
+                total = sum(len(p.timestamps) for p in points.values())
+                budget.hold(total - held)
+                held = total
         finally:
             if budget is not None:
                 budget.release(held)
         matrix = Matrix(
-            RangeSeries(labels, _ints(tss), _floats(vss), drop[0]) for labels, (tss, vss, drop) in series.items()
+            RangeSeries(labels, _ints(p.timestamps), _floats(p.values), p.drop_name) for labels, p in points.items()
         )
         return matrix, te
-
-    def _collect_subquery_step(
-        self, series: dict[Labels, tuple[list[int], list[float], list[bool]]], ts: int, value: Value
-    ) -> None:
-        """Add one subquery step's value to the series being built."""
-        if isinstance(value, Scalar):
-            value = Vector([Sample((), value.value)])
-        if not isinstance(value, Vector):
-            raise PromQLError("subquery is only allowed on instant vector")
-        for sample in value:
-            points = series.get(sample.labels)
-            if points is None:
-                points = series[sample.labels] = ([], [], [False])
-            points[0].append(ts)
-            points[1].append(sample.value)
-            if sample.drop_name:
-                points[2][0] = True
 
 
 def _eval_number(ev: Evaluator, node: syntax.NumberLit, t: int) -> Value:
