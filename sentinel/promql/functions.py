@@ -229,7 +229,9 @@ def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: boo
     """rate/increase/delta straight from the store: most windows need only their ends.
 
     The same numbers as over `select_range`'s copies; a window that needs a scan (a NaN,
-    several counter resets) still gets one.
+    several counter resets) still gets one. Prometheus 3's arithmetic for the usual
+    window (2+ samples) is inlined here: this loop runs for every series of every
+    rate() in every rule, every second, and a call per series cost a sixth of it.
     """
     sel = arg.selector
     range_ms = arg.range_ms
@@ -238,7 +240,9 @@ def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: boo
     read_start = range_start - ev.closed_shift
     out = Vector()
     append = out.append
-    from_summary = prom2_math.rate_from_summary if ev.compat == 2 else rangefuncs.rate_from_summary
+    prom3 = ev.compat == 3
+    from_summary = rangefuncs.rate_from_summary if prom3 else prom2_math.rate_from_summary
+    per_second = range_ms / 1000
     # Series with 2+ samples, for the annotation (which needs them only without a name).
     summed: list[Labels] | None = [] if counter and not sel.name else None
     for series in ev.series_for(sel):
@@ -261,9 +265,32 @@ def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: boo
             n, first_t, last_t, first_v, last_v, correction = summary
             if n < 2:
                 continue
-            value = from_summary(
-                n, first_t, last_t, first_v, last_v, correction, range_start, range_end, range_ms, counter, is_rate
-            )
+            if not prom3:
+                value = from_summary(
+                    n, first_t, last_t, first_v, last_v, correction, range_start, range_end, range_ms, counter, is_rate
+                )
+            else:
+                # `rangefuncs.rate_from_summary`, operation for operation.
+                result = last_v - first_v
+                if counter:
+                    result += correction
+                to_start = (first_t - range_start) / 1000
+                to_end = (range_end - last_t) / 1000
+                sampled = (last_t - first_t) / 1000
+                average = sampled / (n - 1)
+                threshold = average * 1.1
+                if to_start >= threshold:
+                    to_start = average / 2
+                if counter and result > 0 and first_v >= 0:
+                    to_zero = sampled * (first_v / result)
+                    if to_zero < to_start:
+                        to_start = to_zero
+                if to_end >= threshold:
+                    to_end = average / 2
+                factor = (sampled + to_start + to_end) / sampled
+                if is_rate:
+                    factor /= per_second
+                value = result * factor
         if summed is not None and n > 1:
             summed.append(series.labels)
         if value is not None:
