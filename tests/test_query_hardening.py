@@ -226,6 +226,22 @@ def test_absurd_ranges_and_steps_get_400(daemon: DaemonProcess, params: dict[str
     assert status == 400 and error in body["error"], body
 
 
+def test_series_lookups_parse_their_selectors_off_the_event_loop(daemon: DaemonProcess) -> None:
+    status, body = _post(daemon, "/api/v1/series", {"match[]": CHAIN_4500})
+    assert status == 400 and "too deeply nested" in body["error"], body
+    # 900 distinct selectors in one body (aiohttp allows 1,000 form fields): parsed in the
+    # query pool, not on the event loop.
+    params = "&".join(f"match[]=m{i}" for i in range(900))
+    conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=60)
+    try:
+        conn.request("POST", "/api/v1/series", params, {"Content-Type": "application/x-www-form-urlencoded"})
+        latency = _healthy_latency(daemon)
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    assert latency < 1.0
+
+
 def test_catastrophic_regex_answers_quickly(daemon: DaemonProcess) -> None:
     started = time.monotonic()
     status, body = _post(daemon, "/api/v1/query", {"query": CATASTROPHIC})

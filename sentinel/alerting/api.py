@@ -141,12 +141,18 @@ async def _params(request: web.Request) -> dict[str, str]:
     return params
 
 
-async def _match_params(request: web.Request) -> list[tuple[Matcher, ...]]:
-    """Every `match[]` selector (query string and form) as matcher sets; raises ValueError."""
+async def _match_texts(request: web.Request) -> list[str]:
+    """Every `match[]` parameter (query string and form), unparsed."""
     texts = list(request.query.getall("match[]", []))
     if request.method == "POST":
         form = await request.post()
         texts += [str(v) for v in form.getall("match[]", [])]
+    return texts
+
+
+def _match_params(texts: list[str]) -> list[tuple[Matcher, ...]]:
+    """`match[]` selectors as matcher sets; raises ValueError (run in the query pool: a
+    body of thousands of selectors takes seconds to parse)."""
     out: list[tuple[Matcher, ...]] = []
     for text in texts:
         try:
@@ -374,27 +380,29 @@ def prometheus_api_routes(
     async def metadata_query(request: web.Request) -> tuple[list[Series], None] | tuple[None, web.Response]:
         params = await _params(request)
         try:
-            match = await _match_params(request)
+            texts = await _match_texts(request)
             start = _parse_time(params.get("start"), 0)
             end = _parse_time(params.get("end"), now_ms())
         except ValueError as exc:
             return None, _error(400, "bad_data", str(exc))
         assert start is not None and end is not None  # both have defaults
         store = engine_fn().store
+        def work(budget: QueryBudget) -> list[Series]:
+            match = _match_params(texts)
+            budget.check()
+            return series_in(store, match, start, end, budget)
+
         try:
-            found = await queries.run(
-                lambda budget: series_in(store, match, start, end, budget), disconnected=_client_gone(request)
-            )
+            found = await queries.run(work, disconnected=_client_gone(request))
+        except ValueError as exc:
+            return None, _error(400, "bad_data", str(exc))
         except PromQLError as exc:
             return None, _execution_error("match[]", exc)
         return found, None
 
     async def series(request: web.Request) -> web.Response:
-        try:
-            if not await _match_params(request):
-                return _error(400, "bad_data", "no match[] parameter provided")
-        except ValueError as exc:
-            return _error(400, "bad_data", str(exc))
+        if not await _match_texts(request):
+            return _error(400, "bad_data", "no match[] parameter provided")
         found, failure = await metadata_query(request)
         if failure is not None:
             return failure
