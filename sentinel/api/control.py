@@ -9,7 +9,7 @@ No token, given or expected, is ever logged or echoed. A request without the hea
 gets 401 (with `WWW-Authenticate: Bearer`), one with a wrong token 403.
 
 The server listens on 127.0.0.1:9847 unless `listen` says otherwise
-(`sentinel.config.DEFAULT_LISTEN`): only local users reach the control API, and a
+(`sentinel.config.models.DEFAULT_LISTEN`): only local users reach the control API, and a
 routable bind (for a remote Prometheus) still needs the token for anything that acts.
 
     GET  /api/v1/workers                    mode, pause, breaker, each worker's state

@@ -5,7 +5,7 @@ What it offers: `dispatcher.Notifier` (the daemon builds one, subscribes its
 `actions.ActionReport` (such a report) and `settings.NotifyConfig` (its configuration).
 The rest is internal: `outbox` (the SQLite queue), `delivery` (a loop per receiver with
 backoff), `slack`, `webhook` and `alertmanager` (rendering and sending), `secrets`
-(reading and scrubbing). Nothing is imported here: `sentinel.config` imports
+(reading and scrubbing). Nothing is imported here: `sentinel.config.models` imports
 `settings`, and the notifier itself imports the rules package, which imports config.
 """
 

@@ -21,6 +21,7 @@ import yaml
 from sentinel.config.yamlpos import Position, YamlError, load_with_positions
 from sentinel.gotemplate import TemplateError
 from sentinel.gotemplate import parse as parse_template
+from sentinel.promql import PromQLError, guard
 
 __all__ = [
     "Rule",
@@ -334,7 +335,11 @@ def _parse_rule(check: _Checker, path: tuple[str | int, ...], index: int, r: obj
     else:
         expr_text = check.text((*path, "expr"), expr)
         try:
+            # Bounded first: promql-parser can overflow its stack (SIGSEGV) on deep input.
+            guard.check_text(expr_text)
             promql_parser.parse(expr_text)
+        except PromQLError as exc:
+            problem("expr", f"could not parse expression: {exc}")
         except ValueError as exc:
             problem("expr", f"could not parse expression: {_locate(expr_text, str(exc))}")
     before = len(check.problems)
