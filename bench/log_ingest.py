@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from sentinel.config.models import LogCollectorConfig, LogSource, WorkerConfig
-from sentinel.logs import Catalogue, LogCollector, Matcher
+from sentinel.logs import Catalogue, LogCollector, LogMatcher
 from sentinel.logs.lines import LineSplitter
 from sentinel.logs.matcher import Match
 from sentinel.logs.pipeline import SourcePipeline
@@ -86,7 +86,7 @@ def pin_to_one_core() -> str:
         return "not pinned"
 
 
-def sentinel_pass(path: Path, matcher: Matcher) -> tuple[float, int, int]:
+def sentinel_pass(path: Path, matcher: LogMatcher) -> tuple[float, int, int]:
     """The collector's per-chunk work over the whole file: (seconds, lines, events)."""
     events = 0
 
@@ -104,7 +104,7 @@ def sentinel_pass(path: Path, matcher: Matcher) -> tuple[float, int, int]:
     return time.perf_counter() - started, pipeline.stats.lines, events
 
 
-def matched_lines(path: Path, matcher: Matcher) -> int:
+def matched_lines(path: Path, matcher: LogMatcher) -> int:
     return len({m.line_index for m in matcher.scan_bytes(path.read_bytes(), line_numbers=True)})
 
 
@@ -239,7 +239,7 @@ def main() -> None:
         print(f"log: {args.lines:,} lines, {size / 1e6:.1f} MB (NCCL INFO heavy, ~0.1% event lines)")
 
         catalogue = Catalogue.load()
-        matcher = Matcher(catalogue)
+        matcher = LogMatcher(catalogue)
         pinned = pin_to_one_core()
         runs = [sentinel_pass(path, matcher) for _ in range(args.repeat)]
         best, lines, events = min(runs)

@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -109,23 +110,38 @@ class EndpointCollectorConfig(Frozen):
 
 
 class LogPattern(Frozen):
-    """One entry of the log pattern catalogue (the built-in ones live in sentinel/data)."""
+    """One entry of the log pattern catalogue: the built-in ones (sentinel/data) and the operator's."""
 
     id: str = Field(pattern=r"^[a-z_][a-z0-9_]*$")
-    regex: str
+    regex: str = Field(
+        description="RE2 syntax (linear time: no lookarounds or backreferences), searched in one line; "
+        "`{{head}}` names the shared line-head grammar of the built-in catalogue."
+    )
     labels: dict[str, str] = Field(
         default_factory=dict, description="Label name -> named regex group (or a literal value prefixed with '=')."
     )
     value: str | None = Field(None, description="Named group holding the event's numeric value.")
+    keywords: tuple[str, ...] = Field(
+        (),
+        description="Literal strings, one of which is in every line the regex matches: lines without any are "
+        "skipped before the regex runs (faster). Without keywords the regex itself filters.",
+    )
 
-    @field_validator("regex")
+    @field_validator("keywords")
     @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
+    def _one_line_keywords(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not k or "\n" in k for k in v):
+            raise ValueError("expected non-empty one-line strings")
         return v
+
+    @model_validator(mode="after")
+    def _compiles(self, info: ValidationInfo) -> LogPattern:
+        # Imported here: the log package imports this module.
+        from sentinel.logs.patterns import compile_entry
+
+        context = info.context if isinstance(info.context, dict) else {}
+        compile_entry(self, context.get("fragments"))
+        return self
 
 
 class LogCollectorConfig(Frozen):

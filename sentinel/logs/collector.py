@@ -26,7 +26,7 @@ from sentinel.collectors.base import CollectorUnavailable
 from sentinel.config.models import LogCollectorConfig, WorkerConfig
 from sentinel.logs.journal import JournalReader
 from sentinel.logs.kernel import KernelReader, KernelSourceSpec
-from sentinel.logs.matcher import Match, Matcher
+from sentinel.logs.matcher import Match, LogMatcher
 from sentinel.logs.offsets import OffsetStore
 from sentinel.logs.patterns import Catalogue
 from sentinel.logs.pipeline import ReaderThread, SourcePipeline, SourceStats
@@ -105,7 +105,7 @@ class LogCollector:
         self._max_events_per_s = max_events_per_s
         self._rotate_grace_s = rotate_grace_s
         self.catalogue = catalogue if catalogue is not None else Catalogue.load(config.patterns)
-        self._matcher = Matcher(self.catalogue)
+        self._matcher = LogMatcher(self.catalogue)
         self._pipelines: list[SourcePipeline] = []
         self._file_sources: list[FileSource] = []
         self._journal_specs: list[tuple[str, str, SourcePipeline]] = []  # unit, source id, pipeline

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO, TextIO
 
 from sentinel.logs.lines import LineSplitter
-from sentinel.logs.matcher import Match, Matcher
+from sentinel.logs.matcher import Match, LogMatcher
 from sentinel.logs.patterns import Catalogue, CatalogueError
 
 __all__ = ["ReadFailure", "main", "scan_stream"]
@@ -38,7 +38,7 @@ class ReadFailure(Exception):
         super().__init__(cause.strerror or str(cause))
 
 
-def scan_stream(stream: BinaryIO, matcher: Matcher, max_line_bytes: int = _MAX_LINE_BYTES) -> Iterator[Match]:
+def scan_stream(stream: BinaryIO, matcher: LogMatcher, max_line_bytes: int = _MAX_LINE_BYTES) -> Iterator[Match]:
     """Every event in a byte stream; `Match.line_index` is the 0-based line number.
 
     Raises `ReadFailure` when the stream cannot be read (a directory, an I/O error).
@@ -90,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     out, err = sys.stdout, sys.stderr
     try:
-        matcher = Matcher(_catalogue(args.config))
+        matcher = LogMatcher(_catalogue(args.config))
     except (CatalogueError, OSError, ValueError) as exc:
         print(f"sentinel logs scan: {exc}", file=err)
         return 2
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, matcher: Matcher, out: TextIO, err: TextIO) -> int:
+def _run(args: argparse.Namespace, matcher: LogMatcher, out: TextIO, err: TextIO) -> int:
     counts: Counter[str] = Counter()
     failed = False
     for name in args.files:
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace, matcher: Matcher, out: TextIO, err: TextIO) -
 
 
 def _scan_one(
-    name: str, stream: BinaryIO, matcher: Matcher, args: argparse.Namespace, counts: Counter[str], out: TextIO
+    name: str, stream: BinaryIO, matcher: LogMatcher, args: argparse.Namespace, counts: Counter[str], out: TextIO
 ) -> None:
     for m in scan_stream(stream, matcher):
         counts[m.event] += 1
