@@ -67,7 +67,8 @@ def test_each_excerpt_scanned_whole_gives_the_events_line_by_line(matcher: LogMa
             {"pid": "15925", "comm": "(resolved)"},
         ),
         (
-            "Mar  2 17:35:10 server1 kernel: [2858609.598568] Killed process 11726, UID 498, (mysqld) total-vm:7823732kB",
+            "Mar  2 17:35:10 server1 kernel: [2858609.598568] Killed process 11726, UID 498, (mysqld) "
+            "total-vm:7823732kB",
             {"pid": "11726", "comm": "mysqld"},
         ),
         ("Killed process 4242 (Web Content) total-vm:1234kB", {"pid": "4242", "comm": "Web Content"}),
@@ -86,7 +87,11 @@ def test_nccl_socket_failure_labels_name_the_peer_and_the_reason() -> None:
         "10.44.137.149<52905> failed : Connection reset by peer"
     )
     got = {m.event: dict(m.labels) for m in LogMatcher(Catalogue.load()).match_line(line)}
-    assert got["nccl_net_error"] == {"transport": "Socket", "peer": "10.44.137.149<52905>", "reason": "Connection reset by peer"}
+    assert got["nccl_net_error"] == {
+        "transport": "Socket",
+        "peer": "10.44.137.149<52905>",
+        "reason": "Connection reset by peer",
+    }
     assert got["nccl_warn"] == {"host": "gpu-server320", "cuda_dev": "5"}
 
 
@@ -109,12 +114,13 @@ def test_numeric_nccl_error_codes_map_to_the_named_codes(line: str, code: str) -
 PROMPTS = [
     # A request logged by vLLM, its prompt quoting an error: text about a fault, not a fault.
     "INFO 05-05 06:16:47 [logger.py:39] Received request chatcmpl-1: prompt: 'Why do I get torch.OutOfMemoryError: "
-    "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79 GiB?', params: SamplingParams(n=1)",
+    "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79 GiB?', "
+    "params: SamplingParams(n=1)",
     "INFO 05-05 06:16:47 [logger.py:39] Received request cmpl-2: prompt: 'RuntimeError: CUDA error: out of memory\\n"
     "NVRM: Xid (PCI:0000:3b:00): 79, pid=1, name=x, GPU has fallen off the bus.\\nnode:1:1 [0] NCCL WARN x'",
     'INFO:     127.0.0.1:5000 - "POST /v1/completions?q=EngineCore%20encountered%20a%20fatal%20error HTTP/1.1" 200 OK',
     "[2026-05-05 06:16:47] Receive: obj=GenerateReqInput(text='Engine core proc EngineCore_DP0 died unexpectedly')",
-    "DEBUG 05-05 06:16:47 [api_server.py:1] request body: {\"prompt\": \"Out of memory: Killed process 1 (python3) "
+    'DEBUG 05-05 06:16:47 [api_server.py:1] request body: {"prompt": "Out of memory: Killed process 1 (python3) '
     'total-vm:1kB"}',
 ]
 

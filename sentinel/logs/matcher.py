@@ -13,19 +13,25 @@ Text is matched as bytes; only the lines that produce an event are decoded.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import re2
 
 from sentinel.logs.patterns import Catalogue, Pattern
 from sentinel.logs.prefilter import KeywordScanner
+from sentinel.logs.regex import Spans
 
-__all__ = ["LogMatcher", "Match"]
+__all__ = ["MATCH_WINDOW_BYTES", "LogMatcher", "Match"]
+
+MATCH_WINDOW_BYTES = 16 * 1024
+"""Regexes see at most this much of a line, from its start. Every catalogue entry is
+anchored at the line's head and real fault lines are a few hundred bytes (a CUDA OOM
+message about 600), so the window loses nothing real, and it bounds the time one line
+can hold the interpreter to about a millisecond per entry whatever its length."""
 
 
-@dataclass(frozen=True)
-class Match:
-    """One event found in one line."""
+class Match(NamedTuple):
+    """One event found in one line (a tuple: cheap to make by the hundred thousand)."""
 
     event: str
     labels: Mapping[str, str]
@@ -68,11 +74,9 @@ class LogMatcher:
                     keyword_masks[keyword] = keyword_masks.get(keyword, 0) | (1 << i)
             else:
                 filters.append(_BlockFilter(pattern, 1 << i))
-        self._scanner = KeywordScanner(
-            [k.encode() for k in keyword_masks], list(keyword_masks.values()), engine=engine
-        )
+        self._scanner = KeywordScanner([k.encode() for k in keyword_masks], list(keyword_masks.values()), engine=engine)
         self._filters = tuple(filters)
-        self._by_mask: dict[int, tuple[Pattern, ...]] = {}
+        self._plans: dict[int, _Plan] = {}
 
     @property
     def engine(self) -> str:
@@ -117,7 +121,8 @@ class LogMatcher:
         out: list[Match] = []
         index, counted_to = 0, 0
         find, count, n = data.find, data.count, len(data)
-        for start in sorted(hits):
+        # The keyword scanners report lines in order; the block filters may add earlier ones.
+        for start in sorted(hits) if self._filters else hits:
             end = find(b"\n", start)
             if end < 0:
                 end = n
@@ -129,14 +134,18 @@ class LogMatcher:
                 out.extend(found)
         return out
 
+    def _plan(self, mask: int) -> _Plan:
+        plan = self._plans.get(mask)
+        if plan is None:
+            if len(self._plans) > 4096:  # masks are few in practice; never let the cache grow without bound
+                self._plans.clear()
+            plan = self._plans[mask] = _Plan(tuple(p for i, p in enumerate(self._patterns) if mask >> i & 1))
+        return plan
+
     def _run(self, data: bytes, start: int, end: int, mask: int, index: int, errors: str) -> list[Match]:
         if end > start and data[end - 1] == 13:  # CRLF logs: a pattern's end must still see the line's end
             end -= 1
-        patterns = self._by_mask.get(mask)
-        if patterns is None:
-            if len(self._by_mask) > 4096:  # masks are few in practice; never let the cache grow without bound
-                self._by_mask.clear()
-            patterns = self._by_mask[mask] = tuple(p for i, p in enumerate(self._patterns) if mask >> i & 1)
+        end = min(end, start + MATCH_WINDOW_BYTES)
         line = data[start:end] if start or end != len(data) else data
         if errors == "replace" and not line.isascii():
             # RE2 reads bytes as UTF-8 and `.` does not match an invalid byte; match the
@@ -145,16 +154,52 @@ class LogMatcher:
         out: list[Match] = []
         seen: set[str] = set()
         text: str | None = None
-        for pattern in patterns:
+        for pattern, spans in self._plan(mask).matches(line):
             if pattern.id in seen:
                 continue
-            spans = pattern.regex.spans(line)
-            if spans is None:
-                continue
             seen.add(pattern.id)
-            labels, value = pattern.extract(line, spans)
+            labels, value = pattern.extract(line, spans) if spans is not None else (pattern.literal_labels(), None)
             if text is None:
                 text = line.decode("utf-8", errors)
             out.append(Match(pattern.id, labels, value, text, index))
         return out
 
+
+class _Plan:
+    """The entries one keyword mask selects, and how to test them all with few RE2 calls.
+
+    Each RE2 call from Python costs about a microsecond whatever the regex, so a line
+    that several entries may match (an NCCL WARN line is a candidate for six) is first
+    tested against all of them at once with an RE2 set (one DFA pass, no submatches);
+    only the entries that match and extract labels are then run with their groups.
+    """
+
+    __slots__ = ("_set", "patterns")
+
+    def __init__(self, patterns: tuple[Pattern, ...]) -> None:
+        self.patterns = patterns
+        self._set: Any = None
+        if len(patterns) > 1:
+            options = re2.Options()
+            options.max_mem = 64 << 20
+            options.log_errors = False
+            regex_set = re2.Set.SearchSet(options)
+            for pattern in patterns:
+                regex_set.Add(pattern.regex.pattern)
+            regex_set.Compile()
+            self._set = regex_set
+
+    def matches(self, line: bytes) -> list[tuple[Pattern, Spans | None]]:
+        """The entries that match `line`, in catalogue order, with their spans when they need them."""
+        if self._set is None:
+            pattern = self.patterns[0]
+            spans = pattern.regex.spans(line)
+            return [] if spans is None else [(pattern, spans)]
+        found = self._set.Match(line)
+        if not found:
+            return []
+        out: list[tuple[Pattern, Spans | None]] = []
+        for i in sorted(found):
+            pattern = self.patterns[i]
+            out.append((pattern, pattern.regex.spans(line) if pattern.needs_spans else None))
+        return out

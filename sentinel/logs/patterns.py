@@ -101,6 +101,13 @@ class Pattern:
     _groups: tuple[tuple[str, int, str | None], ...] = ()
     _value_group: int = -1
 
+    needs_spans: bool = False
+    """True when a label or the value comes from a group (else the labels are fixed)."""
+
+    def literal_labels(self) -> dict[str, str]:
+        """The fixed labels, for an entry that extracts nothing from the line."""
+        return {name: literal for name, _, literal in self._groups if literal is not None}
+
     def extract(self, line: bytes, spans: Spans) -> tuple[dict[str, str], float | None]:
         """Labels and value of one match; groups that did not take part give nothing."""
         labels: dict[str, str] = {}
@@ -143,8 +150,9 @@ def compile_entry(entry: LogPattern, fragments: Mapping[str, str] | None = None)
         if entry.value not in regex.groupindex:
             raise ValueError(f"value: the regex has no group named {entry.value!r}")
         value_group = regex.groupindex[entry.value]
+    needs_spans = value_group >= 0 or any(literal is None for _, _, literal in groups)
     return Pattern(
-        entry.id, regex, dict(entry.labels), entry.value, tuple(entry.keywords), tuple(groups), value_group
+        entry.id, regex, dict(entry.labels), entry.value, tuple(entry.keywords), tuple(groups), value_group, needs_spans
     )
 
 
@@ -162,6 +170,7 @@ class Catalogue:
     @classmethod
     def load(cls, extra: Sequence[LogPattern] = (), path: Path | None = None) -> Catalogue:
         """The shipped catalogue (or the file at `path`) followed by `extra` entries."""
+        patterns: Sequence[Pattern]
         if path is None:
             fragments, patterns = _builtin()
         else:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sentinel.logs.matcher import Match, LogMatcher
+from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.store import now_ms
 
 __all__ = ["LineSink", "ReaderThread", "SourcePipeline", "SourceStats", "StopSignal"]

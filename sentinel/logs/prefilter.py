@@ -27,6 +27,7 @@ from sentinel.logs.regex import LineRegex
 
 __all__ = ["KeywordScanner", "hyperscan_available"]
 
+_hs: Any
 try:  # pragma: no cover - which branch runs depends on the platform
     import hyperscan as _hs
 except ImportError:  # no wheel for this platform: the RE2 engine serves

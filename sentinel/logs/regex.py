@@ -81,7 +81,7 @@ class LineRegex:
     def spans(self, data: bytes, start: int = 0, end: int | None = None) -> Spans | None:
         """Spans of the first match in `data[start:end]` (offsets into `data`), or None."""
         stop = len(data) if end is None else end
-        if self._unanchored is not None:
+        if self._unanchored is not None and self._raw is not None:
             found: Spans = self._raw.Match(self._unanchored, data, start, stop)
             return None if found[0][0] < 0 else found
         m = self._compiled.search(data, start, stop)

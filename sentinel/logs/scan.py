@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from typing import BinaryIO, TextIO
 
 from sentinel.logs.lines import LineSplitter
-from sentinel.logs.matcher import Match, LogMatcher
+from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.logs.patterns import Catalogue, CatalogueError
 
 __all__ = ["ReadFailure", "main", "scan_stream"]
