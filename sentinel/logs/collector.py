@@ -229,6 +229,10 @@ class LogCollector:
         ts = now_ms()
         for key, count in self._counts.items():
             self._store.add(EVENTS_TOTAL, count, _event_labels(key), ts)
+        if self._offsets is not None:
+            # Also from here, not only from the readers: a reader stuck in a block still gets
+            # the offset it claimed for that block saved (see FileTailer._read).
+            await asyncio.to_thread(self._offsets.maybe_persist)
 
     # -- views -----------------------------------------------------------------------------
 
