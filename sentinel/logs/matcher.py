@@ -151,16 +151,21 @@ class LogMatcher:
             # RE2 reads bytes as UTF-8 and `.` does not match an invalid byte; match the
             # line as it decodes (invalid bytes as U+FFFD), as `scan` of the decoded text does.
             line = line.decode("utf-8", "replace").encode()
+        found = self._plan(mask).matches(line)
+        if not found:
+            return []
+        text = line.decode("utf-8", errors)
+        if len(found) == 1:
+            pattern, spans = found[0]
+            labels, value = pattern.extract(line, spans) if spans is not None else (pattern.literal_labels(), None)
+            return [Match(pattern.id, labels, value, text, index)]
         out: list[Match] = []
         seen: set[str] = set()
-        text: str | None = None
-        for pattern, spans in self._plan(mask).matches(line):
+        for pattern, spans in found:
             if pattern.id in seen:
                 continue
             seen.add(pattern.id)
             labels, value = pattern.extract(line, spans) if spans is not None else (pattern.literal_labels(), None)
-            if text is None:
-                text = line.decode("utf-8", errors)
             out.append(Match(pattern.id, labels, value, text, index))
         return out
 
@@ -193,13 +198,17 @@ class _Plan:
         """The entries that match `line`, in catalogue order, with their spans when they need them."""
         if self._set is None:
             pattern = self.patterns[0]
-            spans = pattern.regex.spans(line)
+            spans = pattern.find_spans(line)
             return [] if spans is None else [(pattern, spans)]
         found = self._set.Match(line)
         if not found:
             return []
         out: list[tuple[Pattern, Spans | None]] = []
+        ids: set[str] = set()
         for i in sorted(found):
             pattern = self.patterns[i]
-            out.append((pattern, pattern.regex.spans(line) if pattern.needs_spans else None))
+            if pattern.id in ids:
+                continue  # the first entry of an id that matches wins: no need to extract the others
+            ids.add(pattern.id)
+            out.append((pattern, pattern.find_spans(line) if pattern.needs_spans else None))
         return out

@@ -63,12 +63,14 @@ def _options() -> Any:
 class LineRegex:
     """One compiled pattern, searched in one line of bytes."""
 
-    __slots__ = ("_compiled", "_raw", "_unanchored", "groupindex", "pattern")
+    __slots__ = ("_both", "_compiled", "_raw", "_unanchored", "groupindex", "pattern")
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, *, captures: bool = True) -> None:
         self.pattern = pattern
+        options = _options()
+        options.never_capture = not captures  # without groups RE2 answers from its DFA alone: fastest
         try:
-            self._compiled = re2.compile(pattern, _options())
+            self._compiled = re2.compile(pattern, options)
         except re2.error as exc:
             raise RegexError(_explain(pattern, str(exc))) from None
         self.groupindex: dict[str, int] = {
@@ -77,6 +79,7 @@ class LineRegex:
         self._raw = getattr(self._compiled, "_regexp", None)
         anchor = getattr(getattr(re2, "_re2", None), "RE2", None)
         self._unanchored = anchor.Anchor.UNANCHORED if anchor is not None and self._raw is not None else None
+        self._both = anchor.Anchor.ANCHOR_BOTH if anchor is not None and self._raw is not None else None
 
     def spans(self, data: bytes, start: int = 0, end: int | None = None) -> Spans | None:
         """Spans of the first match in `data[start:end]` (offsets into `data`), or None."""
@@ -88,6 +91,12 @@ class LineRegex:
         if m is None:
             return None
         return [m.span(i) for i in range(len(self.groupindex) + 1)] if self.groupindex else [m.span()]
+
+    def matches_exactly(self, data: bytes, start: int, end: int) -> bool:
+        """True when the pattern matches all of `data[start:end]`."""
+        if self._both is not None and self._raw is not None:
+            return bool(self._raw.Match(self._both, data, start, end)[0][0] >= 0)
+        return self._compiled.fullmatch(data, start, end) is not None
 
 
 def _explain(pattern: str, message: str) -> str:
