@@ -152,8 +152,8 @@ def _scan_one(
                 event = events.get(m.event)
                 if event is None:
                     event = events[m.event] = ', "event": ' + json.dumps(m.event) + ', "labels": '
-                value = m.value
-                value_json = "null" if value is None or not math.isfinite(value) else repr(value)
+                number = m.value
+                value_json = "null" if number is None or not math.isfinite(number) else repr(number)
                 records.append(f'{head}{m.line_index + 1}{event}{labels_json(m.labels)}, "value": {value_json}}}\n')
             out.write("".join(records))
         elif not args.summary:
