@@ -152,3 +152,34 @@ def test_a_block_that_never_finishes_matching_is_behind_the_saved_offset(logdir:
     finally:
         sink.release.set()
         tailer.stop(2.0)
+
+
+async def test_a_source_named_twice_is_read_once(tmp_path: Path) -> None:
+    import asyncio
+
+    from sentinel.config import LogCollectorConfig, LogSource, WorkerConfig
+    from sentinel.events import EventBus
+    from sentinel.logs import LogCollector
+    from sentinel.store import Store
+
+    log = tmp_path / "w.log"
+    log.write_text("")
+    worker = WorkerConfig(name="w", logs=(LogSource(path=str(log)), LogSource(path=str(log))))
+    bus, store = EventBus(), Store()
+    bus.bind_loop(asyncio.get_running_loop())
+    events: list[object] = []
+    bus.subscribe(events.append)
+    collector = LogCollector(
+        LogCollectorConfig(poll_interval=0.05, rescan_interval=0.2), [worker], store, bus, tmp_path
+    )
+    await collector.start()
+    try:
+        await asyncio.sleep(0.3)
+        append(log, "RuntimeError: CUDA error: out of memory\n")
+        deadline = time.monotonic() + 5
+        while not events and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+    finally:
+        await collector.close()
+    assert len(events) == 1

@@ -108,8 +108,17 @@ class LogCollector:
         self._pipelines: list[SourcePipeline] = []
         self._file_sources: list[FileSource] = []
         self._journal_specs: list[tuple[str, str, SourcePipeline]] = []  # unit, source id, pipeline
+        seen: set[tuple[str, str | None, str | None]] = set()
         for worker in workers:
             for src in worker.logs:
+                key = (worker.name, src.path, src.journal_unit)
+                if key in seen:
+                    # Read twice, each line would count twice: one reader per source.
+                    log.warning(
+                        "logs: worker %s names %s twice; reading it once", worker.name, src.path or src.journal_unit
+                    )
+                    continue
+                seen.add(key)
                 if src.path is not None:
                     pipeline = self._pipeline(worker.name, src.path)
                     self._file_sources.append(FileSource(f"file:{worker.name}:{src.path}", src.path, pipeline))
