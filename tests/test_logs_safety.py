@@ -168,18 +168,21 @@ async def test_a_source_named_twice_is_read_once(tmp_path: Path) -> None:
     bus, store = EventBus(), Store()
     bus.bind_loop(asyncio.get_running_loop())
     events: list[object] = []
-    bus.subscribe(events.append)
-    collector = LogCollector(
-        LogCollectorConfig(poll_interval=0.05, rescan_interval=0.2), [worker], store, bus, tmp_path
-    )
+    arrived = asyncio.Event()
+
+    def on_event(event: object) -> None:
+        events.append(event)
+        arrived.set()
+
+    bus.subscribe(on_event)
+    config = LogCollectorConfig(poll_interval=0.05, rescan_interval=0.2)
+    collector = LogCollector(config, [worker], store, bus, tmp_path)
     await collector.start()
     try:
         await asyncio.sleep(0.3)
         append(log, "RuntimeError: CUDA error: out of memory\n")
-        deadline = time.monotonic() + 5
-        while not events and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)
+        await asyncio.wait_for(arrived.wait(), 5)
+        await asyncio.sleep(0.3)  # room for a second, wrong, event
     finally:
         await collector.close()
     assert len(events) == 1
