@@ -86,7 +86,10 @@ class NvmlCollectorConfig(Frozen):
     call_timeout: Duration = Field(1.0, gt=0, description="Bound on the NVML calls of one GPU in one pass.")
     xid_events: bool = Field(True, description="Wait for Xid events through nvmlEventSetWait.")
     kernel_log: Literal["auto", "kmsg", "journal", "off"] = Field(
-        "auto", description="Where to read NVRM Xid lines: /dev/kmsg, `journalctl -k -f`, or not at all."
+        "auto",
+        description="Where the host's kernel log is read (NVRM Xids, GPUs fallen off the bus, OOM kills), once "
+        "for the NVML and log collectors: /dev/kmsg, `journalctl --dmesg --follow`, the first that works (auto), "
+        "or not at all.",
     )
     xid_overrides: dict[int, XidOverride] = Field(default_factory=dict)
 
@@ -148,7 +151,12 @@ class LogCollectorConfig(Frozen):
     enabled: bool = True
     poll_interval: Duration = Field(0.25, gt=0, description="Fallback polling when inotify is unavailable.")
     rescan_interval: Duration = Field(2.0, gt=0, description="How often globs are re-expanded for new files.")
-    max_line_bytes: int = Field(1024 * 1024, gt=0, description="Longer lines are cut and counted.")
+    max_line_bytes: int = Field(
+        1024 * 1024,
+        gt=0,
+        description="Longer lines are cut to this length and counted in sentinel_log_lines_truncated_total; "
+        "patterns see the first 16 KiB of each line.",
+    )
     patterns: tuple[LogPattern, ...] = Field((), description="Extra patterns added to the built-in catalogue.")
 
 
