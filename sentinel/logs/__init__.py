@@ -9,7 +9,7 @@
 """
 
 from sentinel.logs.collector import LogCollector
-from sentinel.logs.kernel import KernelSourceSpec
+from sentinel.logs.kernel import KernelLog, KernelSourceSpec
 from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.logs.patterns import BUILTIN_EVENTS, Catalogue, CatalogueError, Pattern, normalise_pci_bus_id
 
@@ -17,6 +17,7 @@ __all__ = [
     "BUILTIN_EVENTS",
     "Catalogue",
     "CatalogueError",
+    "KernelLog",
     "KernelSourceSpec",
     "LogCollector",
     "LogMatcher",
