@@ -7,6 +7,7 @@ CatalogueError for the catalogue), naming the field.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,25 @@ def test_catalogue_errors_name_the_field_for_linear_time_violations(tmp_path: Pa
     path.write_text("patterns:\n  - {id: a, regex: '(a)\\1'}\n")
     with pytest.raises(CatalogueError, match=r"backreferences are not supported"):
         Catalogue.load(path=path)
+
+
+@BOUNDED
+@given(st.lists(PIECES, min_size=1, max_size=6).map("".join))
+def test_labels_from_the_body_are_those_of_the_whole_regex(text: str) -> None:
+    # The matcher takes labels from an entry's body checked against the head grammar
+    # (fast); they must be exactly what the whole regex's submatches give.
+    line = text.split("\n")[0].encode("utf-8", "replace")[:4096]
+    for pattern in MATCHER.catalogue.patterns:
+        assert _groups(pattern.find_spans(line)) == _groups(pattern.regex.spans(line)), (pattern.id, line)
+
+
+def test_labels_from_the_body_match_the_whole_regex_on_every_real_line() -> None:
+    for text in REAL:
+        line = text.encode()
+        for pattern in MATCHER.catalogue.patterns:
+            assert _groups(pattern.find_spans(line)) == _groups(pattern.regex.spans(line)), (pattern.id, text)
+
+
+def _groups(spans: Sequence[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+    """The named groups' spans (group 0 is the body's match there, the whole line's here)."""
+    return None if spans is None else list(spans[1:])

@@ -47,6 +47,7 @@ class _BlockFilter:
     def __init__(self, pattern: Pattern, bit: int) -> None:
         options = re2.Options()
         options.never_nl = True  # a match never spans lines, so each match names one line
+        options.never_capture = True  # only where it matches counts here: RE2's DFA alone answers
         options.log_errors = False
         self._regex = re2.compile("(?m)" + pattern.regex.pattern, options)
         self.bit = bit
@@ -61,7 +62,12 @@ class _BlockFilter:
 
 
 class LogMatcher:
-    """Applies a `Catalogue` to a line or a block of lines. Thread-safe (no shared mutable state)."""
+    """Applies a `Catalogue` to a line or a block of lines.
+
+    Thread-safe: the readers share one matcher. RE2 objects are, Hyperscan gets a scratch
+    space per thread, and the one shared mutable thing, the cache of plans per keyword
+    mask, is only ever filled with equal values.
+    """
 
     def __init__(self, catalogue: Catalogue, *, engine: str = "auto") -> None:
         self.catalogue = catalogue
@@ -205,10 +211,11 @@ class _Plan:
             return []
         out: list[tuple[Pattern, Spans | None]] = []
         ids: set[str] = set()
+        heads: dict[int, bool] = {}
         for i in sorted(found):
             pattern = self.patterns[i]
             if pattern.id in ids:
                 continue  # the first entry of an id that matches wins: no need to extract the others
             ids.add(pattern.id)
-            out.append((pattern, pattern.find_spans(line) if pattern.needs_spans else None))
+            out.append((pattern, pattern.find_spans(line, heads) if pattern.needs_spans else None))
         return out

@@ -107,7 +107,7 @@ class Pattern:
     _body: LineRegex | None = None
     _head: LineRegex | None = None
 
-    def find_spans(self, line: bytes) -> Spans | None:
+    def find_spans(self, line: bytes, heads: dict[int, bool] | None = None) -> Spans | None:
         """The match's spans (group numbers as in `regex`), cheaply.
 
         Submatches of the whole regex make RE2 walk the head grammar with its slow
@@ -125,7 +125,14 @@ class Pattern:
             if spans is None:
                 break
             start = spans[0][0]
-            if start == 0 or head.matches_exactly(line, 0, start):  # the head may be empty
+            if start == 0:  # the head may be empty
+                return spans
+            ok = heads.get(start) if heads is not None else None
+            if ok is None:
+                ok = head.matches_exactly(line, 0, start)
+                if heads is not None:  # entries of one line share their head: check each start once
+                    heads[start] = ok
+            if ok:
                 return spans
             pos = start + 1
         return self.regex.spans(line)
