@@ -143,7 +143,7 @@ def _scan_one(
     # finding the events (measured in bench/log_ingest.py).
     head = '{"file": ' + json.dumps(name) + ', "line": '
     events: dict[str, str] = {}
-    labels_json = json.dumps
+    label_sets: dict[tuple[tuple[str, str], ...], str] = {}  # few distinct ones: hosts, devices, codes
     for batch in scan_batches(stream, matcher):
         counts.update(m.event for m in batch)
         if args.json:
@@ -154,7 +154,13 @@ def _scan_one(
                     event = events[m.event] = ', "event": ' + json.dumps(m.event) + ', "labels": '
                 number = m.value
                 value_json = "null" if number is None or not math.isfinite(number) else repr(number)
-                records.append(f'{head}{m.line_index + 1}{event}{labels_json(m.labels)}, "value": {value_json}}}\n')
+                key = tuple(m.labels.items())
+                labels = label_sets.get(key)
+                if labels is None:
+                    if len(label_sets) > 65536:  # peers and pids can be many: keep the cache bounded
+                        label_sets.clear()
+                    labels = label_sets[key] = json.dumps(m.labels)
+                records.append(f'{head}{m.line_index + 1}{event}{labels}, "value": {value_json}}}\n')
             out.write("".join(records))
         elif not args.summary:
             for m in batch:
