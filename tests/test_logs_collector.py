@@ -426,8 +426,8 @@ def test_the_daemon_builds_one_kernel_log_reader_for_the_nvml_and_log_collectors
     from types import SimpleNamespace
 
     from sentinel.collectors.nvml import NvmlCollector
-    from sentinel.config import Config
-    from sentinel.daemon import build_collectors
+    from sentinel.config.models import Config
+    from sentinel.daemon.core import build_collectors
     from sentinel.sim.nvml import SimulatedNvml, load_scenario
 
     sim = SimulatedNvml(load_scenario("healthy-8gpu"))

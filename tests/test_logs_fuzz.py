@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from sentinel.config import LogPattern
+from sentinel.config.models import LogPattern
 from sentinel.logs import Catalogue, CatalogueError, LogMatcher
 from tests.logs_wild import load_corpus
 

@@ -157,10 +157,10 @@ def test_a_block_that_never_finishes_matching_is_behind_the_saved_offset(logdir:
 async def test_a_source_named_twice_is_read_once(tmp_path: Path) -> None:
     import asyncio
 
-    from sentinel.config import LogCollectorConfig, LogSource, WorkerConfig
-    from sentinel.events import EventBus
+    from sentinel.config.models import LogCollectorConfig, LogSource, WorkerConfig
     from sentinel.logs import LogCollector
     from sentinel.store import Store
+    from sentinel.store.events import EventBus
 
     log = tmp_path / "w.log"
     log.write_text("")

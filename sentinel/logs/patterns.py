@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from sentinel.logs.regex import LineRegex, RegexError, Spans, expand_fragments
 
 if TYPE_CHECKING:
-    from sentinel.config import LogPattern
+    from sentinel.config.models import LogPattern
 
 __all__ = [
     "BUILTIN_EVENTS",
@@ -275,7 +275,8 @@ def _yaml(text: str, source: str) -> Any:
 
 
 def _parse(data: Any, source: str) -> tuple[dict[str, str], list[Pattern]]:
-    from sentinel.config import LogPattern  # the one schema; imported here, as the config imports this module lazily
+    # The one schema; imported here, as the config imports this module lazily.
+    from sentinel.config.models import LogPattern
 
     if not isinstance(data, dict) or not isinstance(data.get("patterns"), list):
         raise CatalogueError(f"{source}: patterns: expected a list of entries")
