@@ -32,7 +32,7 @@ class DaemonProcess:
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
-        match = self.wait_for_log(LISTENING, timeout=30)
+        match = self.wait_for_log(LISTENING, timeout=60)
         self.port = int(match.group(2))
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -62,7 +62,7 @@ class DaemonProcess:
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
         req = urllib.request.Request(self.base + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # a deadline that holds on a loaded 2-core host
                 return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.headers.get("Content-Type", ""), err.read().decode()

@@ -417,3 +417,48 @@ async def test_journal_cursor_that_journalctl_rejects_is_dropped(tmp_path: Path)
         assert "--after-cursor=c1" in calls[1]
         assert "--lines=0" in calls[2]
         assert [e.kind for _, e in h.events] == ["cuda_oom"]
+
+
+# -- one kernel log for the daemon ---------------------------------------------------------
+
+
+def test_the_daemon_builds_one_kernel_log_reader_for_the_nvml_and_log_collectors(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from sentinel.collectors.nvml import NvmlCollector
+    from sentinel.config.models import Config
+    from sentinel.daemon.core import build_collectors
+    from sentinel.sim.nvml import SimulatedNvml, load_scenario
+
+    sim = SimulatedNvml(load_scenario("healthy-8gpu"))
+    try:
+        daemon = SimpleNamespace(nvml=sim, simulate=None, store=Store(), bus=EventBus(), state_dir=tmp_path, http=None)
+        config = Config.model_validate({"collectors": {"endpoint": {"enabled": False}}})
+        collectors = build_collectors(daemon, config)  # type: ignore[arg-type]
+        [nvml] = [c for c in collectors if isinstance(c, NvmlCollector)]
+        [logs] = [c for c in collectors if isinstance(c, LogCollector)]
+        assert nvml._kernel is logs._kernel_log is not None
+        assert logs._kernel_log.xids_owned  # the NVML collector publishes Xids; the log collector counts them
+        off = Config.model_validate({"collectors": {"endpoint": {"enabled": False}, "nvml": {"kernel_log": "off"}}})
+        [logs_off] = [c for c in build_collectors(daemon, off) if isinstance(c, LogCollector)]  # type: ignore[arg-type]
+        assert logs_off._kernel_log is None
+    finally:
+        sim.close()
+
+
+async def test_kernel_xids_are_counted_by_the_log_collector_but_published_once_by_their_owner(tmp_path: Path) -> None:
+    from sentinel.logs import Catalogue, KernelLog, LogMatcher
+
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text("")
+    kernel_log = KernelLog(KernelSourceSpec(path=kmsg, argv=None), LogMatcher(Catalogue.load()))
+    owner_saw: list[str] = []
+    kernel_log.subscribe(lambda matches, _ts: owner_saw.extend(m.event for m in matches), owns_xids=True)
+    async with running(tmp_path, [], kernel=kernel_log) as h:
+        await append(kmsg, XID + "\nOut of memory: Killed process 4242 (python3) total-vm:8123kB, anon-rss:765kB\n")
+        events = await h.wait_events(2)
+        await asyncio.sleep(0.3)
+        await h.collect()
+        assert sorted(e.kind for e in events) == ["gpu_fallen_off_bus", "host_oom_kill"]  # no "xid": its owner's
+        assert h.value("sentinel_log_events_total", worker="", source="kernel", event="xid") == 1
+    assert "xid" in owner_saw

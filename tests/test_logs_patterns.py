@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sentinel.config.models import LogPattern
-from sentinel.logs import BUILTIN_EVENTS, Catalogue, CatalogueError, Matcher, normalise_pci_bus_id
+from sentinel.logs import BUILTIN_EVENTS, Catalogue, CatalogueError, LogMatcher, normalise_pci_bus_id
 
-MATCHER = Matcher(Catalogue.load())
+MATCHER = LogMatcher(Catalogue.load())
 
 WARN_PREFIX = "[2026-05-05 06:16:47] node-01:189884:189884 [3] transport/net_ib.cc:1297 NCCL WARN "
 TORCH_PREFIX = "[rank5]:[E202 12:25:57.436 ProcessGroupNCCL.cpp:697] [PG ID 0 PG GUID 0(default_pg) Rank 5] "
@@ -311,7 +311,7 @@ def test_every_positive_line_contains_a_keyword_of_each_entry_whose_regex_matche
     # The prefilter skips lines without a keyword: a keyword list that misses a form would lose events.
     for line, _ in POSITIVE:
         for pattern in MATCHER.catalogue.patterns:
-            if pattern.regex.search(line):
+            if pattern.regex.spans(line.encode()) is not None:
                 assert any(k in line for k in pattern.keywords), (pattern.id, line)
 
 
@@ -345,7 +345,7 @@ def test_config_patterns_extend_the_catalogue_and_work_without_keywords() -> Non
     extra = LogPattern(
         id="my_event", regex=r"^custom failure code=(?P<code>\d+)$", labels={"code": "code"}, value="code"
     )
-    matcher = Matcher(Catalogue.load([extra]))
+    matcher = LogMatcher(Catalogue.load([extra]))
     text = "noise\ncustom failure code=7\nmore noise\nprefix custom failure code=8\n"
     got = [(m.event, dict(m.labels), m.value, m.line_index) for m in matcher.scan(text, line_numbers=True)]
     assert got == [("my_event", {"code": "7"}, 7.0, 1)]
@@ -353,7 +353,7 @@ def test_config_patterns_extend_the_catalogue_and_work_without_keywords() -> Non
 
 def test_config_pattern_with_a_literal_label() -> None:
     extra = LogPattern(id="disk_full", regex=r"No space left on device", labels={"severity": "=critical"})
-    [m] = Matcher(Catalogue.load([extra])).match_line("OSError: [Errno 28] No space left on device")
+    [m] = LogMatcher(Catalogue.load([extra])).match_line("OSError: [Errno 28] No space left on device")
     assert (m.event, dict(m.labels)) == ("disk_full", {"severity": "critical"})
 
 

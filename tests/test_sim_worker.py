@@ -34,7 +34,7 @@ require_module("transformers")
 
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
-from sentinel.logs import Catalogue, Matcher  # noqa: E402
+from sentinel.logs import Catalogue, LogMatcher  # noqa: E402
 from sentinel.sim.load import LoadGenerator  # noqa: E402
 
 SERVING = re.compile(r"Starting vLLM API server 0 on (http://[\d.]+:\d+)")
@@ -210,7 +210,7 @@ def load(w: WorkerProcess, concurrency: int, *, seed: int = 0) -> LoadGenerator:
 
 def events(w: WorkerProcess) -> list[str]:
     """Sentinel's log events in the worker's stderr, by id."""
-    return [m.event for m in Matcher(Catalogue.load()).scan("\n".join(w.lines) + "\n")]
+    return [m.event for m in LogMatcher(Catalogue.load()).scan("\n".join(w.lines) + "\n")]
 
 
 # -- the shared fp32 worker ------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Xid policy, NVRM line parsing, de-duplication and the kernel log reader (real files, FIFOs, subprocesses)."""
+"""Xid policy, NVRM line parsing, de-duplication and the one kernel log reader (real files, FIFOs, subprocesses)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,18 @@ from pathlib import Path
 import pytest
 
 from sentinel.collectors.xid import (
-    KernelLogReader,
     KernelXid,
     XidDeduplicator,
     XidPolicy,
     XidPolicyError,
+    kernel_xids,
     normalise_pci_bus_id,
     parse_nvrm_line,
 )
 from sentinel.config.models import XidOverride
+from sentinel.logs import Catalogue, LogMatcher
+from sentinel.logs.kernel import KernelLog, KernelSourceSpec
+from sentinel.logs.matcher import Match
 
 XID_79 = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python3, GPU has fallen off the bus."
 XID_48 = (
@@ -31,15 +34,15 @@ XID_48 = (
 
 
 class Collected:
-    """Thread-safe sink for the reader's callback, with a wait."""
+    """Thread-safe subscriber of the kernel log that keeps its Xids, with a wait."""
 
     def __init__(self) -> None:
         self.items: list[KernelXid] = []
         self._cond = threading.Condition()
 
-    def __call__(self, hit: KernelXid) -> None:
+    def __call__(self, matches: list[Match], _ts: int) -> None:
         with self._cond:
-            self.items.append(hit)
+            self.items.extend(kernel_xids(matches))
             self._cond.notify_all()
 
     def wait_for(self, n: int, timeout: float = 3.0) -> list[KernelXid]:
@@ -48,18 +51,31 @@ class Collected:
             return list(self.items)
 
 
-@pytest.fixture
-def reader_factory() -> Iterator[Callable[..., KernelLogReader]]:
-    readers: list[KernelLogReader] = []
+MATCHER = LogMatcher(Catalogue.load())
 
-    def make(*args: object, **kwargs: object) -> KernelLogReader:
-        reader = KernelLogReader(*args, **kwargs)  # type: ignore[arg-type]
-        readers.append(reader)
-        return reader
+
+@pytest.fixture
+def reader_factory() -> Iterator[Callable[..., KernelLog]]:
+    """`make(mode, subscriber, kmsg_path=..., journal_argv=...)`: a started-later KernelLog, stopped at the end."""
+    made: list[KernelLog] = []
+
+    def make(
+        mode: str,
+        subscriber: Callable[[list[Match], int], None],
+        *,
+        kmsg_path: Path | None = None,
+        journal_argv: list[str] | None = None,
+    ) -> KernelLog:
+        spec = KernelSourceSpec(path=kmsg_path, argv=tuple(journal_argv) if journal_argv else None, mode=mode)  # type: ignore[arg-type]
+        kernel_log = KernelLog(spec, MATCHER)
+        kernel_log.subscribe(subscriber)
+        made.append(kernel_log)
+        return kernel_log
 
     yield make
-    for reader in readers:
-        reader.stop()
+    for kernel_log in made:
+        while kernel_log.alive:
+            kernel_log.stop()
 
 
 def append(path: Path, text: str) -> None:
@@ -210,9 +226,7 @@ def test_same_xid_after_the_window_counts_again() -> None:
 # -- the reader --------------------------------------------------------------------
 
 
-def test_kmsg_reader_tails_a_real_file_from_its_end(
-    tmp_path: Path, reader_factory: Callable[..., KernelLogReader]
-) -> None:
+def test_kmsg_reader_tails_a_real_file_from_its_end(tmp_path: Path, reader_factory: Callable[..., KernelLog]) -> None:
     kmsg = tmp_path / "kmsg"
     kmsg.write_text("3,1,100,-;" + XID_48 + "\n")  # history: handled before we started
     got = Collected()
@@ -229,7 +243,7 @@ def test_kmsg_reader_tails_a_real_file_from_its_end(
     assert reader.source == "kmsg"
 
 
-def test_kmsg_reader_reads_a_fifo(tmp_path: Path, reader_factory: Callable[..., KernelLogReader]) -> None:
+def test_kmsg_reader_reads_a_fifo(tmp_path: Path, reader_factory: Callable[..., KernelLog]) -> None:
     fifo = tmp_path / "kmsg.fifo"
     os.mkfifo(fifo)
     got = Collected()
@@ -245,7 +259,7 @@ def test_kmsg_reader_reads_a_fifo(tmp_path: Path, reader_factory: Callable[..., 
 
 
 def test_journal_reader_runs_a_real_subprocess_and_stops_within_a_second(
-    reader_factory: Callable[..., KernelLogReader],
+    reader_factory: Callable[..., KernelLog],
 ) -> None:
     script = (
         f"import sys, time\nprint({XID_79!r}, flush=True)\nprint('NVRM: something else', flush=True)\ntime.sleep(60)\n"
@@ -265,16 +279,16 @@ def test_journal_reader_runs_a_real_subprocess_and_stops_within_a_second(
 def test_kmsg_reader_stops_within_a_second(tmp_path: Path) -> None:
     kmsg = tmp_path / "kmsg"
     kmsg.write_text("")
-    reader = KernelLogReader("kmsg", Collected(), kmsg_path=kmsg)
-    reader.start()
+    kernel_log = KernelLog(KernelSourceSpec(path=kmsg, argv=None, mode="kmsg"), MATCHER)
+    kernel_log.start()
     time.sleep(0.1)
     started = time.perf_counter()
-    reader.stop(1.0)
+    kernel_log.stop(1.0)
     assert time.perf_counter() - started < 1.0
-    assert not reader.alive
+    assert not kernel_log.alive
 
 
-def test_auto_prefers_kmsg_then_journal(tmp_path: Path, reader_factory: Callable[..., KernelLogReader]) -> None:
+def test_auto_prefers_kmsg_then_journal(tmp_path: Path, reader_factory: Callable[..., KernelLog]) -> None:
     kmsg = tmp_path / "kmsg"
     kmsg.write_text("")
     with_kmsg = reader_factory("auto", Collected(), kmsg_path=kmsg, journal_argv=[sys.executable, "-c", "pass"])
@@ -292,41 +306,69 @@ def test_auto_prefers_kmsg_then_journal(tmp_path: Path, reader_factory: Callable
     assert (with_kmsg.source, no_kmsg.source) == ("kmsg", "journal")
 
 
-def test_auto_without_any_source_is_off_with_one_info_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="sentinel.collectors.xid")
-    reader = KernelLogReader(
-        "auto", Collected(), kmsg_path=tmp_path / "missing", journal_argv=["/nonexistent/journalctl", "-k"]
-    )
-    reader.start()
-    deadline = time.monotonic() + 3
-    while reader.alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-    reader.stop()
-    assert reader.source == "off"
-    offs = [r for r in caplog.records if "Xids come from NVML events only" in r.getMessage()]
-    assert len(offs) == 1 and offs[0].levelno == logging.INFO
+def test_without_any_source_it_reports_once_counts_a_read_error_and_keeps_retrying(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="sentinel.logs")
+    spec = KernelSourceSpec(path=tmp_path / "missing", argv=("/nonexistent/journalctl", "-k"), mode="kmsg")
+    kernel_log = KernelLog(spec, MATCHER)
+    kernel_log.start()
+    try:
+        deadline = time.monotonic() + 3
+        while kernel_log.source != "off" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert kernel_log.source == "off"
+        assert kernel_log.alive  # it retries: /dev/kmsg may become readable
+        assert kernel_log.pipeline.stats.read_errors == 1
+        reports = [r for r in caplog.records if "no kernel log" in r.getMessage()]
+        assert len(reports) == 1
+    finally:
+        kernel_log.stop()
 
 
 def test_off_mode_starts_no_thread() -> None:
-    reader = KernelLogReader("off", Collected())
-    reader.start()
-    assert reader.source == "off"
-    assert not reader.alive
+    kernel_log = KernelLog(KernelSourceSpec(mode="off"), MATCHER)
+    kernel_log.start()
+    assert kernel_log.source == "off"
+    assert not kernel_log.alive
+    kernel_log.stop()
 
 
-def test_a_failing_callback_does_not_stop_the_reader(
-    tmp_path: Path, reader_factory: Callable[..., KernelLogReader]
-) -> None:
+def test_the_reader_runs_once_for_all_users_and_stops_with_the_last(tmp_path: Path) -> None:
+    kmsg = tmp_path / "kmsg"
+    kmsg.write_text("")
+    kernel_log = KernelLog(KernelSourceSpec(path=kmsg, argv=None), MATCHER)
+    first, second = Collected(), Collected()
+    kernel_log.subscribe(first)
+    kernel_log.subscribe(second)
+    kernel_log.start()
+    kernel_log.start()
+    reader = kernel_log.reader
+    try:
+        time.sleep(0.2)
+        append(kmsg, XID_79 + "\n")
+        assert [i.xid for i in first.wait_for(1)] == [79]
+        assert [i.xid for i in second.wait_for(1)] == [79]
+        kernel_log.stop()
+        assert kernel_log.alive and kernel_log.reader is reader  # one user left
+    finally:
+        kernel_log.stop()
+    assert not kernel_log.alive
+
+
+def test_a_failing_callback_does_not_stop_the_reader(tmp_path: Path, reader_factory: Callable[..., KernelLog]) -> None:
     kmsg = tmp_path / "kmsg"
     kmsg.write_text("")
     got = Collected()
 
-    def flaky(hit: KernelXid) -> None:
-        if hit.xid == 13:
+    def flaky(matches: list[Match], ts: int) -> None:
+        if any(hit.xid == 13 for hit in kernel_xids(matches)):
             raise RuntimeError("subscriber bug")
-        got(hit)
+        got(matches, ts)
 
     reader_factory("kmsg", flaky, kmsg_path=kmsg).start()
     time.sleep(0.2)
-    append(kmsg, "NVRM: Xid (PCI:0000:3b:00): 13, pid=1, name=x, boom\n" + XID_79 + "\n")
+    append(kmsg, "NVRM: Xid (PCI:0000:3b:00): 13, pid=1, name=x, boom\n")  # the subscriber fails on this block
+    time.sleep(0.3)
+    append(kmsg, XID_79 + "\n")
     assert [i.xid for i in got.wait_for(1)] == [79]

@@ -43,13 +43,16 @@ from sentinel.collectors.base import CollectorUnavailable
 from sentinel.collectors.xid import (
     DEFAULT_JOURNAL_ARGV,
     DEFAULT_KMSG_PATH,
-    KernelLogReader,
     KernelXid,
     XidDeduplicator,
     XidPolicy,
+    kernel_xids,
     normalise_pci_bus_id,
 )
 from sentinel.config.models import NvmlCollectorConfig
+from sentinel.logs.kernel import KernelLog, KernelSourceSpec
+from sentinel.logs.matcher import LogMatcher, Match
+from sentinel.logs.patterns import Catalogue
 from sentinel.store import Appender, Store
 from sentinel.store.events import Event, EventBus
 
@@ -645,6 +648,7 @@ class NvmlCollector:
         *,
         kmsg_path: Path = DEFAULT_KMSG_PATH,
         journal_argv: Sequence[str] = DEFAULT_JOURNAL_ARGV,
+        kernel_log: KernelLog | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval_s = config.interval
@@ -679,9 +683,13 @@ class NvmlCollector:
         self._by_pci: dict[str, GpuIdentity] = {}
         self._owner_failed = False
         self._xid_thread: _XidEventThread | None = None
-        self._kernel = KernelLogReader(
-            config.kernel_log, self._on_kernel_xid, kmsg_path=kmsg_path, journal_argv=journal_argv
+        # The host's one kernel-log reader (shared with the log collector when the daemon
+        # builds both); this collector takes its Xids and counts them once against NVML's.
+        self._kernel = kernel_log or KernelLog(
+            KernelSourceSpec(path=kmsg_path, argv=tuple(journal_argv), mode=config.kernel_log),
+            LogMatcher(Catalogue.load()),
         )
+        self._kernel.subscribe(self._on_kernel_matches, owns_xids=True)
         declare_nvml_metrics(store)
 
     # -- lifecycle -------------------------------------------------------------------
@@ -696,6 +704,7 @@ class NvmlCollector:
 
     async def close(self) -> None:
         """Stop the Xid threads (within 1 s), release the GPU threads, shut NVML down."""
+        self._kernel.unsubscribe(self._on_kernel_matches)
         stops = [asyncio.to_thread(self._kernel.stop, 1.0)]
         if self._xid_thread is not None:
             stops.append(asyncio.to_thread(self._xid_thread.stop, 1.0))
@@ -977,6 +986,13 @@ class NvmlCollector:
     def _on_nvml_xid(self, index: int | None, xid: int) -> None:
         ident = self._identities.get(index) if index is not None else None
         self._record_xid(xid, "nvml", ident or (GpuIdentity(index) if index is not None else None), "")
+
+    def _on_kernel_matches(self, matches: list[Match], _ts: int) -> None:
+        for hit in kernel_xids(matches):
+            try:
+                self._on_kernel_xid(hit)
+            except Exception:  # one Xid's failure must not lose the others of the block
+                log.exception("kernel log: handling Xid %d failed", hit.xid)
 
     def _on_kernel_xid(self, hit: KernelXid) -> None:
         ident = self._by_pci.get(hit.pci_bus_id)

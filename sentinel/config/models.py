@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -85,7 +86,10 @@ class NvmlCollectorConfig(Frozen):
     call_timeout: Duration = Field(1.0, gt=0, description="Bound on the NVML calls of one GPU in one pass.")
     xid_events: bool = Field(True, description="Wait for Xid events through nvmlEventSetWait.")
     kernel_log: Literal["auto", "kmsg", "journal", "off"] = Field(
-        "auto", description="Where to read NVRM Xid lines: /dev/kmsg, `journalctl -k -f`, or not at all."
+        "auto",
+        description="Where the host's kernel log is read (NVRM Xids, GPUs fallen off the bus, OOM kills), once "
+        "for the NVML and log collectors: /dev/kmsg, `journalctl --dmesg --follow`, the first that works (auto), "
+        "or not at all.",
     )
     xid_overrides: dict[int, XidOverride] = Field(default_factory=dict)
 
@@ -109,30 +113,50 @@ class EndpointCollectorConfig(Frozen):
 
 
 class LogPattern(Frozen):
-    """One entry of the log pattern catalogue (the built-in ones live in sentinel/data)."""
+    """One entry of the log pattern catalogue: the built-in ones (sentinel/data) and the operator's."""
 
     id: str = Field(pattern=r"^[a-z_][a-z0-9_]*$")
-    regex: str
+    regex: str = Field(
+        description="RE2 syntax (linear time: no lookarounds or backreferences), searched in one line; "
+        "`{{head}}` names the shared line-head grammar of the built-in catalogue."
+    )
     labels: dict[str, str] = Field(
         default_factory=dict, description="Label name -> named regex group (or a literal value prefixed with '=')."
     )
     value: str | None = Field(None, description="Named group holding the event's numeric value.")
+    keywords: tuple[str, ...] = Field(
+        (),
+        description="Literal strings, one of which is in every line the regex matches: lines without any are "
+        "skipped before the regex runs (faster). Without keywords the regex itself filters.",
+    )
 
-    @field_validator("regex")
+    @field_validator("keywords")
     @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as exc:
-            raise ValueError(f"not a valid regular expression: {exc}") from None
+    def _one_line_keywords(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not k or "\n" in k for k in v):
+            raise ValueError("expected non-empty one-line strings")
         return v
+
+    @model_validator(mode="after")
+    def _compiles(self, info: ValidationInfo) -> LogPattern:
+        # Imported here: the log package imports this module.
+        from sentinel.logs.patterns import compile_entry
+
+        context = info.context if isinstance(info.context, dict) else {}
+        compile_entry(self, context.get("fragments"))
+        return self
 
 
 class LogCollectorConfig(Frozen):
     enabled: bool = True
     poll_interval: Duration = Field(0.25, gt=0, description="Fallback polling when inotify is unavailable.")
     rescan_interval: Duration = Field(2.0, gt=0, description="How often globs are re-expanded for new files.")
-    max_line_bytes: int = Field(1024 * 1024, gt=0, description="Longer lines are cut and counted.")
+    max_line_bytes: int = Field(
+        1024 * 1024,
+        gt=0,
+        description="Longer lines are cut to this length and counted in sentinel_log_lines_truncated_total; "
+        "patterns see the first 16 KiB of each line.",
+    )
     patterns: tuple[LogPattern, ...] = Field((), description="Extra patterns added to the built-in catalogue.")
 
 

@@ -401,10 +401,25 @@ def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
     from sentinel.collectors.nvml import NvmlCollector
     from sentinel.collectors.workers import WorkerProcesses
     from sentinel.logs.collector import LogCollector
+    from sentinel.logs.kernel import KernelLog, KernelSourceSpec
+    from sentinel.logs.matcher import LogMatcher
+    from sentinel.logs.patterns import Catalogue
 
     collectors: list[Collector] = []
     host_cfg = config.collectors.host
     workers = WorkerProcesses(config.workers, proc_root=host_cfg.proc_root, cgroup_root=host_cfg.cgroup_root)
+    # One reader of the host's kernel log, whose matches both collectors subscribe to:
+    # the NVML collector takes the Xids (de-duplicated against NVML's own events), the
+    # log collector counts and publishes the rest (host OOM kills, fallen off the bus).
+    nvml_cfg, logs_cfg = config.collectors.nvml, config.collectors.logs
+    catalogue = Catalogue.load(logs_cfg.patterns)
+    kernel_log = (
+        KernelLog(
+            KernelSourceSpec(mode=nvml_cfg.kernel_log), LogMatcher(catalogue), max_line_bytes=logs_cfg.max_line_bytes
+        )
+        if nvml_cfg.kernel_log != "off" and (nvml_cfg.enabled or logs_cfg.enabled)
+        else None
+    )
     if config.collectors.nvml.enabled:
         nvml: Any = daemon.nvml
         if nvml is None and daemon.simulate:
@@ -419,6 +434,7 @@ def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
                 state_dir=daemon.state_dir,
                 expected_gpus=config.expected_gpus,
                 pid_owner=workers.pid_owner,
+                kernel_log=kernel_log,
                 **({"nvml": nvml} if nvml is not None else {}),
             )
         )
@@ -429,14 +445,16 @@ def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:
             config.workers, config.collectors.endpoint, daemon.http, daemon.store, daemon.bus
         )
     collectors += nccl_ras_collectors(config.workers, config.collectors.nccl_ras, daemon.store)
-    if config.collectors.logs.enabled:
-        nvml_cfg = config.collectors.nvml
-        # One reader of the kernel log: the NVML collector's, which de-duplicates Xids
-        # against NVML events; the log collector reads it only when NVML is disabled.
-        kernel = not nvml_cfg.enabled and nvml_cfg.kernel_log != "off"
+    if logs_cfg.enabled:
         collectors.append(
             LogCollector(
-                config.collectors.logs, config.workers, daemon.store, daemon.bus, daemon.state_dir, kernel=kernel
+                logs_cfg,
+                config.workers,
+                daemon.store,
+                daemon.bus,
+                daemon.state_dir,
+                kernel=kernel_log or False,
+                catalogue=catalogue,
             )
         )
     return collectors

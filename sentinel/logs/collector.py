@@ -24,9 +24,9 @@ from pathlib import Path
 
 from sentinel.collectors.base import CollectorUnavailable
 from sentinel.config.models import LogCollectorConfig, WorkerConfig
-from sentinel.logs.journal import JournalReader
-from sentinel.logs.kernel import KernelReader, KernelSourceSpec
-from sentinel.logs.matcher import Match, Matcher
+from sentinel.logs.journald import JournalReader
+from sentinel.logs.kernel import KERNEL_SOURCE, KernelLog, KernelSourceSpec
+from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.logs.offsets import OffsetStore
 from sentinel.logs.patterns import Catalogue
 from sentinel.logs.pipeline import ReaderThread, SourcePipeline, SourceStats
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 OFFSETS_FILE = "log_offsets.json"
 MAX_MESSAGE_CHARS = 2000  # an event's message: enough for any real fault line, bounded for notifications
-KERNEL_SOURCE = "kernel"
 
 EVENTS_TOTAL = "sentinel_log_events_total"
 LINES_TOTAL = "sentinel_log_lines_total"
@@ -84,7 +83,7 @@ class LogCollector:
         bus: EventBus,
         state_dir: Path,
         *,
-        kernel: bool | KernelSourceSpec = False,
+        kernel: bool | KernelSourceSpec | KernelLog = False,
         journalctl: str = "journalctl",
         inotify: bool = True,
         read_existing: bool = False,
@@ -105,12 +104,21 @@ class LogCollector:
         self._max_events_per_s = max_events_per_s
         self._rotate_grace_s = rotate_grace_s
         self.catalogue = catalogue if catalogue is not None else Catalogue.load(config.patterns)
-        self._matcher = Matcher(self.catalogue)
+        self._matcher = LogMatcher(self.catalogue)
         self._pipelines: list[SourcePipeline] = []
         self._file_sources: list[FileSource] = []
         self._journal_specs: list[tuple[str, str, SourcePipeline]] = []  # unit, source id, pipeline
+        seen: set[tuple[str, str | None, str | None]] = set()
         for worker in workers:
             for src in worker.logs:
+                key = (worker.name, src.path, src.journal_unit)
+                if key in seen:
+                    # Read twice, each line would count twice: one reader per source.
+                    log.warning(
+                        "logs: worker %s names %s twice; reading it once", worker.name, src.path or src.journal_unit
+                    )
+                    continue
+                seen.add(key)
                 if src.path is not None:
                     pipeline = self._pipeline(worker.name, src.path)
                     self._file_sources.append(FileSource(f"file:{worker.name}:{src.path}", src.path, pipeline))
@@ -119,9 +127,16 @@ class LogCollector:
                     self._journal_specs.append(
                         (src.journal_unit, f"journal:{worker.name}:{src.journal_unit}", pipeline)
                     )
-        spec = KernelSourceSpec() if kernel is True else kernel or None
-        self._kernel_spec: KernelSourceSpec | None = spec
-        self._kernel_pipeline = self._pipeline("", KERNEL_SOURCE) if spec is not None else None
+        # The host's one kernel-log reader, shared with the NVML collector (which owns the Xids).
+        if isinstance(kernel, KernelLog):
+            self._kernel_log: KernelLog | None = kernel
+        elif kernel is False:
+            self._kernel_log = None
+        else:
+            spec = KernelSourceSpec() if kernel is True else kernel
+            self._kernel_log = KernelLog(spec, self._matcher, max_line_bytes=config.max_line_bytes)
+        if self._kernel_log is not None:
+            self._pipelines.append(self._kernel_log.pipeline)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._offsets: OffsetStore | None = None
         self._tailer: FileTailer | None = None
@@ -167,16 +182,17 @@ class LogCollector:
                     unit, source_id, pipeline, offsets, max_line_bytes=cfg.max_line_bytes, journalctl=self._journalctl
                 )
             )
-        if self._kernel_spec is not None and self._kernel_pipeline is not None:
-            readers.append(KernelReader(self._kernel_spec, self._kernel_pipeline, max_line_bytes=cfg.max_line_bytes))
         self._readers = readers
         for reader in readers:
             reader.start()
+        if self._kernel_log is not None:
+            self._kernel_log.subscribe(self._on_kernel)
+            self._kernel_log.start()
         log.info(
             "logs: following %d file glob(s), %d journal unit(s)%s; %d patterns",
             len(self._file_sources),
             len(self._journal_specs),
-            ", the kernel log" if self._kernel_spec is not None else "",
+            ", the kernel log" if self._kernel_log is not None else "",
             len(self.catalogue.patterns),
         )
 
@@ -185,6 +201,9 @@ class LogCollector:
         readers, self._readers = self._readers, []
         if readers:
             await asyncio.to_thread(_stop_all, readers, 0.6)
+        if self._kernel_log is not None and self._loop is not None:
+            self._kernel_log.unsubscribe(self._on_kernel)
+            await asyncio.to_thread(self._kernel_log.stop, 0.6)
         if self._offsets is not None:
             await asyncio.to_thread(self._offsets.persist)
         self._tailer = None
@@ -194,7 +213,8 @@ class LogCollector:
 
     async def collect(self, out: Appender) -> None:
         """Reader statistics into `out`; every event counter re-written to the store."""
-        for reader in self._readers:
+        kernel_reader = self._kernel_log.reader if self._kernel_log is not None else None
+        for reader in [*self._readers, *([kernel_reader] if kernel_reader is not None else [])]:
             if reader.error is not None:
                 raise CollectorUnavailable(f"{reader.thread_name} failed: {reader.error!r}")
             if not reader.alive and not reader.stopping:
@@ -218,6 +238,10 @@ class LogCollector:
         ts = now_ms()
         for key, count in self._counts.items():
             self._store.add(EVENTS_TOTAL, count, _event_labels(key), ts)
+        if self._offsets is not None:
+            # Also from here, not only from the readers: a reader stuck in a block still gets
+            # the offset it claimed for that block saved (see FileTailer._read).
+            await asyncio.to_thread(self._offsets.maybe_persist)
 
     # -- views -----------------------------------------------------------------------------
 
@@ -231,6 +255,11 @@ class LogCollector:
         return self._tailer is not None and self._tailer.inotify_active
 
     # -- from the reader threads to the loop ---------------------------------------------
+
+    def _on_kernel(self, matches: list[Match], ts: int) -> None:
+        """Runs in the kernel log's reader thread."""
+        if self._kernel_log is not None:
+            self._handoff(self._kernel_log.pipeline, matches, ts)
 
     def _handoff(self, pipeline: SourcePipeline, matches: list[Match], ts: int) -> None:
         """Runs in a reader thread."""
@@ -270,6 +299,8 @@ class LogCollector:
                 "line": message,
                 "timestamp_ms": ts,
             }
+            if m.event == "xid" and source == KERNEL_SOURCE and self._kernel_log and self._kernel_log.xids_owned:
+                continue  # counted above; the NVML collector publishes it, once for NVML and the kernel
             if not self._admit(key, write_ts):
                 self._rate_limited[key] = self._rate_limited.get(key, 0) + 1
                 continue

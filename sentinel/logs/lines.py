@@ -39,12 +39,19 @@ class LineSplitter:
                 return b"", 0
             data = data[nl + 1 :]
             self.discarding = False
-        buf = self.carry + data if self.carry else data
-        last = buf.rfind(b"\n")
+        # One copy at most of the block handed on: the partial line carried over is joined
+        # with the new data's complete lines through a memoryview, not by concatenating the
+        # whole read and slicing it again (two copies; measured as the hot path's largest cost).
+        carry = self.carry
+        last = data.rfind(b"\n")
         if last < 0:
-            complete, rest = b"", buf
+            complete, rest = b"", carry + data if carry else data
+        elif carry:
+            complete, rest = b"".join((carry, memoryview(data)[: last + 1])), data[last + 1 :]
+        elif last + 1 == len(data):
+            complete, rest = data, b""
         else:
-            complete, rest = buf[: last + 1], buf[last + 1 :]
+            complete, rest = data[: last + 1], data[last + 1 :]
         limit = self.max_line_bytes
         if len(complete) > limit + 1:
             # Only a block longer than the limit can hold an over-long line.

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from sentinel.logs.matcher import Match, Matcher
+from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.store import now_ms
 
 __all__ = ["LineSink", "ReaderThread", "SourcePipeline", "SourceStats", "StopSignal"]
@@ -55,7 +55,7 @@ Handoff = Callable[["SourcePipeline", list[Match], int], None]
 class SourcePipeline:
     """Count, check and match the lines of one (worker, source); see the module doc."""
 
-    def __init__(self, worker: str, source: str, matcher: Matcher, handoff: Handoff) -> None:
+    def __init__(self, worker: str, source: str, matcher: LogMatcher, handoff: Handoff) -> None:
         self.worker = worker
         self.source = source
         self.stats = SourceStats()

@@ -104,10 +104,15 @@ class ProcessFollower:
         poller.register(fd, select.POLLIN)
         poller.register(self._stop.fileno(), select.POLLIN)
         recovered = False
+        # Non-blocking: poll also wakes for the stop pipe, and a read must never wait on the command.
+        os.set_blocking(fd, False)
         while not self._stop.is_set():
-            if not poller.poll(_POLL_MS):
+            ready = poller.poll(_POLL_MS)
+            if not ready:
                 self._on_idle()
                 continue
+            if self._stop.is_set():
+                return
             try:
                 data = os.read(fd, 64 * 1024)
             except BlockingIOError:

@@ -11,7 +11,13 @@ without inotify the poll alone drives it. A file is known by (device, inode):
 - truncation (copytruncate): a size below the read position restarts at 0;
 - a file renamed to another name that the glob also matches is simply followed.
 
-Positions go to the `OffsetStore` after every read. On start a known file resumes at
+Which files a glob may read is `sentinel.logs.safepath`'s rule: a symlink only where
+its owner could read the target anyway, never a kernel pseudo-file (a file that reports
+size 0 yet holds data is recognised as one too).
+
+Positions go to the `OffsetStore` as each block is read, before it is matched, so a
+block that kills the daemon while being matched is not read again after the restart
+(the collector also saves offsets every second from the event loop's side). On start a known file resumes at
 its offset; a file of a source watched last time but never seen (created while
 Sentinel was down) starts at 0; other existing files start at their end (old history
 is not replayed as new events). A file rotated away while Sentinel was down is found
@@ -35,6 +41,7 @@ from sentinel.logs import inotify as ino
 from sentinel.logs.lines import LineSplitter
 from sentinel.logs.offsets import FileOffset, OffsetStore
 from sentinel.logs.pipeline import LineSink, ReaderThread
+from sentinel.logs.safepath import check_log_path
 
 __all__ = ["FileSource", "FileTailer"]
 
@@ -140,6 +147,7 @@ class FileTailer(ReaderThread):
         self._files: dict[tuple[str, int, int], _Tracked] = {}  # insertion order = age: older read first
         self._current: dict[tuple[str, str], _Tracked] = {}  # (source id, path) -> file at that path
         self._known_paths: dict[str, set[str]] = {}  # source id -> its log paths (files, or files once)
+        self._pseudo: set[tuple[int, int]] = set()  # files that report size 0 yet hold data (procfs)
         self._last_rescan = 0.0
 
     # -- lifecycle --------------------------------------------------------------------
@@ -245,6 +253,13 @@ class FileTailer(ReaderThread):
                 continue
             except OSError as exc:
                 source.sink.problem(path, f"cannot read {path}: {exc.strerror}")
+                continue
+            refused = check_log_path(path) if stat.S_ISREG(st.st_mode) else None
+            if refused is None and (st.st_dev, st.st_ino) in self._pseudo:
+                refused = f"{path} reads like a kernel pseudo-file (size 0, yet data), not a log; not reading it"
+            if refused is not None:
+                still_known.add(path)
+                source.sink.problem(path, refused)
                 continue
             if stat.S_ISREG(st.st_mode):
                 found[path] = st
@@ -441,11 +456,23 @@ class FileTailer(ReaderThread):
                 data = os.pread(tracked.fd, READ_SIZE, tracked.pos)
                 if not data:
                     break
+                if size == 0 and tracked.pos == 0 and os.fstat(tracked.fd).st_size == 0:
+                    # procfs and the like: size 0, yet data (a regular file that was just
+                    # written would report its new size). Every read would look like a
+                    # truncation and start over, forever; it is not a log.
+                    self._pseudo.add((tracked.dev, tracked.ino))
+                    sink.problem(tracked.path, f"{tracked.path} reports size 0 yet holds data: not a log file")
+                    self._drop(tracked)
+                    return False
                 tracked.pos += len(data)
                 budget -= len(data)
                 tracked.last_growth = self._clock()
                 complete, cut = tracked.splitter.feed(data)
                 if complete:
+                    # Claim the block before matching it: should matching it ever kill the
+                    # daemon, the offset saved meanwhile (the collector saves every second)
+                    # lies past it, and the next start does not read it again.
+                    self._offsets.set_file(tracked.offset())
                     sink.feed(complete, cut)
         except OSError as exc:
             # EIO, or EISDIR if a path turned into a directory under an open fd: drop it; the

@@ -20,9 +20,7 @@ from sentinel.remediation.backends.process import ProcessBackend, worker_files
 from sentinel.remediation.backends.systemd import SystemdBackend
 from sentinel.remediation.settings import CommandBackendConfig, ProcessBackendConfig, SystemdBackendConfig
 
-if (
-    TYPE_CHECKING
-):  # a type only: importing the config at run time would pull in the whole daemon config
+if TYPE_CHECKING:  # a type only: importing the config at run time would pull in the whole daemon config
     from sentinel.config.models import WorkerConfig
 
 __all__ = ["CommandBackend", "ProcessBackend", "SystemdBackend", "build_backend", "worker_files"]

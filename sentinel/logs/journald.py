@@ -134,6 +134,8 @@ class JournalReader(ReaderThread):
                 cut += 1
             parts.append(message)
             parts.append(b"\n")
-        self._sink.feed(b"".join(parts), cut + cut_json)
         if cursor is not None:
+            # Claimed before matching, as the file tailer does: a block whose matching killed
+            # the daemon is not read again after the restart.
             self._offsets.set_cursor(self._source_id, cursor)
+        self._sink.feed(b"".join(parts), cut + cut_json)
