@@ -62,6 +62,7 @@ __all__ = [
     "FLEET_POOL",
     "Budget",
     "BudgetUnavailable",
+    "BudgetView",
     "HolderRecord",
     "PoolState",
     "SlotDecision",
@@ -131,44 +132,19 @@ class _Snapshot:
     breaker: KeyValue | None
 
 
-class Budget:
-    """Slots for this host's disruptive actions. `start()` it once on the event loop."""
+class BudgetView:
+    """Pools, limits and holders computed from what etcd holds (no I/O): shared by the
+    budget itself, the leader's series and `sentinel fleet status`."""
 
-    def __init__(
-        self,
-        client: EtcdClient,
-        keys: Keys,
-        config: BudgetConfig,
-        session: Session,
-        host: str,
-        *,
-        clock: object = time.monotonic,
-    ) -> None:
-        self.client = client
+    def __init__(self, keys: Keys, config: BudgetConfig) -> None:
         self.keys = keys
         self.config = config
-        self.session = session
-        self.host = host
-        self.informer = Informer(client, keys.slots)
-        self._task: asyncio.Task[None] | None = None
-        self.held: dict[str, SlotDecision] = {}
-        self.pending_release: set[str] = set()
-        self.last_pools: dict[str, PoolState] = {}
-        self.grants = 0
-        self.refusals = 0
-        self.cas_conflicts = 0
-        session.on_lost(self._lease_lost)
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.ensure_future(self.informer.run())
+    def snapshot(self, slots: Sequence[KeyValue], hosts: Sequence[HostStatus], revision: int = 0) -> _Snapshot:
+        return self._parse(revision, slots, hosts, None)
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            await self.informer.stop(self._task)
-            self._task = None
-
-    # -- pools and limits -----------------------------------------------------------------
+    def all_pools(self, slots: Sequence[KeyValue], hosts: Sequence[HostStatus]) -> dict[str, PoolState]:
+        return self._all_pools(self.snapshot(slots, hosts))
 
     def pools_for(self, labels: Mapping[str, str]) -> tuple[str, ...]:
         pools = [FLEET_POOL]
@@ -193,21 +169,6 @@ class Budget:
             live = sum(1 for h in hosts for w in h.workers if w.labels.get(label) == value)
         return rule.limit(live), live
 
-    # -- reading --------------------------------------------------------------------------
-
-    async def _read(self, alert: str | None, timeout: float | None = None) -> _Snapshot:
-        """Holders, waiters, guards, live hosts and the breaker, all at one revision."""
-        ops = [RangeOp(self.keys.slots, prefix=True), RangeOp(self.keys.hosts, prefix=True)]
-        if alert:
-            ops.append(RangeOp(self.keys.breaker(alert)))
-        result = await self.client.txn([], ops, timeout=timeout)
-        hosts = []
-        for kv in result.range(1).kvs:
-            with contextlib.suppress(ValidationError, ValueError):
-                hosts.append(HostStatus.model_validate_json(kv.value))
-        breaker = result.range(2).kvs[0] if alert and result.range(2).kvs else None
-        return self._parse(result.revision, result.range(0).kvs, hosts, breaker)
-
     def _parse(
         self, revision: int, slots: Sequence[KeyValue], hosts: Sequence[HostStatus], breaker: KeyValue | None
     ) -> _Snapshot:
@@ -226,15 +187,6 @@ class Budget:
         waiters.sort(key=lambda item: item[0].create_revision)
         return _Snapshot(revision, tuple(holders), tuple(waiters), guards, tuple(hosts), breaker)
 
-    async def pools(self, timeout: float | None = None) -> dict[str, PoolState]:
-        """Every pool in use or configured, with holders and limits, read from etcd now."""
-        return self._all_pools(await self._read(None, timeout))
-
-    def live_pools(self, hosts: Sequence[HostStatus]) -> list[PoolState]:
-        """The same from this host's watch of slots/ (no request): for the leader's series."""
-        snap = self._parse(self.informer.revision, list(self.informer.items.values()), hosts, None)
-        return list(self._all_pools(snap).values())
-
     def _all_pools(self, snap: _Snapshot) -> dict[str, PoolState]:
         names = {FLEET_POOL}
         for _, rec in (*snap.holders, *snap.waiters):
@@ -248,6 +200,65 @@ class Budget:
         holders = tuple(rec for _, rec in snap.holders if name in rec.pools)
         waiting = sum(1 for _, rec in snap.waiters if name in rec.pools)
         return PoolState(name, len(holders), self.limit(name, snap.hosts)[0], holders, waiting)
+
+
+class Budget(BudgetView):
+    """Slots for this host's disruptive actions. `start()` it once on the event loop."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        keys: Keys,
+        config: BudgetConfig,
+        session: Session,
+        host: str,
+    ) -> None:
+        super().__init__(keys, config)
+        self.client = client
+        self.session = session
+        self.host = host
+        self.informer = Informer(client, keys.slots)
+        self._task: asyncio.Task[None] | None = None
+        self.held: dict[str, SlotDecision] = {}
+        self.pending_release: set[str] = set()
+        self.last_pools: dict[str, PoolState] = {}
+        self.grants = 0
+        self.refusals = 0
+        self.cas_conflicts = 0
+        session.on_lost(self._lease_lost)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self.informer.run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await self.informer.stop(self._task)
+            self._task = None
+
+    # -- reading --------------------------------------------------------------------------
+
+    async def _read(self, alert: str | None, timeout: float | None = None) -> _Snapshot:
+        """Holders, waiters, guards, live hosts and the breaker, all at one revision."""
+        ops = [RangeOp(self.keys.slots, prefix=True), RangeOp(self.keys.hosts, prefix=True)]
+        if alert:
+            ops.append(RangeOp(self.keys.breaker(alert)))
+        result = await self.client.txn([], ops, timeout=timeout)
+        hosts = []
+        for kv in result.range(1).kvs:
+            with contextlib.suppress(ValidationError, ValueError):
+                hosts.append(HostStatus.model_validate_json(kv.value))
+        breaker = result.range(2).kvs[0] if alert and result.range(2).kvs else None
+        return self._parse(result.revision, result.range(0).kvs, hosts, breaker)
+
+    async def pools(self, timeout: float | None = None) -> dict[str, PoolState]:
+        """Every pool in use or configured, with holders and limits, read from etcd now."""
+        return self._all_pools(await self._read(None, timeout))
+
+    def live_pools(self, hosts: Sequence[HostStatus]) -> list[PoolState]:
+        """The same from this host's watch of slots/ (no request): for the leader's series."""
+        snap = self._parse(self.informer.revision, list(self.informer.items.values()), hosts, None)
+        return list(self._all_pools(snap).values())
 
     # -- acquire / release ----------------------------------------------------------------
 

@@ -65,14 +65,14 @@ class FleetSetupError(Exception):
     """A local problem that no retry fixes: an unreadable password or TLS file."""
 
 
-def _read_secret(path: Path) -> str:
+def read_secret(path: Path) -> str:
     try:
         return path.read_text().strip()
     except OSError as exc:
         raise FleetSetupError(f"fleet.password_file: cannot read {path}: {exc.strerror}") from exc
 
 
-def _build_client(config: FleetConfig, password: str | None) -> EtcdClient:
+def build_client(config: FleetConfig, password: str | None) -> EtcdClient:
     tls = config.tls
     for name in ("ca_file", "cert_file", "key_file"):
         path = getattr(tls, name) if tls else None
@@ -131,8 +131,8 @@ class FleetCoordinator:
         if self._client is None:
             password = None
             if self.config.password_file is not None:
-                password = await asyncio.to_thread(_read_secret, self.config.password_file)
-            self._client = await asyncio.to_thread(_build_client, self.config, password)
+                password = await asyncio.to_thread(read_secret, self.config.password_file)
+            self._client = await asyncio.to_thread(build_client, self.config, password)
         client = self._client
         self.session = Session(client, self.config.lease_ttl)
         self.election = Election(client, self.keys.election, self.host, self.session)
