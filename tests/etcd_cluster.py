@@ -159,7 +159,9 @@ class EtcdCluster:
                     pending.remove(m)
             if pending:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"etcd members {[m.name for m in pending]} not ready in {timeout}s:\n{self.logs()}")
+                    raise RuntimeError(
+                        f"etcd members {[m.name for m in pending]} not ready in {timeout}s:\n{self.logs()}"
+                    )
                 time.sleep(0.05)
         while self.leader_index() is None:
             if time.monotonic() > deadline:

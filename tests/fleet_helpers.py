@@ -78,12 +78,15 @@ def workers(*specs: tuple[str, dict[str, str]]) -> HostStatus:
     return HostStatus(workers=tuple(WorkerStatus(name=n, state="serving", labels=lab) for n, lab in specs))
 
 
-async def holder_history(client: EtcdClient, fleet: str, start_revision: int) -> list[tuple[int, str, HolderRecord]]:
-    """Every create and delete of a holder key since `start_revision`, from etcd's own log."""
+async def holder_history(
+    client: EtcdClient, fleet: str, start_revision: int
+) -> list[tuple[int, str, str, HolderRecord]]:
+    """Every create and delete of a slot key since `start_revision`, from etcd's own log:
+    (revision, PUT or DELETE, pool, holder)."""
     keys = Keys(f"/sentinel/{fleet}/")
     marker = keys.holders + "~end-of-history"
-    end = await client.put(marker, b"marker")
-    events: list[tuple[int, str, HolderRecord]] = []
+    await client.put(marker, b"marker")
+    events: list[tuple[int, str, str, HolderRecord]] = []
     async for response in client.watch_stream(keys.holders, prefix=True, start_revision=start_revision, prev_kv=True):
         for e in response.events:
             if e.kv.key == marker:
@@ -93,25 +96,35 @@ async def holder_history(client: EtcdClient, fleet: str, start_revision: int) ->
             if kv is None:
                 raise AssertionError(f"delete of {e.kv.key} at {e.kv.mod_revision} without prev_kv")
             if e.type == "PUT" and e.kv.version != 1:
-                raise AssertionError(f"holder {e.kv.key} written twice")
-            events.append((e.kv.mod_revision, e.type, HolderRecord.model_validate_json(kv.value)))
-    raise AssertionError(f"history ended before revision {end}")
+                raise AssertionError(f"slot {e.kv.key} overwritten while held")
+            where = keys.slot_of(e.kv.key)
+            assert where is not None, e.kv.key
+            events.append((e.kv.mod_revision, e.type, where[0], HolderRecord.model_validate_json(kv.value)))
+    raise AssertionError("history ended before the marker")
 
 
-def max_concurrent(history: list[tuple[int, str, HolderRecord]]) -> dict[str, int]:
+def max_concurrent(history: list[tuple[int, str, str, HolderRecord]]) -> dict[str, int]:
     """The most holders any pool had at once, revision by revision (a txn is one revision)."""
     held: dict[str, set[str]] = {}
     peak: dict[str, int] = {}
-    by_rev: dict[int, list[tuple[str, HolderRecord]]] = {}
-    for rev, kind, rec in history:
-        by_rev.setdefault(rev, []).append((kind, rec))
+    by_rev: dict[int, list[tuple[str, str, HolderRecord]]] = {}
+    for rev, kind, pool, rec in history:
+        by_rev.setdefault(rev, []).append((kind, pool, rec))
     for rev in sorted(by_rev):
-        for kind, rec in by_rev[rev]:
-            for pool in rec.pools:
-                (held.setdefault(pool, set()).add if kind == "PUT" else held.setdefault(pool, set()).discard)(rec.holder)
+        for kind, pool, rec in by_rev[rev]:
+            holders = held.setdefault(pool, set())
+            if kind == "PUT":
+                holders.add(rec.holder)
+            else:
+                holders.discard(rec.holder)
         for pool, holders in held.items():
             peak[pool] = max(peak.get(pool, 0), len(holders))
     return peak
+
+
+def granted_holders(history: list[tuple[int, str, str, HolderRecord]], pool: str = "fleet") -> list[str]:
+    """Holder ids, once per grant, in the order etcd committed them."""
+    return [rec.holder for _, kind, p, rec in history if kind == "PUT" and p == pool]
 
 
 def fleet_config(endpoints: Sequence[str], name: str, host: str, **over: object) -> FleetConfig:

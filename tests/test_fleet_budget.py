@@ -13,7 +13,15 @@ from sentinel.fleet.budget import SlotDecision
 from sentinel.fleet.config import BudgetConfig
 from sentinel.fleet.keys import Keys
 from tests.etcd_cluster import EtcdCluster
-from tests.fleet_helpers import budget_hosts, holder_history, max_concurrent, publish_status, wait_for, workers
+from tests.fleet_helpers import (
+    budget_hosts,
+    granted_holders,
+    holder_history,
+    max_concurrent,
+    publish_status,
+    wait_for,
+    workers,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +47,7 @@ async def test_many_concurrent_contenders_never_exceed_the_limit(etcd1: EtcdClus
         tasks = [contend(h, f"w{j}", 2, log) for h in hosts for j in range(8)]
         assert sum(await asyncio.gather(*tasks)) == 64
         history = await holder_history(hosts[0].client, fleet_name, start_rev)
-    creates = [rec.holder for _, kind, rec in history if kind == "PUT"]
+    creates = granted_holders(history)
     assert len(creates) == 64 == len(set(creates))  # every grant once, none twice
     assert sorted(creates) == sorted(h for _, _, h in log)
     assert max_concurrent(history) == {"fleet": 3}  # the limit, reached and never exceeded
@@ -57,10 +65,19 @@ async def test_percentage_of_live_workers_and_per_label_pools(etcd1: EtcdCluster
         {"max_unavailable": "50%", "per_label": [{"label": "model", "max_unavailable": 1}], "wait": 0.5}
     )
     async with budget_hosts(etcd1.endpoints, fleet_name, cfg, count=2) as (a, b):
-        await publish_status(a.client, fleet_name, "host-0", workers(("w0", {"model": "big"}), ("w1", {"model": "big"})), a.session.lease_id or 0)
-        await publish_status(b.client, fleet_name, "host-1", workers(("w2", {"model": "small"}), ("w3", {})), b.session.lease_id or 0)
+        await publish_status(
+            a.client,
+            fleet_name,
+            "host-0",
+            workers(("w0", {"model": "big"}), ("w1", {"model": "big"})),
+            a.session.lease_id or 0,
+        )
+        await publish_status(
+            b.client, fleet_name, "host-1", workers(("w2", {"model": "small"}), ("w3", {})), b.session.lease_id or 0
+        )
         first = await a.budget.acquire(worker="w0", action="restart", labels={"model": "big"})
         assert first.granted and first.pools == ("fleet", "model=big")
+        assert first.reason == "slot granted in fleet#0, model=big#0"
         same_model = await a.budget.acquire(worker="w1", action="restart", labels={"model": "big"})
         assert not same_model.granted
         assert "budget exhausted in pool model=big: 1/1 slots held (host-0/w0 restart" in same_model.reason
@@ -185,7 +202,7 @@ async def test_killing_the_etcd_leader_mid_run_loses_and_doubles_no_slot(etcd3: 
         survivor = hosts[0].client
         history = await holder_history(survivor, fleet_name, start_rev)
         left = await survivor.range(Keys(f"/sentinel/{fleet_name}/").holders, prefix=True)
-    creates = [rec.holder for _, kind, rec in history if kind == "PUT"]
+    creates = granted_holders(history)
     assert len(creates) == len(set(creates))  # no holder written twice
     assert set(granted) <= set(creates)  # every grant a client believed in really happened
     assert len(granted) > 10  # and work went on across the failover

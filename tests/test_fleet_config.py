@@ -29,7 +29,12 @@ def error_of(**over: object) -> str:
 
 def test_defaults_are_the_documented_ones() -> None:
     cfg = fleet()
-    assert (cfg.lease_ttl, cfg.partition_policy, cfg.name, cfg.prefix) == (10.0, "hold", "default", "/sentinel/default/")
+    assert (cfg.lease_ttl, cfg.partition_policy, cfg.name, cfg.prefix) == (
+        10.0,
+        "hold",
+        "default",
+        "/sentinel/default/",
+    )
     assert cfg.budget.max_unavailable == MaxUnavailable(count=1)
     assert FleetConfig(endpoints=("http://e:2379",)).host_id  # the hostname by default
 
@@ -79,7 +84,10 @@ def test_a_member_in_two_groups_is_refused() -> None:
 @pytest.mark.parametrize(
     ("over", "message"),
     [
-        ({"groups": [{"name": "g", "members": [{"member": "host-a", "head": True}, {"member": "b:w"}]}]}, "host:worker"),
+        (
+            {"groups": [{"name": "g", "members": [{"member": "host-a", "head": True}, {"member": "b:w"}]}]},
+            "host:worker",
+        ),
         ({"groups": [GROUP, GROUP]}, "defined twice"),
         ({"endpoints": ["127.0.0.1:2379"]}, "must be a URL"),
         ({"endpoints": ["http://a:2379", "https://b:2379"]}, "mix of http:// and https://"),

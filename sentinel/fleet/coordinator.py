@@ -380,7 +380,7 @@ class FleetCoordinator:
             return await self.budget.acquire(worker=worker, action=action, labels=labels, alert=alert, timeout=timeout)
         except BudgetUnavailable as exc:
             if exc.uncertain:
-                self.budget.pending_release.add(exc.uncertain)
+                self.budget.pending_release.update(exc.uncertain)
             return self._partition(str(exc))
 
     def _partition(self, detail: str) -> SlotDecision:

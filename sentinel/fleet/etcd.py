@@ -182,21 +182,27 @@ _FIELD = {"version": "version", "create": "create_revision", "mod": "mod_revisio
 class Compare:
     """One transaction guard, e.g. `Compare(key, "create", "=", 0)`: the key does not exist.
 
-    A missing key compares as zero for version/create/mod, as etcd defines it."""
+    A missing key compares as zero for version/create/mod, as etcd defines it. With
+    `range_end`, every key of the range must satisfy it (an empty range compares as one
+    missing key): `Compare(k, "version", "=", 0, range_end=e)` says no key in [k, e)."""
 
     key: str
     target: Target
     op: Op
     operand: int | bytes
+    range_end: bytes | None = None  # compare every key in [key, range_end) (etcd 3.3+)
 
     def to_json(self) -> dict[str, Any]:
         operand: Any = _b64(self.operand) if isinstance(self.operand, bytes) else str(self.operand)
-        return {
+        body = {
             "key": _b64(self.key),
             "target": _TARGET[self.target],
             "result": _RESULT[self.op],
             _FIELD[self.target]: operand,
         }
+        if self.range_end is not None:
+            body["range_end"] = _b64(self.range_end)
+        return body
 
 
 @dataclass(frozen=True)
@@ -266,6 +272,11 @@ class _Endpoints:
 
     def good(self, url: str) -> None:
         self.current = self.urls.index(url)
+
+    def bad(self, url: str) -> None:
+        """Start with the next endpoint from now on (this one just failed us)."""
+        if self.urls[self.current] == url:
+            self.current = (self.current + 1) % len(self.urls)
 
 
 @dataclass
@@ -403,6 +414,7 @@ class EtcdClient:
                         self.stats.failures += 1
                         err = _request_error(reply, resp.status)
                         if _retry_elsewhere(err):
+                            self._endpoints.bad(url)
                             errors.append(f"{url}: {err}")
                             if not idempotent and _maybe_applied(err):
                                 maybe_applied = True
@@ -415,6 +427,7 @@ class EtcdClient:
                 # ClientConnectorError: nothing was sent. ServerTimeoutError covers the
                 # connect timeout (nothing sent) and the read timeout (maybe applied).
                 self.stats.failures += 1
+                self._endpoints.bad(url)
                 sent = isinstance(exc, aiohttp.ServerTimeoutError) and "onnect" not in str(exc)
                 if sent and not idempotent:
                     maybe_applied = True
@@ -423,6 +436,7 @@ class EtcdClient:
                 errors.append(f"{url}: {type(exc).__name__}: {exc}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 self.stats.failures += 1
+                self._endpoints.bad(url)
                 errors.append(f"{url}: {type(exc).__name__}: {exc or 'timed out'}")
                 if not idempotent:
                     maybe_applied = True
@@ -591,8 +605,13 @@ class EtcdClient:
                         self._token = None
                     raise err
                 self._endpoints.good(url)
-                async for response in _watch_lines(resp, self.stats):
-                    yield response
+                try:
+                    async for response in _watch_lines(resp, self.stats):
+                        yield response
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    self._endpoints.bad(url)
+                    raise EtcdUnavailable(f"watch stream from {url} broke: {type(exc).__name__}: {exc}") from exc
+                self._endpoints.bad(url)
                 raise EtcdUnavailable(f"watch stream from {url} ended")
         raise EtcdUnavailable("no endpoint accepted the watch: " + "; ".join(errors))
 

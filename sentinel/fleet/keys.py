@@ -5,9 +5,9 @@
     election/<lease hex>         host id, under its lease; lowest create_revision leads
                                  (the layout of etcd's own election recipe, so
                                  `etcdctl elect --listen` and /v3/election/leader agree)
-    slots/holders/<holder>       a held disruption slot, under the holder's lease
+    slots/holders/<pool>/<slot>  a held disruption slot (slot 000000..limit-1), under the
+                                 holder's lease; one key per pool the action counts in
     slots/waiters/<holder>       a waiting request, under its lease (gives FIFO order)
-    slots/guards/<pool>          bumped by every grant in <pool>: the compare-and-swap fence
     breaker/<alert>              an open (or operator-resumed) fleet breaker, no lease
     groups/<group>/lock          the group action in progress, under the initiator's lease
     groups/<group>/plan          the plan of the last group action and its phase, no lease
@@ -39,7 +39,6 @@ class Keys:
         self.slots = self.prefix + "slots/"
         self.holders = self.slots + "holders/"
         self.waiters = self.slots + "waiters/"
-        self.guards = self.slots + "guards/"
         self.breakers = self.prefix + "breaker/"
         self.groups = self.prefix + "groups/"
 
@@ -49,14 +48,21 @@ class Keys:
     def member(self, host: str) -> str:
         return self.members + host
 
-    def holder(self, holder: str) -> str:
-        return self.holders + holder
+    def pool(self, pool: str) -> str:
+        return f"{self.holders}{_q(pool)}/"
+
+    def slot(self, pool: str, index: int) -> str:
+        return f"{self.pool(pool)}{index:06d}"
+
+    def slot_of(self, key: str) -> tuple[str, int] | None:
+        """(pool, index) of a holder key; None for anything else."""
+        if not key.startswith(self.holders):
+            return None
+        pool, _, index = key[len(self.holders) :].rpartition("/")
+        return (unquote(pool), int(index)) if pool and index.isdigit() else None
 
     def waiter(self, holder: str) -> str:
         return self.waiters + holder
-
-    def guard(self, pool: str) -> str:
-        return self.guards + _q(pool)
 
     def breaker(self, alert: str) -> str:
         return self.breakers + _q(alert)

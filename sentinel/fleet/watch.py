@@ -112,6 +112,12 @@ class Informer:
                 self.connected = False
                 self.reconnects += 1
                 log.debug("watch on %s broke (%s); resuming from revision %d", self.prefix, exc, self.revision + 1)
+            except Exception:  # never a dead mirror: log the surprise and reconnect
+                self.connected = False
+                self.reconnects += 1
+                log.exception(
+                    "watch on %s failed unexpectedly; resuming from revision %d", self.prefix, self.revision + 1
+                )
             except asyncio.CancelledError:
                 if self._stream_task is not None:
                     self._stream_task.cancel()
