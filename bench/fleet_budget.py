@@ -28,9 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sentinel.fleet.config import BudgetConfig  # noqa: E402
-from tests.etcd_cluster import running_cluster  # noqa: E402
-from tests.fleet_helpers import budget_hosts, holder_history, max_concurrent  # noqa: E402
+from sentinel.fleet.config import BudgetConfig
+from tests.etcd_cluster import running_cluster
+from tests.fleet_helpers import budget_hosts, holder_history, max_concurrent
 
 
 def pct(values: list[float], q: float) -> float:

@@ -175,7 +175,8 @@ class EtcdCluster:
             import ssl
 
             ctx = ssl.create_default_context(cafile=str(self.tls["ca"]))
-            ctx.load_cert_chain(str(self.tls["cert"]), str(self.tls["key"]))
+            cert, key = self.tls.get("client_cert", self.tls["cert"]), self.tls.get("client_key", self.tls["key"])
+            ctx.load_cert_chain(str(cert), str(key))
         with urllib.request.urlopen(request, timeout=timeout, context=ctx) as resp:
             return bytes(resp.read())
 

@@ -43,3 +43,50 @@ async def main(config: FleetConfig) -> None:
 
 if __name__ == "__main__":
     asyncio.run(main(FleetConfig.model_validate_json(sys.argv[1])))
+
+
+class HostProcess:
+    """Test side: one `tests.fleet_host` subprocess and the JSON lines it printed."""
+
+    def __init__(self, config: FleetConfig) -> None:
+        import subprocess
+        import threading
+
+        self.config = config
+        self.lines: list[dict[str, object]] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fleet_host", config.model_dump_json()],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.lines.append(json.loads(line))
+            except ValueError:
+                continue
+
+    def events(self, kind: str) -> list[dict[str, object]]:
+        return [line for line in list(self.lines) if line.get("event") == kind]
+
+    @property
+    def ready(self) -> bool:
+        return any(line.get("ready") for line in list(self.lines))
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)

@@ -23,6 +23,8 @@ class TcpProxy:
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
         self.connections = 0
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -39,12 +41,15 @@ class TcpProxy:
             with contextlib.suppress(Exception):
                 w.transport.abort()
         self._writers.clear()
+        self._flowing.set()  # pipes held by a stall wake up and see the cut
 
     def stall(self) -> None:
         self.mode = "stall"
+        self._flowing.clear()
 
     def heal(self) -> None:
         self.mode = "open"
+        self._flowing.set()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -68,8 +73,7 @@ class TcpProxy:
             data = await reader.read(65536)
             if not data:
                 break
-            while self.mode == "stall":
-                await asyncio.sleep(0.05)
+            await self._flowing.wait()
             if self.mode == "cut":
                 break
             writer.write(data)
