@@ -233,8 +233,14 @@ class Budget(BudgetView):
         self.client = client
         self.session = session
         self.host = host
-        self.informer = Informer(client, keys.slots)
+        self.informer = Informer(client, keys.slots, on_change=lambda _inf, _events: self._sweep_orphans())
         self._task: asyncio.Task[None] | None = None
+        # Holder ids of this host's requests in flight or held: any other key of this host
+        # in slots/ is an orphan of a write that timed out here and landed late.
+        self._mine: set[str] = set()
+        self._sweeping: set[str] = set()
+        self._sweep_tasks: set[asyncio.Task[None]] = set()
+        self.orphans_removed = 0
         self.held: dict[str, SlotDecision] = {}
         self.pending_release: set[tuple[str, str]] = set()  # (slot key, holder id)
         self.last_pools: dict[str, PoolState] = {}
@@ -309,10 +315,12 @@ class Budget(BudgetView):
             holder=holder, host=self.host, worker=worker, action=action, pools=pools, alert=alert, at=time.time()
         )
         waiter_key = self.keys.waiter(holder)
+        self._mine.add(holder)
         try:
             queued_at = await self.client.put(waiter_key, record.model_dump_json().encode(), lease=lease)
             hosts, breaker = await self._hosts(alert)
         except EtcdError as exc:
+            self._mine.discard(holder)
             raise BudgetUnavailable(f"could not queue for a slot: {exc}") from exc
         granted = False
         try:
@@ -359,6 +367,7 @@ class Budget(BudgetView):
             if not granted:
                 with contextlib.suppress(EtcdError):
                     await self.client.delete(waiter_key)
+                self._mine.discard(holder)
 
     def _mirror_snapshot(self, hosts: tuple[HostStatus, ...], breaker: KeyValue | None) -> _Snapshot:
         """The mirror as a snapshot, computed once per change for all local waiters."""
@@ -496,6 +505,8 @@ class Budget(BudgetView):
         for key in decision.slot_keys:
             self.pending_release.add((key, decision.holder))
         await self.retry_releases()
+        if not any(h == decision.holder for _, h in self.pending_release):
+            self._mine.discard(decision.holder)
 
     async def retry_releases(self) -> None:
         """Delete each slot key still pending — only if it still holds our holder id, so a
@@ -510,6 +521,30 @@ class Budget(BudgetView):
                 log.warning("fleet: could not release slot %s now (%s); will retry", key, exc)
                 return
             self.pending_release.discard((key, holder))
+
+    def _sweep_orphans(self) -> None:
+        """Delete this host's waiter and slot keys that no request here owns any more."""
+        for key, kv in list(self.informer.items.items()):
+            if key in self._sweeping or not (key.startswith(self.keys.waiters) or key.startswith(self.keys.holders)):
+                continue
+            record = self._record_of(kv)
+            if record is None or record.host != self.host or record.holder in self._mine:
+                continue
+            self._sweeping.add(key)
+            task = asyncio.ensure_future(self._remove_orphan(key, kv.mod_revision))
+            self._sweep_tasks.add(task)
+            task.add_done_callback(self._sweep_tasks.discard)
+
+    async def _remove_orphan(self, key: str, mod: int) -> None:
+        try:
+            result = await self.client.txn([Compare(key, "mod", "=", mod)], [DeleteOp(key)])
+            if result.succeeded:
+                self.orphans_removed += 1
+                log.warning("fleet: removed %s, left by a write that timed out here and landed late", key)
+        except EtcdError:
+            pass  # the next change (or the lease) takes care of it
+        finally:
+            self._sweeping.discard(key)
 
     def _lease_lost(self, lease: int, reason: str) -> None:
         for holder, decision in list(self.held.items()):

@@ -318,11 +318,14 @@ class FleetCoordinator:
             self._leader = LeaderDuties(self, self._emit)
             self._emit(FleetEvent("leader_elected", f"{self.host} leads the fleet", metrics=("sentinel_fleet_leader",)))
             duties = asyncio.ensure_future(self._leader.run())
-            reason = await self.election.wait_deposed()
-            duties.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await duties
-            self._leader = None
+            try:
+                reason = await self.election.wait_deposed()
+            finally:
+                # Deposed, or this coordinator stopping: the duties end now, either way.
+                duties.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await duties
+                self._leader = None
             self._emit(
                 FleetEvent(
                     "leader_deposed", f"{self.host} stopped leading: {reason}", metrics=("sentinel_fleet_leader",)

@@ -608,7 +608,8 @@ class EtcdClient:
                 try:
                     async for response in _watch_lines(resp, self.stats):
                         yield response
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as exc:
+                    # RuntimeError: aiohttp's "Connection closed." when the pool shuts under it
                     self._endpoints.bad(url)
                     raise EtcdUnavailable(f"watch stream from {url} broke: {type(exc).__name__}: {exc}") from exc
                 self._endpoints.bad(url)

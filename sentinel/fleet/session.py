@@ -131,7 +131,7 @@ class Session:
                     await asyncio.sleep(self.retry_s)
                 continue
             await self._sleep_until_next_keepalive()
-            if self.lease_id is not None:
+            if self.lease_id is not None and self.clock() < self.deadline - self.margin:
                 await self._keepalive()
 
     async def _sleep_until_next_keepalive(self) -> None:
@@ -175,6 +175,11 @@ class Session:
             self._unreachable(exc)
             return
         if lease != self.lease_id:
+            return
+        if self.clock() >= self.deadline - self.margin:
+            # We already stopped trusting it (a leader deposed itself, slots were reported
+            # lost): once declared gone it stays gone, whatever the late answer says.
+            self._lose("the keep-alive answered after the lease deadline")
             return
         if ttl <= 0:
             self._lose("etcd says the lease expired")
