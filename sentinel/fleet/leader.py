@@ -58,7 +58,8 @@ class LeaderDuties:
     async def run(self) -> None:
         tasks = [asyncio.ensure_future(self.hosts.run()), asyncio.ensure_future(self.members.run())]
         try:
-            await asyncio.wait_for(asyncio.gather(self.hosts.synced.wait(), self.members.synced.wait()), 30)
+            for informer in (self.hosts, self.members):
+                await asyncio.wait_for(informer.synced.wait(), 30)
             while True:
                 versions = (self.hosts.version, self.members.version, self.coord.groups.version)
                 try:
