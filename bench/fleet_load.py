@@ -33,10 +33,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sentinel.fleet import FleetCoordinator, HostStatus  # noqa: E402
-from sentinel.fleet.status import AlertStatus, WorkerStatus  # noqa: E402
-from tests.etcd_cluster import running_cluster  # noqa: E402
-from tests.fleet_helpers import fleet_config  # noqa: E402
+from sentinel.fleet import FleetCoordinator, HostStatus
+from sentinel.fleet.status import AlertStatus, WorkerStatus
+from tests.etcd_cluster import running_cluster
+from tests.fleet_helpers import fleet_config
 
 METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([0-9.eE+-]+)$")
 
@@ -67,7 +67,9 @@ class ChangingStatus:
 
     def __call__(self) -> HostStatus:
         alerts = (AlertStatus(name="EngineStalled", active_at=self.started, worker="w0"),) if self.firing else ()
-        workers = tuple(WorkerStatus(name=f"w{i}", state="serving", profile="full", labels={"model": "m"}) for i in range(4))
+        workers = tuple(
+            WorkerStatus(name=f"w{i}", state="serving", profile="full", labels={"model": "m"}) for i in range(4)
+        )
         return HostStatus(version="bench", gpus_up=8, gpus_expected=8, workers=workers, alerts=alerts)
 
     async def run(self) -> None:
@@ -176,11 +178,18 @@ def main() -> int:
     for label, r in (("leases only (baseline)", base), (f"{args.changes_per_min}/min status changes", load)):
         print(f"{label}: {r['hosts']} hosts, {r['window_s']}s")
         print(f"  per host: {r['requests_per_s_per_host']} req/s {r['requests_by_kind_per_s_per_host']}")
-        print(f"  per host: {r['bytes_sent_per_s_per_host']} B/s sent, {r['bytes_received_per_s_per_host']} B/s received")
-        print(f"  etcd: {r["etcd_unary_rpcs_per_s"]} unary RPCs/s (keep-alives are streams), {r['etcd_watchers']} watchers, {r['etcd_keys']} keys")
+        print(
+            f"  per host: {r['bytes_sent_per_s_per_host']} B/s sent, {r['bytes_received_per_s_per_host']} B/s received"
+        )
+        print(
+            f"  etcd: {r['etcd_unary_rpcs_per_s']} unary RPCs/s (keep-alives are streams), "
+            f"{r['etcd_watchers']} watchers, {r['etcd_keys']} keys"
+        )
     x = result["extrapolated_1000_hosts"]
     print(f"status traffic ratio vs baseline: {result['status_traffic_ratio']}x")
-    print(f"1,000 hosts: ~{x['requests_per_s']} req/s = {x['share_of_published_capacity']:.1%} of etcd's published 30k/s")
+    print(
+        f"1,000 hosts: ~{x['requests_per_s']} req/s = {x['share_of_published_capacity']:.1%} of etcd's published 30k/s"
+    )
     if args.json:
         print(json.dumps(result))
     return 0

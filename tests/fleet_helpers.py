@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from sentinel.fleet.budget import Budget, HolderRecord
 from sentinel.fleet.config import BudgetConfig, FleetConfig
 from sentinel.fleet.coordinator import FleetCoordinator
-from sentinel.fleet.etcd import EtcdClient
+from sentinel.fleet.etcd import EtcdClient, cancel_and_wait
 from sentinel.fleet.keys import Keys
 from sentinel.fleet.session import Session
 from sentinel.fleet.status import HostStatus, WorkerStatus
@@ -36,9 +36,7 @@ class BudgetHost:
 
     async def crash(self) -> None:
         """Die without a word: no revoke, the lease must lapse."""
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        await cancel_and_wait(self.task)
         await self.budget.stop()
         await self.client.close()
 
@@ -160,9 +158,6 @@ async def crash(coord: FleetCoordinator) -> None:
     """Kill a coordinator without leaving: its lease must lapse on its own."""
     coord.started = False
     for task in coord._tasks:
-        task.cancel()
-    for task in coord._tasks:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_and_wait(task)
     await coord.runner.close()
     await coord.client.close()

@@ -184,7 +184,10 @@ def _certs(tmp: Path) -> dict[str, Path]:
 
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
         "-subj", "/CN=sentinel-test-ca")  # fmt: skip
-    for name, subject, usage in (("server", "/CN=127.0.0.1", "serverAuth,clientAuth"), ("client", "/O=sentinel", "clientAuth")):
+    for name, subject, usage in (
+        ("server", "/CN=127.0.0.1", "serverAuth,clientAuth"),
+        ("client", "/O=sentinel", "clientAuth"),
+    ):
         run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
         (tmp / f"{name}.cnf").write_text(f"subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n")
         run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",

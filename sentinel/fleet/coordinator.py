@@ -40,7 +40,7 @@ from sentinel.fleet.breaker import BreakerRecord
 from sentinel.fleet.budget import Budget, BudgetUnavailable, SlotDecision
 from sentinel.fleet.config import FleetConfig, GroupConfig
 from sentinel.fleet.election import Election
-from sentinel.fleet.etcd import Compare, DeleteOp, EtcdClient, EtcdError, PutOp, RangeOp
+from sentinel.fleet.etcd import Compare, DeleteOp, EtcdClient, EtcdError, PutOp, RangeOp, cancel_and_wait
 from sentinel.fleet.events import FleetEvent, FleetSample
 from sentinel.fleet.groups import GroupActionResult, GroupMemberRunner, LocalExecutor, run_plan
 from sentinel.fleet.keys import Keys
@@ -179,10 +179,7 @@ class FleetCoordinator:
                 await self._mark_left()
         session_task = self._tasks[0]
         for task in self._tasks[1:]:
-            task.cancel()
-        for task in self._tasks[1:]:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self.runner.close()
         await self.session.close(session_task)
         self._tasks.clear()
@@ -322,10 +319,8 @@ class FleetCoordinator:
                 reason = await self.election.wait_deposed()
             finally:
                 # Deposed, or this coordinator stopping: the duties end now, either way.
-                duties.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await duties
                 self._leader = None
+                await cancel_and_wait(duties)
             self._emit(
                 FleetEvent(
                     "leader_deposed", f"{self.host} stopped leading: {reason}", metrics=("sentinel_fleet_leader",)

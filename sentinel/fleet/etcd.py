@@ -59,7 +59,9 @@ __all__ = [
     "TxnResult",
     "WatchEvent",
     "WatchResponse",
+    "cancel_and_wait",
     "prefix_end",
+    "reraise_if_cancelled",
 ]
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,28 @@ class EtcdCompacted(EtcdError):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"revision compacted up to {compact_revision}")
         self.compact_revision = compact_revision
+
+
+def reraise_if_cancelled() -> None:
+    """Re-raise a cancellation that a library turned into a timeout.
+
+    aiohttp's timer cancels the task and converts the CancelledError into a
+    TimeoutError; when our own task was cancelled at the same moment, that conversion
+    swallows the cancellation. On Python 3.11+ the task still knows (`cancelling()`)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Future[Any], step_s: float = 1.0) -> None:
+    """Cancel a task and wait until it is really done, cancelling again if a cancel was
+    swallowed on the way (see `reraise_if_cancelled`)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=step_s)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("task ended with %r while being cancelled", task.exception())
 
 
 def _b64(data: bytes | str) -> str:
@@ -424,6 +448,7 @@ class EtcdClient:
                     self._endpoints.good(url)
                     return reply
             except (aiohttp.ClientConnectorError, aiohttp.ServerTimeoutError) as exc:
+                reraise_if_cancelled()
                 # ClientConnectorError: nothing was sent. ServerTimeoutError covers the
                 # connect timeout (nothing sent) and the read timeout (maybe applied).
                 self.stats.failures += 1
@@ -435,6 +460,7 @@ class EtcdClient:
                     break
                 errors.append(f"{url}: {type(exc).__name__}: {exc}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                reraise_if_cancelled()
                 self.stats.failures += 1
                 self._endpoints.bad(url)
                 errors.append(f"{url}: {type(exc).__name__}: {exc or 'timed out'}")
@@ -553,6 +579,7 @@ class EtcdClient:
             ) as resp:
                 return _decode(await resp.read(), endpoint)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            reraise_if_cancelled()
             raise EtcdUnavailable(f"{endpoint}: {type(exc).__name__}: {exc}") from exc
 
     # -- watch ----------------------------------------------------------------------------
@@ -595,6 +622,7 @@ class EtcdClient:
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=None),
                 )
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                reraise_if_cancelled()
                 errors.append(f"{url}: {type(exc).__name__}: {exc}")
                 continue
             async with resp:
@@ -609,6 +637,7 @@ class EtcdClient:
                     async for response in _watch_lines(resp, self.stats):
                         yield response
                 except (aiohttp.ClientError, asyncio.TimeoutError, RuntimeError) as exc:
+                    reraise_if_cancelled()
                     # RuntimeError: aiohttp's "Connection closed." when the pool shuts under it
                     self._endpoints.bad(url)
                     raise EtcdUnavailable(f"watch stream from {url} broke: {type(exc).__name__}: {exc}") from exc

@@ -35,7 +35,7 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sentinel.fleet.config import GroupConfig
-from sentinel.fleet.etcd import Compare, DeleteOp, EtcdClient, EtcdError, KeyValue, PutOp
+from sentinel.fleet.etcd import Compare, DeleteOp, EtcdClient, EtcdError, KeyValue, PutOp, cancel_and_wait
 from sentinel.fleet.keys import Keys
 from sentinel.fleet.watch import Informer
 
@@ -308,7 +308,4 @@ class GroupMemberRunner:
 
     async def close(self) -> None:
         for task in list(self._running.values()):
-            task.cancel()
-        for task in list(self._running.values()):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from sentinel.fleet.breaker import BreakerDecision, BreakerRecord, BreakerTracker
-from sentinel.fleet.etcd import Compare, DeleteOp, EtcdError, KeyValue, PutOp
+from sentinel.fleet.etcd import Compare, DeleteOp, EtcdError, KeyValue, PutOp, cancel_and_wait
 from sentinel.fleet.events import FleetEvent, FleetSample
 from sentinel.fleet.groups import parse_plan
 from sentinel.fleet.status import HostStatus, MemberRecord
@@ -61,15 +61,14 @@ class LeaderDuties:
             for informer in (self.hosts, self.members):
                 await asyncio.wait_for(informer.synced.wait(), 30)
             while True:
-                versions = (self.hosts.version, self.members.version, self.coord.groups.version)
+                mirrors = (self.hosts, self.members, self.coord.groups, self.coord.breakers)
+                versions = [m.version for m in mirrors]
                 try:
                     await self.evaluate()
                 except EtcdError as exc:
                     log.warning("fleet leader: evaluation incomplete: %s", exc)
                 waiters = [
-                    asyncio.ensure_future(self.hosts.wait_changed(versions[0], TICK_S)),
-                    asyncio.ensure_future(self.members.wait_changed(versions[1], TICK_S)),
-                    asyncio.ensure_future(self.coord.groups.wait_changed(versions[2], TICK_S)),
+                    asyncio.ensure_future(m.wait_changed(v, TICK_S)) for m, v in zip(mirrors, versions, strict=True)
                 ]
                 _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
                 for p in pending:
@@ -77,10 +76,7 @@ class LeaderDuties:
         finally:
             self.samples = []
             for t in tasks:
-                t.cancel()
-            for t in tasks:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await t
+                await cancel_and_wait(t)
 
     def _statuses(self) -> dict[str, HostStatus]:
         out = {}

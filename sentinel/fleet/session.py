@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from sentinel.fleet.etcd import EtcdClient, EtcdError
+from sentinel.fleet.etcd import EtcdClient, EtcdError, cancel_and_wait
 
 __all__ = ["Session", "SessionState"]
 
@@ -200,9 +200,7 @@ class Session:
     async def close(self, task: asyncio.Task[None] | None = None) -> None:
         """Stop keeping alive and revoke the lease (so peers see this host leave at once)."""
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         lease, self.lease_id = self.lease_id, None
         if lease is not None:
             with contextlib.suppress(EtcdError):

@@ -18,12 +18,19 @@ again after an outage.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
 
-from sentinel.fleet.etcd import EtcdClient, EtcdCompacted, EtcdError, KeyValue, WatchEvent
+from sentinel.fleet.etcd import (
+    EtcdClient,
+    EtcdCompacted,
+    EtcdError,
+    KeyValue,
+    WatchEvent,
+    cancel_and_wait,
+    reraise_if_cancelled,
+)
 
 __all__ = ["Informer"]
 
@@ -92,10 +99,12 @@ class Informer:
                 if need_list:
                     await self._list()
                     need_list = False
+                self._kicked = False
                 self._stream_task = asyncio.ensure_future(self._stream())
                 try:
                     await self._stream_task
                 except asyncio.CancelledError:
+                    reraise_if_cancelled()  # our own task is being stopped, not kicked
                     if not self._kicked:
                         raise
                     # kicked: reconnect at once from the last revision applied
@@ -164,6 +173,4 @@ class Informer:
                 log.exception("informer callback for %s failed", self.prefix)
 
     async def stop(self, task: asyncio.Task[None]) -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
