@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import statistics
@@ -84,6 +85,7 @@ async def measure(endpoints: list[str], hosts: int, per_host: int, limit: int, r
         "grants_per_s": round(grants / wall, 1),
         "grant_p50_ms": round(pct(waits, 0.5), 1),
         "grant_p99_ms": round(pct(waits, 0.99), 1),
+        "ideal_wall_s": round(grants * hold_ms / 1000 / limit, 2),
         "baseline_p50_ms": round(pct(alone, 0.5), 2),
         "baseline_p99_ms": round(pct(alone, 0.99), 2),
         "uncontended_overhead_ms": round(statistics.median(alone), 2),
@@ -108,9 +110,10 @@ def main() -> int:
     with running_cluster(args.members) as cluster:
         r = asyncio.run(measure(cluster.endpoints, args.hosts, args.per_host, args.limit, args.rounds, args.hold_ms))
     r["etcd_members"] = args.members
-    r["machine"] = f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()}".strip()
+    r["machine"] = f"{platform.machine()}, python {platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
     print(f"{r['contenders']} contenders on {r['hosts']} hosts, limit {r['limit']}, etcd members {args.members}")
-    print(f"grants {r['grants']} in {r['wall_s']}s ({r['grants_per_s']}/s), refused {r['refused']}")
+    print(f"grants {r['grants']} in {r['wall_s']}s ({r['grants_per_s']}/s; {r['ideal_wall_s']}s if slots never idled)")
+    print(f"refused {r['refused']}")
     print(f"grant latency under contention p50 {r['grant_p50_ms']} ms  p99 {r['grant_p99_ms']} ms")
     print(f"baseline (one contender alone)  p50 {r['baseline_p50_ms']} ms  p99 {r['baseline_p99_ms']} ms")
     print(f"most slots held at once (from etcd's history): {r['max_held_at_once']} -> violations {r['violations']}")

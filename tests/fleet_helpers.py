@@ -82,14 +82,16 @@ async def holder_history(
     """Every create and delete of a slot key since `start_revision`, from etcd's own log:
     (revision, PUT or DELETE, pool, holder)."""
     keys = Keys(f"/sentinel/{fleet}/")
-    marker = keys.holders + "~end-of-history"
+    marker = f"/sentinel-test-markers/{fleet}/end-of-history"  # outside the fleet: nobody parses it
     await client.put(marker, b"marker")
     events: list[tuple[int, str, str, HolderRecord]] = []
-    async for response in client.watch_stream(keys.holders, prefix=True, start_revision=start_revision, prev_kv=True):
+    async for response in client.watch_stream("/", prefix=True, start_revision=start_revision, prev_kv=True):
         for e in response.events:
             if e.kv.key == marker:
                 await client.delete(marker)
                 return events
+            if not e.kv.key.startswith(keys.holders):
+                continue
             kv = e.prev_kv if e.type == "DELETE" else e.kv
             if kv is None:
                 raise AssertionError(f"delete of {e.kv.key} at {e.kv.mod_revision} without prev_kv")

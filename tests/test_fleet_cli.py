@@ -41,31 +41,31 @@ def status_of(host: str) -> HostStatus:
 async def test_status_shows_every_host_alive_or_not(etcd1: EtcdCluster, fleet_name: str, tmp_path: Path) -> None:
     configs = [fleet_config(etcd1.endpoints, fleet_name, h, budget={"max_unavailable": 2}) for h in "abc"]
     sources = {h: (lambda h=h: status_of(h)) for h in "abc"}
-    async with coordinators(configs[:1], status_source=sources["a"]) as (a,):
-        async with coordinators(configs[1:2], status_source=sources["b"]) as (b,):
-            async with coordinators(configs[2:], status_source=sources["c"]) as (c,):
-                slot = await a.acquire_slot("r-a", "restart")
-                await crash(c)
-                await wait_for(lambda: a.is_leader() or b.is_leader(), 15, "a leader")
-                leader = a if a.is_leader() else b
-                await wait_for(
-                    lambda: any(
-                        s.name == "sentinel_fleet_peer_up" and s.labels["host"] == "c" and s.value == 0
-                        for s in leader.samples()
-                    ),
-                    20,
-                    "c marked down",
-                )
-                yaml_file = tmp_path / "sentinel.yaml"
-                yaml_file.write_text(
-                    f"workers: []\nfleet:\n  endpoints: {json.dumps(etcd1.endpoints)}\n  name: {fleet_name}\n"
-                    "  budget: {max_unavailable: 2}\n"
-                )
-                done = await asyncio.to_thread(fleet_cli, "status", "--json", "-c", str(yaml_file))
-                text = await asyncio.to_thread(
-                    fleet_cli, "status", "--endpoints", etcd1.endpoints[0], "--fleet", fleet_name
-                )
-                await a.release_slot(slot)
+    async with (
+        coordinators(configs[:1], status_source=sources["a"]) as (a,),
+        coordinators(configs[1:2], status_source=sources["b"]) as (b,),
+        coordinators(configs[2:], status_source=sources["c"]) as (c,),
+    ):
+        slot = await a.acquire_slot("r-a", "restart")
+        await crash(c)
+        await wait_for(lambda: a.is_leader() or b.is_leader(), 15, "a leader")
+        leader = a if a.is_leader() else b
+        await wait_for(
+            lambda: any(
+                s.name == "sentinel_fleet_peer_up" and s.labels["host"] == "c" and s.value == 0
+                for s in leader.samples()
+            ),
+            20,
+            "c marked down",
+        )
+        yaml_file = tmp_path / "sentinel.yaml"
+        yaml_file.write_text(
+            f"workers: []\nfleet:\n  endpoints: {json.dumps(etcd1.endpoints)}\n  name: {fleet_name}\n"
+            "  budget: {max_unavailable: 2}\n"
+        )
+        done = await asyncio.to_thread(fleet_cli, "status", "--json", "-c", str(yaml_file))
+        text = await asyncio.to_thread(fleet_cli, "status", "--endpoints", etcd1.endpoints[0], "--fleet", fleet_name)
+        await a.release_slot(slot)
     assert done.returncode == 0, done.stderr
     view = json.loads(done.stdout)
     hosts = {h["host"]: h for h in view["hosts"]}

@@ -424,7 +424,7 @@ class FleetCoordinator:
         started = time.time()
 
         def result(
-            outcome: Literal["done", "failed", "refused"],
+            outcome: Literal["done", "failed", "refused", "busy"],
             why: str,
             plan_id: str | None = None,
             steps: dict[str, float] | None = None,
@@ -432,7 +432,7 @@ class FleetCoordinator:
             done = GroupActionResult(
                 outcome == "done", group.name, action, plan_id, outcome, why, started, time.time(), steps or {}
             )
-            if outcome != "refused":
+            if outcome in ("done", "failed"):
                 self._emit(
                     FleetEvent(
                         "group_done" if outcome == "done" else "group_failed",
@@ -458,7 +458,7 @@ class FleetCoordinator:
         if not taken.succeeded:
             holder = taken.range(0).kvs[0].json() if taken.range(0).kvs else {}
             return result(
-                "refused",
+                "busy",
                 f"a group action is already running on {group.name} "
                 f"(host {holder.get('host')}, {holder.get('action')}, plan {holder.get('plan')})",
             )

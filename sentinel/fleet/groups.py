@@ -119,7 +119,7 @@ class GroupActionResult:
     group: str
     action: str
     plan_id: str | None
-    outcome: Literal["done", "failed", "refused"]
+    outcome: Literal["done", "failed", "refused", "busy"]  # busy: another host runs this group's action
     reason: str
     started_at: float
     ended_at: float
