@@ -46,14 +46,14 @@ async def test_one_leader_and_a_new_one_within_the_ttl_when_it_dies(etcd1: EtcdC
     async with coordinators(configs) as coords:
         await wait_for(lambda: sum(c.is_leader() for c in coords) == 1, 10, "one leader")
         old = next(c for c in coords if c.is_leader())
-        assert {c.leader_id() for c in coords} == {old.host}
+        await wait_for(lambda: {c.leader_id() for c in coords} == {old.host}, 10, "every host to know the leader")
         died = time.monotonic()
         await crash(old)
         rest = [c for c in coords if c is not old]
         took = await wait_for(lambda: sum(c.is_leader() for c in rest) == 1, TTL + 10, "a new leader")
         assert time.monotonic() - died < TTL + 5, took
         new = next(c for c in rest if c.is_leader())
-        assert {c.leader_id() for c in rest} == {new.host}
+        await wait_for(lambda: {c.leader_id() for c in rest} == {new.host}, 10, "every host to know the new leader")
 
 
 async def test_peer_down_raised_exactly_once_for_a_killed_host_and_resolved_once(
