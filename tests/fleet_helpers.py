@@ -161,5 +161,6 @@ async def crash(coord: FleetCoordinator) -> None:
     coord.started = False
     for task in coord._tasks:
         await cancel_and_wait(task)
+    await coord.budget.stop()
     await coord.runner.close()
     await coord.client.close()

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from sentinel.fleet import FleetCoordinator, FleetSetupError, HostStatus
 from sentinel.fleet.events import FleetEvent
 from sentinel.fleet.keys import Keys
 from tests.etcd_cluster import EtcdCluster
@@ -126,3 +128,36 @@ async def test_a_member_steps_run_once_even_when_its_watch_reconnects(
     finally:
         wa.stop()
         wb.stop()
+
+
+async def test_an_unreachable_etcd_at_start_up_is_a_degraded_state_not_a_crash(fleet_name: str) -> None:
+    from tests.etcd_cluster import free_port
+
+    cfg = fleet_config([f"http://127.0.0.1:{free_port()}"], fleet_name, "a", request_timeout=0.3)
+    coord = FleetCoordinator(cfg, status_source=lambda: HostStatus())
+    started = time.monotonic()
+    await coord.start()  # returns at once; joining goes on in the background
+    assert time.monotonic() - started < 1
+    try:
+        assert not await coord.wait_ready(1.0)
+        assert not coord.up and not coord.is_leader() and coord.leader_id() is None
+        slot = await coord.acquire_slot("w0", "restart")
+        assert not slot and "no valid fleet session" in slot.reason and "partition_policy is hold" in slot.reason
+        samples = {s.name: s.value for s in coord.samples()}
+        assert samples["sentinel_fleet_up"] == 0 and samples["sentinel_fleet_leader"] == 0
+        await wait_for(lambda: coord.session.state == "unreachable", 5, "the session to say unreachable")
+    finally:
+        stopping = time.monotonic()
+        await coord.stop()
+        assert time.monotonic() - stopping < 5
+
+
+async def test_unreadable_local_files_are_setup_errors(tmp_path: Path, fleet_name: str) -> None:
+    missing = fleet_config(
+        ["http://127.0.0.1:2379"], fleet_name, "a", user="sentinel", password_file=str(tmp_path / "nope")
+    )
+    with pytest.raises(FleetSetupError, match=r"fleet.password_file: cannot read .*nope: No such file"):
+        await FleetCoordinator(missing, status_source=lambda: HostStatus()).start()
+    no_ca = fleet_config(["https://127.0.0.1:2379"], fleet_name, "a", tls={"ca_file": str(tmp_path / "ca.pem")})
+    with pytest.raises(FleetSetupError, match=r"fleet.tls.ca_file: .*ca.pem is not a readable file"):
+        await FleetCoordinator(no_ca, status_source=lambda: HostStatus()).start()

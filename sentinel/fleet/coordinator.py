@@ -147,13 +147,12 @@ class FleetCoordinator:
             self.election.informer.run(),
             self.groups.run(),
             self.breakers.run(),
-            self.budget.informer.run(),
             self._status_loop(),
             self._leader_loop(),
             self._health_loop(),
         ):
             self._tasks.append(asyncio.ensure_future(coro))
-        self.budget._task = self._tasks[4]
+        self.budget.start()
         self.started = True
 
     async def wait_ready(self, timeout: float) -> bool:
@@ -180,6 +179,7 @@ class FleetCoordinator:
         session_task = self._tasks[0]
         for task in self._tasks[1:]:
             await cancel_and_wait(task)
+        await self.budget.stop()
         await self.runner.close()
         await self.session.close(session_task)
         self._tasks.clear()
@@ -419,7 +419,8 @@ class FleetCoordinator:
         alert: str | None = None,
         slot_timeout: float | None = None,
     ) -> GroupActionResult:
-        """Restart a serving group in order across hosts; the outcome, never an exception."""
+        """Restart a serving group in order across hosts; the outcome (etcd trouble included)
+        is returned, not raised. ValueError only for a group the configuration lacks."""
         group = self.group(group_name)
         started = time.time()
 
