@@ -48,16 +48,17 @@ class BudgetHost:
 
 @contextlib.asynccontextmanager
 async def budget_hosts(
-    endpoints: Sequence[str], fleet: str, config: BudgetConfig, count: int, ttl: float = 3.0
+    endpoints: Sequence[str], fleet: str, config: BudgetConfig, count: int, ttl: float = 3.0, name: str = "host"
 ) -> AsyncIterator[list[BudgetHost]]:
-    """`count` independent hosts (own client, own lease) sharing one budget."""
+    """`count` independent hosts (own client, own lease) sharing one budget, named
+    `<name>-<i>` (host ids must be unique: a host removes its own orphaned keys)."""
     hosts = []
     try:
         for i in range(count):
             client = EtcdClient(endpoints, request_timeout=2.0)
             session = Session(client, ttl)
             task = asyncio.ensure_future(session.run())
-            budget = Budget(client, Keys(f"/sentinel/{fleet}/"), config, session, f"host-{i}")
+            budget = Budget(client, Keys(f"/sentinel/{fleet}/"), config, session, f"{name}-{i}")
             hosts.append(BudgetHost(client, session, budget, task))
         for h in hosts:
             assert await h.session.wait_valid(20), "session never came up"

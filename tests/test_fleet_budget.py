@@ -208,3 +208,34 @@ async def test_killing_the_etcd_leader_mid_run_loses_and_doubles_no_slot(etcd3: 
     assert len(granted) > 10  # and work went on across the failover
     assert max_concurrent(history)["fleet"] <= 2
     assert left.kvs == ()
+
+
+async def test_no_grant_while_holders_sit_above_a_limit_that_shrank(etcd1: EtcdCluster, fleet_name: str) -> None:
+    """Three slots held under limit 3; the limit drops to 2 (hosts died under a
+    percentage). Freeing slot 0 must not let a new holder in while slot 2 is held:
+    etcd itself refuses the grant (range compare), even for a requester whose view of
+    the pool is stale."""
+    async with budget_hosts(etcd1.endpoints, fleet_name, BudgetConfig(max_unavailable=3), count=1) as (wide,):
+        held = [await wide.budget.acquire(worker=f"w{i}", action="restart") for i in range(3)]
+        assert [d.reason for d in held] == [f"slot granted in fleet#{i}" for i in range(3)]
+        async with budget_hosts(
+            etcd1.endpoints, fleet_name, BudgetConfig(max_unavailable=2), count=1, name="narrow"
+        ) as (narrow,):
+            await wide.budget.release(held[0])
+            refused = await narrow.budget.acquire(worker="x", action="restart", timeout=1.0)
+            assert not refused.granted and "2/2 slots held" in refused.reason  # slot 2 sits above the new limit
+            # A stale requester sends the transaction anyway (slot 0 looks free to it):
+            from sentinel.fleet.budget import HolderRecord
+
+            states = await narrow.budget.pools()
+            record = HolderRecord(holder="stale", host="narrow-0", worker="x", action="restart", pools=("fleet",))
+            snap = narrow.budget._parse(0, [], [], None)
+            decision, _ = await narrow.budget._try_grant(
+                record, narrow.session.lease_id or 0, states, {"fleet": 0}, snap, "/none"
+            )
+            assert decision is None
+            await wide.budget.release(held[2])  # the holder above the new limit leaves
+            got = await narrow.budget.acquire(worker="x", action="restart", timeout=10)
+            assert got.granted and got.reason == "slot granted in fleet#0"
+            for d in (held[1], got):
+                await wide.budget.release(d)

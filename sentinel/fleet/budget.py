@@ -523,9 +523,16 @@ class Budget(BudgetView):
             self.pending_release.discard((key, holder))
 
     def _sweep_orphans(self) -> None:
-        """Delete this host's waiter and slot keys that no request here owns any more."""
+        """Delete this host's waiter and slot keys that no request here owns any more.
+
+        Only keys under this session's own lease: a late write can only land under a
+        lease that is still valid, and keys under any other lease (a crashed previous
+        run, a misconfigured twin with the same host_id) are left to that lease."""
+        lease = self.session.lease_id
         for key, kv in list(self.informer.items.items()):
             if key in self._sweeping or not (key.startswith(self.keys.waiters) or key.startswith(self.keys.holders)):
+                continue
+            if lease is None or kv.lease != lease:
                 continue
             record = self._record_of(kv)
             if record is None or record.host != self.host or record.holder in self._mine:

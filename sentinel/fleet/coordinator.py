@@ -295,8 +295,9 @@ class FleetCoordinator:
             if state == "up":
                 if last == "unreachable":
                     self._emit(FleetEvent("etcd_reachable", "etcd reachable again", metrics=("sentinel_fleet_up",)))
-                for informer in (self.election.informer, self.groups, self.breakers, self.budget.informer):
-                    informer.kick()
+                    # A black-holed watch never breaks by itself: reconnect them all now.
+                    for informer in (self.election.informer, self.groups, self.breakers, self.budget.informer):
+                        informer.kick()
                 await self.budget.retry_releases()
             elif state == "unreachable":
                 self._emit(
