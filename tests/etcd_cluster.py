@@ -12,6 +12,7 @@ dominate every write's latency and make timing-sensitive tests flaky.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -27,6 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["EtcdCluster", "EtcdMember", "free_port", "running_cluster"]
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the test process dies, even by SIGKILL or a
+    `timeout`, so no etcd outlives its run on a shared machine (Linux; elsewhere a no-op)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def free_port() -> int:
@@ -124,7 +135,9 @@ class EtcdCluster:
     def _spawn(self, m: EtcdMember, state: str) -> None:
         log = m.log_path.open("ab")
         try:
-            m.proc = subprocess.Popen(self._argv(m, state), stdout=log, stderr=subprocess.STDOUT)
+            m.proc = subprocess.Popen(
+                self._argv(m, state), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
         finally:
             log.close()
 
