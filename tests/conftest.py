@@ -13,6 +13,8 @@ from types import ModuleType
 
 import pytest
 
+from tests.etcd_cluster import EtcdCluster, running_cluster
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -51,3 +53,24 @@ def sleeper() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.fixture(scope="module")
+def etcd1() -> Iterator[EtcdCluster]:
+    """One real etcd member shared by a test module; tests isolate themselves by fleet name."""
+    require_tool("etcd", "etcd-server")
+    with running_cluster(1) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def etcd3() -> Iterator[EtcdCluster]:
+    """A fresh 3-member etcd cluster, for tests that kill members."""
+    require_tool("etcd", "etcd-server")
+    with running_cluster(3) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def fleet_name() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
