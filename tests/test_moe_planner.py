@@ -245,13 +245,18 @@ def test_a_plan_that_needs_more_staging_memory_than_any_gpu_has_is_refused_with_
     tokens[0][5] = 1500
     with pytest.raises(PlanRefused, match=r"GPU \d would need 9.0 MiB to stage 1 expert copies and can spare 4.0 MiB"):
         plan_rebalance(tokens, current, PlannerSettings(expert_bytes=9 * 2**20, staging_bytes=4 * 2**20))
-    # Per-GPU figures: room on every GPU but one is enough for a (smaller) plan.
+    # Per-GPU figures: GPU 2 can stage one copy, so only one of two such layers fits.
+    mib = 2**20
     plan = plan_rebalance(
-        tokens,
-        current,
-        PlannerSettings(expert_bytes=9 * 2**20, staging_bytes=(100 * 2**20, 100 * 2**20, 0, 100 * 2**20)),
+        tokens * 2,
+        Placement.contiguous(2, 16, 4, 2),
+        PlannerSettings(expert_bytes=9 * mib, staging_bytes=(90 * mib, 90 * mib, 9 * mib, 90 * mib)),
     )
-    assert plan.changed and plan.copies_per_gpu()[2] == 0
+    assert [layer.policy for layer in plan.layers] == ["rebalance", "keep"]
+    assert plan.copies_per_gpu()[2] == 1
+    assert any(
+        "layer 1: GPU 2 would need 18.0 MiB to stage 2 expert copies and can spare 9.0 MiB" in n for n in plan.notes
+    )
 
 
 def test_a_slot_budget_below_what_the_placement_uses_is_refused() -> None:

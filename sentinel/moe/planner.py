@@ -5,46 +5,50 @@ now (`Placement`: slot -> expert, per GPU, per layer) and `PlannerSettings`. Out
 `Plan` with the new placement, the predicted balancedness before and after (mean over
 max of per-GPU load, as vLLM and SGLang define it), and the weight copies it takes.
 
-The idea is DeepSeek's EPLB (balanced packing with replicas; hierarchical when experts
-are grouped by node); the code is our own, and unlike EPLB it starts from where the
-experts are, because copying weights costs time and memory on a serving GPU:
+The idea is DeepSeek's EPLB (replicas for hot experts, balanced packing, hierarchical
+when experts are grouped by node); the code is our own, and unlike EPLB it starts from
+where the experts are, because copying weights costs time and memory on a serving GPU.
+Per layer:
 
-1. Replicas. Greedily give one more replica to the expert whose replicas carry the
-   most tokens each (EPLB's rule), in two variants: *need* stops as soon as no replica
-   carries more than an even GPU share (`tokens / GPUs`), *full* fills every slot.
-   Fewer replicas mean fewer copies and more freedom to pack; more mean finer pieces.
-2. Packing. Replicas in decreasing order of load go onto GPUs with a free slot, each
-   on the least loaded GPU (longest-processing-time first, EPLB's balanced packing),
-   except that a replica *stays* on a GPU that holds its expert now when that keeps the
-   GPU under a bound: `lower bound x (1 + slack)`, the lower bound being
-   `max(even share, largest replica)`. Staying costs nothing; going elsewhere is a copy.
-   No GPU gets two replicas of one expert while another GPU has room.
-3. Choice, per layer: among the current placement and the candidates (each replica
-   variant with slack 0 and 5 %), the one with the highest
-   `balancedness - min_gain_per_copy x copies`. That is the trade-off, explicit: a copy
-   must buy at least `min_gain_per_copy` of the layer's balancedness (default 0.002,
-   so 10 copies must buy 0.02), and the current placement (score: its balancedness, no
-   copies) wins unless something beats it. So the predicted balancedness never gets
-   worse, layer by layer, and so overall.
-4. Budgets. With `max_copies` or per-GPU staging memory (`staging_bytes`, checked
+1. Replicas (EPLB's rule): one more replica at a time to the expert whose replicas
+   carry the most tokens each, until none carries more than half an even GPU share
+   (`tokens / GPUs / 2`) or the slots run out; never two replicas on one GPU.
+   EPLB fills every slot; we stop earlier because every new replica is a copy, and
+   pieces of half a share already pack well (measured, see bench/planner.py).
+2. Packing: replicas in decreasing order of load, each onto the least loaded GPU
+   with a free slot (longest-processing-time first, EPLB's balanced packing), except
+   that a replica *stays* on a GPU that holds its expert now when that GPU is within
+   3 % of the mean load of the least loaded one.
+3. Bringing copies home: packing for balance still scatters experts that could have
+   stayed (two equal experts swapped between their GPUs cost two copies and buy
+   nothing). Each replica that landed away from its expert's current GPUs moves back
+   to one of them, or swaps with a copied replica there, when that does not raise the
+   peak load or costs less balancedness than `min_gain_per_copy` per copy saved.
+4. The trade-off, explicit: the layer's new placement is taken only when
+   `balancedness after - min_gain_per_copy x copies > balancedness before`, i.e. every
+   copy buys at least `min_gain_per_copy` (default 0.002: 10 copies must buy 0.02).
+   Otherwise the layer keeps its placement, so the predicted balancedness never gets
+   worse, layer by layer and overall (sum of means over sum of maxima).
+5. Budgets: with `max_copies` or per-GPU staging memory (`staging_bytes`, checked
    against `copies into the GPU x expert_bytes`: new weights are staged next to the
    old ones until the swap), layers are taken in order of score gained per copy until
-   the next one does not fit; the rest keep their placement and `Plan.notes` says
-   why. When no layer fits at all, `PlanRefused` says which limit stopped it.
-5. Slots. Within a GPU a replica keeps the slot it has; new replicas take the freed
-   slots in order; `copies_between` picks each copy's source.
+   the next one does not fit; the rest keep their placement and `Plan.notes` says why.
+   When no layer fits at all, `PlanRefused` says which limit stopped it.
+6. Slots: within a GPU a replica keeps the slot it has; new replicas take the freed
+   slots in order; `copies_between` picks each copy's source GPU.
 
 With `gpus_per_node` and `expert_groups` (experts in equal contiguous groups, as
 DeepSeek-V3's group-limited routing has them) and groups a multiple of nodes, the plan
-is hierarchical as in EPLB: groups are packed onto nodes first (staying where they are
-when that keeps the node under its bound), then each node replicates and packs its own
-experts on its own GPUs, so a group's tokens never leave its node. Otherwise the
-policy is global (a note says so when groups were given).
+is hierarchical as in EPLB: groups are packed onto nodes first (staying where most of
+their replicas are when that node is within the tolerance), then each node replicates
+and packs its own experts on its own GPUs, so a group's tokens never leave its node.
+Otherwise the policy is global (a note says so when groups were given).
 
-Pure Python on purpose. The work is a few hundred greedy steps per layer whose every
-step depends on the previous one; vectorising it over layers with numpy was measured
-slower than plain lists on expert-parallel groups of 8-16 GPUs (a numpy call costs
-microseconds, the Python step it replaces well under one); see bench/planner.py.
+Pure Python on purpose: the work is a few hundred greedy steps per layer, each
+depending on the last. Vectorising over layers with numpy was measured slower on
+expert-parallel groups of 8-16 GPUs (a numpy call on a [layers, GPUs] array costs
+tens of microseconds here, the Python step it replaces about one); bench/planner.py
+has the figures. The daemon should still call it off its event loop (a thread).
 """
 
 from __future__ import annotations
@@ -70,8 +74,13 @@ from sentinel.moe.placement import (
 
 __all__ = ["LayerPlan", "Plan", "PlanRefused", "PlannerSettings", "plan_rebalance"]
 
-# (replica variant, tolerance as a share of the mean GPU load) of the candidates tried per layer.
-_POLICIES: tuple[tuple[float, float], ...] = ((0.5, 0.03),)
+# Replicate until no replica carries more than this share of the mean GPU load: small
+# enough pieces to pack well, few enough to copy (measured on Zipf loads, see the tests
+# and bench/planner.py: 1.0 packs worse, filling every slot copies more for no gain).
+_REPLICA_SHARE = 0.5
+# A replica stays on a GPU that holds its expert when that GPU's load is within this
+# share of the mean of the least loaded GPU's.
+_STAY_TOLERANCE = 0.03
 _EPS = 1e-12
 
 
@@ -350,49 +359,41 @@ def _plan_layer(
     keep = _LayerResult(slots, before_loads, before, before, 0, [0] * num_gpus, "keep")
     if before is None or before >= 1.0 - _EPS:
         return keep
-    # What each candidate packs: (experts, GPUs) once for the global policy, once per node
-    # for the hierarchical one (its experts: the groups the node got).
+    # What to pack where: every expert on every GPU (global policy), or per node the
+    # experts of the groups it got (hierarchical).
     if nodes is not None and groups is not None:
         parts = _groups_to_nodes(w, slots, nodes, groups)
     else:
         parts = [(list(range(num_experts)), list(range(num_gpus)))]
     mean = sum(w) / num_gpus
-    current_replicas = _count(slots, num_experts)
-    best_score = before
-    best: tuple[list[list[int]], float, int, str] | None = None
-    for share, tolerance in _POLICIES:
-        plans = [
-            (experts, gpus, _replicas(w, experts, sum(len(slots[g]) for g in gpus), len(gpus), mean * share))
-            for experts, gpus in parts
-        ]
-        # Skip a candidate that cannot win: its balancedness is at most mean / largest
-        # replica (and 1), and every replica beyond the current count is a copy.
-        largest = max(w[e] / n for *_, replicas in plans for e, n in replicas.items())
-        new_replicas = sum(max(0, n - current_replicas[e]) for *_, replicas in plans for e, n in replicas.items())
-        ceiling = min(1.0, mean / largest) if largest > 0 else 1.0
-        if ceiling - settings.min_gain_per_copy * new_replicas <= best_score + _EPS:
-            continue
-        members: list[list[int]] = [[] for _ in slots]
-        peak = 0.0
-        copies = 0
-        for experts, gpus, replicas in plans:
-            got, loads, moved = _pack_gpus(w, experts, slots, gpus, replicas, mean * tolerance)
-            for g, ids in zip(gpus, got, strict=True):
-                members[g] = ids
-            peak = max(peak, *loads)
-            copies += moved
-        if peak <= 0:
-            continue
-        after = mean / peak
-        score = after - settings.min_gain_per_copy * copies
-        if score > best_score + _EPS and after > before + _EPS:
-            best_score = score
-            best = (members, after, copies, f"replicas<={share:g}share,tolerance={tolerance:g}")
-    if best is None:
+    price = settings.min_gain_per_copy
+    plans = [
+        (experts, gpus, _replicas(w, experts, sum(len(slots[g]) for g in gpus), len(gpus), mean * _REPLICA_SHARE))
+        for experts, gpus in parts
+    ]
+    # Skip the packing when it cannot pay: balancedness is at most mean / largest replica
+    # (and 1), and every replica beyond the current count is a copy.
+    current = _count(slots, num_experts)
+    largest = max(w[e] / n for *_, replicas in plans for e, n in replicas.items())
+    new_replicas = sum(max(0, n - current[e]) for *_, replicas in plans for e, n in replicas.items())
+    ceiling = min(1.0, mean / largest) if largest > 0 else 1.0
+    if ceiling - price * new_replicas <= before + _EPS:
         return keep
-    members, after, copies, policy = best
+    members: list[list[int]] = [[] for _ in slots]
+    peak = 0.0
+    copies = 0
+    for experts, gpus, replicas in plans:
+        got, loads, moved = _pack_gpus(w, experts, slots, gpus, replicas, price)
+        for g, ids in zip(gpus, got, strict=True):
+            members[g] = ids
+        peak = max(peak, *loads)
+        copies += moved
+    after = mean / peak if peak > 0 else 0.0
+    # The trade-off, per layer: the copies must buy at least `price` each.
+    if after - price * copies <= before + _EPS or after <= before + _EPS:
+        return keep
     new_slots, incoming = _assign_slots(slots, members)
-    return _LayerResult(new_slots, before_loads, before, after, copies, incoming, policy)
+    return _LayerResult(new_slots, before_loads, before, after, copies, incoming, "rebalance")
 
 
 def _groups_to_nodes(
@@ -401,7 +402,7 @@ def _groups_to_nodes(
     """EPLB's first step: pack expert groups onto nodes, equal counts, balanced load.
 
     A group stays on the node holding most replicas of its experts when that node is
-    within 2 % of the least loaded one. Returns (experts, GPUs) per node.
+    within the stay tolerance of the least loaded one. Returns (experts, GPUs) per node.
     """
     size = len(w) // groups
     group_load = [sum(w[g * size : (g + 1) * size]) for g in range(groups)]
@@ -413,7 +414,7 @@ def _groups_to_nodes(
                 held[e // size][node_of_gpu[gpu]] += 1
     group_node = {grp: [max(range(len(nodes)), key=lambda n: (held[grp][n], -n))] for grp in range(groups)}
     items = sorted((-group_load[g], g) for g in range(groups))
-    tolerance = sum(group_load) / len(nodes) * 0.02
+    tolerance = sum(group_load) / len(nodes) * _STAY_TOLERANCE
     node_groups, _ = _pack(items, [groups // len(nodes)] * len(nodes), group_node, tolerance)
     return [
         ([e for grp in sorted(node_groups[n]) for e in range(grp * size, (grp + 1) * size)], gpus)
@@ -422,7 +423,7 @@ def _groups_to_nodes(
 
 
 def _pack_gpus(
-    w: list[float], experts: list[int], slots: LayerSlots, gpus: list[int], replicas: dict[int, int], tolerance: float
+    w: list[float], experts: list[int], slots: LayerSlots, gpus: list[int], replicas: dict[int, int], price: float
 ) -> tuple[list[list[int]], list[float], int]:
     """Pack the replicas of `experts` onto `gpus`; returns (members and loads per GPU, copies)."""
     size = {e: w[e] / n for e, n in replicas.items()}
@@ -433,8 +434,9 @@ def _pack_gpus(
             if e in replicas:
                 origin.setdefault(e, []).append(local)
     cap = [len(slots[g]) for g in gpus]
-    members, loads = _pack(items, cap, {e: list(where) for e, where in origin.items()}, tolerance)
-    copies = _bring_home(members, loads, cap, origin, size)
+    mean = sum(w[e] for e in experts) / len(gpus)
+    members, loads = _pack(items, cap, {e: list(where) for e, where in origin.items()}, mean * _STAY_TOLERANCE)
+    copies = _bring_home(members, loads, cap, origin, size, mean, price)
     return members, loads, copies
 
 
@@ -534,20 +536,24 @@ def _bring_home(
     cap: list[int],
     origin: dict[int, list[int]],
     size: dict[int, float],
+    mean: float,
+    price: float,
 ) -> int:
-    """Send copied items back to a bin that held their id before, never above the current peak.
+    """Send copied items back to a bin that held their id before, where that is worth it.
 
     Packing for balance scatters items that could have stayed: two equal items swapped
     between their home bins cost two copies and buy nothing. For each item in a bin
     that did not hold it (a copy), in bin and item order: move it to a bin that held
     it and has lost it, if that bin has room; else swap it with a copied item there,
-    preferring one whose own home is here. A step is taken only when both bins stay at
-    or below the peak load, so balancedness never drops, and every step removes at
-    least one copy. `members` and `load` change in place; returns the copies left.
+    preferring one whose own home is here (two copies saved). A step is taken when it
+    does not raise the peak load, or when the balancedness it costs (`mean / peak`
+    before minus after) is less than `price` per copy saved: the per-copy trade-off,
+    applied one copy at a time. Every step removes at least one copy. `members` and
+    `load` change in place; returns the copies left.
     """
-    peak = max(load, default=0.0)
     bins = len(members)
-    # lost[b][id]: replicas of `id` bin b held before and has not kept (a home to return to).
+    peak = max(load, default=0.0)
+    # lost[b][id]: replicas of `id` bin b held before and has not kept (homes to return to).
     lost: list[dict[int, int]] = [{} for _ in range(bins)]
     for item, where in origin.items():
         for b in where:
@@ -559,6 +565,13 @@ def _bring_home(
                 lost[b][item] -= 1
             else:
                 foreign[b].append(item)
+
+    def ceiling(saved: int) -> float:
+        # The highest peak a step saving `saved` copies may leave: mean/peak - mean/P < price x saved.
+        slack = mean / peak - price * saved if peak > 0 else 0.0
+        return peak if price <= 0 else (mean / slack if slack > 0 else math.inf)
+
+    one, two = ceiling(1), ceiling(2)
     for g in range(bins):
         i = 0
         while i < len(foreign[g]):
@@ -568,7 +581,7 @@ def _bring_home(
             for h in origin.get(x, ()):
                 if h == g or lost[h].get(x, 0) <= 0 or x in members[h]:
                     continue
-                if len(members[h]) < cap[h] and load[h] + ux <= peak:
+                if len(members[h]) < cap[h] and load[h] + ux <= one:
                     members[g].remove(x)
                     members[h].append(x)
                     load[g] -= ux
@@ -577,15 +590,22 @@ def _bring_home(
                     foreign[g].pop(i)
                     done = True
                     break
+                # A swap with y keeps both bins under `limit` when
+                # load[h] + ux - limit <= uy <= limit - load[g] + ux; a y going home may use `two`.
+                lo1, hi1 = load[h] + ux - one, one - load[g] + ux
+                lo2, hi2 = load[h] + ux - two, two - load[g] + ux
+                lost_g, members_g = lost[g], members[g]
                 pick = -1
                 for j, y in enumerate(foreign[h]):
-                    if y == x or y in members[g]:
-                        continue
                     uy = size[y]
-                    if load[g] - ux + uy <= peak and load[h] - uy + ux <= peak:
-                        pick = j
-                        if lost[g].get(y, 0) > 0:
-                            break  # y goes home too: two copies saved
+                    if uy < lo2 or uy > hi2:
+                        continue
+                    home = lost_g.get(y, 0) > 0
+                    if (not home and (uy < lo1 or uy > hi1)) or y == x or y in members_g:
+                        continue
+                    pick = j
+                    if home:
+                        break  # y goes home too: two copies saved
                 if pick < 0:
                     continue
                 y = foreign[h].pop(pick)
@@ -604,7 +624,10 @@ def _bring_home(
                     foreign[g].append(y)  # still a copy, now here; it may find its way home later
                 done = True
                 break
-            if not done:
+            if done:
+                peak = max(load)
+                one, two = ceiling(1), ceiling(2)
+            else:
                 i += 1
     return sum(len(f) for f in foreign)
 
@@ -614,6 +637,10 @@ def _assign_slots(slots: LayerSlots, members: list[list[int]]) -> tuple[LayerSlo
     out: list[tuple[int, ...]] = []
     incoming: list[int] = []
     for old, want_list in zip(slots, members, strict=True):
+        if sorted(want_list) == sorted(e for e in old if e != EMPTY):
+            out.append(old)  # the same experts: nothing moves on this GPU
+            incoming.append(0)
+            continue
         want: dict[int, int] = {}
         for e in want_list:
             want[e] = want.get(e, 0) + 1
