@@ -70,7 +70,7 @@ def test_json_round_trip_and_errors_name_the_field() -> None:
 def test_padding_grows_every_gpu_and_refuses_to_shrink() -> None:
     placement = Placement.contiguous(num_layers=1, num_experts=4, num_gpus=2)
     assert placement.padded(3).layers[0] == ((0, 1, EMPTY), (2, 3, EMPTY))
-    with pytest.raises(PlacementError, match="GPU 0 has 2 slots .2 in use., more than the budget of 1"):
+    with pytest.raises(PlacementError, match=r"GPU 0 has 2 slots \(2 in use\), more than the budget of 1"):
         placement.padded(1)
 
 

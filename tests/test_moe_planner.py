@@ -261,7 +261,7 @@ def test_a_plan_that_needs_more_staging_memory_than_any_gpu_has_is_refused_with_
 
 def test_a_slot_budget_below_what_the_placement_uses_is_refused() -> None:
     current = Placement.contiguous(num_layers=1, num_experts=16, num_gpus=4, redundant_slots_per_gpu=2)
-    with pytest.raises(PlanRefused, match="GPU 0 has 6 slots .4 in use., more than the budget of 5 slots per GPU"):
+    with pytest.raises(PlanRefused, match=r"GPU 0 has 6 slots \(4 in use\), more than the budget of 5 slots per GPU"):
         plan_rebalance([[1] * 16], current, PlannerSettings(redundant_slots_per_gpu=1))
 
 

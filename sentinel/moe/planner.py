@@ -14,7 +14,10 @@ Per layer:
    carry the most tokens each, until none carries more than half an even GPU share
    (`tokens / GPUs / 2`) or the slots run out; never two replicas on one GPU.
    EPLB fills every slot; we stop earlier because every new replica is a copy, and
-   pieces of half a share already pack well (measured, see bench/planner.py).
+   pieces of half a share pack well on skewed loads (measured, see bench/planner.py).
+   When that plan stays under 0.95, the layer is planned again with every slot filled
+   (a few equally hot experts need a replica count that divides over the GPUs) and
+   the better score of the two wins.
 2. Packing: replicas in decreasing order of load, each onto the least loaded GPU
    with a free slot (longest-processing-time first, EPLB's balanced packing), except
    that a replica *stays* on a GPU that holds its expert now when that GPU is within
@@ -74,10 +77,13 @@ from sentinel.moe.placement import (
 
 __all__ = ["LayerPlan", "Plan", "PlanRefused", "PlannerSettings", "plan_rebalance"]
 
-# Replicate until no replica carries more than this share of the mean GPU load: small
-# enough pieces to pack well, few enough to copy (measured on Zipf loads, see the tests
-# and bench/planner.py: 1.0 packs worse, filling every slot copies more for no gain).
-_REPLICA_SHARE = 0.5
+# Replicate until no replica carries more than this share of the mean GPU load: first
+# half a share (small enough pieces to pack well, few enough to copy; on Zipf loads 1.0
+# packs worse and filling every slot copies more for no gain, see bench/planner.py),
+# then, when that leaves more than 5 % on the table, every slot (EPLB's rule: a few
+# equally hot experts need a replica count that is a multiple of the GPUs).
+_REPLICA_SHARES = (0.5, 0.0)
+_GOOD_ENOUGH = 0.95
 # A replica stays on a GPU that holds its expert when that GPU's load is within this
 # share of the mean of the least loaded GPU's.
 _STAY_TOLERANCE = 0.03
@@ -367,31 +373,39 @@ def _plan_layer(
         parts = [(list(range(num_experts)), list(range(num_gpus)))]
     mean = sum(w) / num_gpus
     price = settings.min_gain_per_copy
-    plans = [
-        (experts, gpus, _replicas(w, experts, sum(len(slots[g]) for g in gpus), len(gpus), mean * _REPLICA_SHARE))
-        for experts, gpus in parts
-    ]
-    # Skip the packing when it cannot pay: balancedness is at most mean / largest replica
-    # (and 1), and every replica beyond the current count is a copy.
     current = _count(slots, num_experts)
-    largest = max(w[e] / n for *_, replicas in plans for e, n in replicas.items())
-    new_replicas = sum(max(0, n - current[e]) for *_, replicas in plans for e, n in replicas.items())
-    ceiling = min(1.0, mean / largest) if largest > 0 else 1.0
-    if ceiling - price * new_replicas <= before + _EPS:
+    best: tuple[float, list[list[int]], float, int] | None = None  # (score, members, after, copies)
+    for share in _REPLICA_SHARES:
+        if best is not None and best[2] >= _GOOD_ENOUGH:
+            break
+        plans = [
+            (experts, gpus, _replicas(w, experts, sum(len(slots[g]) for g in gpus), len(gpus), mean * share))
+            for experts, gpus in parts
+        ]
+        # Skip a packing that cannot pay: balancedness is at most mean / largest replica
+        # (and 1), and every replica beyond the current count is a copy.
+        largest = max(w[e] / n for *_, replicas in plans for e, n in replicas.items())
+        new_replicas = sum(max(0, n - current[e]) for *_, replicas in plans for e, n in replicas.items())
+        ceiling = min(1.0, mean / largest) if largest > 0 else 1.0
+        if ceiling - price * new_replicas <= max(before, best[0] if best else before) + _EPS:
+            continue
+        members: list[list[int]] = [[] for _ in slots]
+        peak = 0.0
+        copies = 0
+        for experts, gpus, replicas in plans:
+            got, loads, moved = _pack_gpus(w, experts, slots, gpus, replicas, price)
+            for g, ids in zip(gpus, got, strict=True):
+                members[g] = ids
+            peak = max(peak, *loads)
+            copies += moved
+        after = mean / peak if peak > 0 else 0.0
+        score = after - price * copies
+        # The trade-off, per layer: the copies must buy at least `price` each.
+        if score > max(before, best[0] if best else before) + _EPS and after > before + _EPS:
+            best = (score, members, after, copies)
+    if best is None:
         return keep
-    members: list[list[int]] = [[] for _ in slots]
-    peak = 0.0
-    copies = 0
-    for experts, gpus, replicas in plans:
-        got, loads, moved = _pack_gpus(w, experts, slots, gpus, replicas, price)
-        for g, ids in zip(gpus, got, strict=True):
-            members[g] = ids
-        peak = max(peak, *loads)
-        copies += moved
-    after = mean / peak if peak > 0 else 0.0
-    # The trade-off, per layer: the copies must buy at least `price` each.
-    if after - price * copies <= before + _EPS or after <= before + _EPS:
-        return keep
+    _, members, after, copies = best
     new_slots, incoming = _assign_slots(slots, members)
     return _LayerResult(new_slots, before_loads, before, after, copies, incoming, "rebalance")
 

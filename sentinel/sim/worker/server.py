@@ -11,6 +11,13 @@
   (`null` removes it), `{"kind": "stall", "seconds": S}`, `{"kind": "crash", "after_seconds": S}`
   (default 0), `{"kind": "clear"}`; `GET /admin/state` shows profile, memory, faults, counters
   and expert load.
+- `GET /admin/placement`: the expert placement the worker runs (`placement`, as
+  `sentinel.moe.Placement.to_json` writes it, and its `version`) with the measured load
+  per device. `POST /admin/placement` `{"placement": {...}, "version": N, "timeout_s": S}`
+  applies one live (`Engine.apply_placement`) and answers with the `PlacementResult`:
+  200 `applied`, 409 `refused` (with the reason), 504 `timed_out`; 400 for a body
+  that is not a placement. This is the test and demo door; Sentinel's own path is the
+  probe's control channel, which calls the same function.
 
 The periodic `Engine 000: Avg prompt throughput: ...` line is logged from here, not from
 the engine thread, so that it keeps coming (with 0.0 tokens/s) while the engine is blocked.
@@ -29,6 +36,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sentinel.moe import Placement, PlacementError
 from sentinel.sim.worker.engine import Completion, Engine, EngineDeadError, RequestError
 from sentinel.sim.worker.formats import stats_line
 from sentinel.sim.worker.profile import WorkerProfile
@@ -213,6 +221,47 @@ async def admin_fault(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "faults": engine.state()["faults"]})
 
 
+_PLACEMENT_STATUS = {"applied": 200, "refused": 409, "timed_out": 504}
+_MAX_PLACEMENT_TIMEOUT_S = 300.0
+
+
+async def admin_placement(request: web.Request) -> web.Response:
+    """The running expert placement, its version and the measured load per device."""
+    engine = request.app[ENGINE]
+    return web.json_response(
+        {
+            "version": engine.placement_version,
+            "step": engine.placement_step,
+            "placement": engine.ep.placement.to_json(),
+            "gpu_tokens": engine.ep.device_tokens(),
+            "replica_bytes": engine.ep.replica_bytes,
+            "expert_bytes": engine.ep.expert_bytes,
+        }
+    )
+
+
+async def admin_apply_placement(request: web.Request) -> web.Response:
+    """Apply an expert placement live; the answer is the worker's acknowledgement."""
+    engine = request.app[ENGINE]
+    try:
+        body = await _json_body(request)
+        try:
+            target = Placement.from_json(body.get("placement"), "placement")
+        except PlacementError as exc:
+            raise _BadRequest(str(exc)) from exc
+        version = body.get("version")
+        if version is not None and (type(version) is not int or version < 1):
+            raise _BadRequest("version must be a positive integer (or absent: the next one)")
+        timeout = _number_field(body, "timeout_s", 10.0)
+        if not 0 < timeout <= _MAX_PLACEMENT_TIMEOUT_S:
+            raise _BadRequest(f"timeout_s must be in (0, {_MAX_PLACEMENT_TIMEOUT_S:g}]")
+    except _BadRequest as exc:
+        return _error(400, str(exc), "BadRequestError")
+    # Staging copies weights and the wait blocks: both stay off the event loop.
+    result = await asyncio.to_thread(engine.apply_placement, target, version=version, timeout_s=timeout)
+    return web.json_response(result.to_json(), status=_PLACEMENT_STATUS.get(result.status, 500))
+
+
 async def _stats_logger(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         engine = app[ENGINE]
@@ -264,5 +313,7 @@ def create_app(engine: Engine, profile: WorkerProfile) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/state", admin_state)
     app.router.add_post("/admin/fault", admin_fault)
+    app.router.add_get("/admin/placement", admin_placement)
+    app.router.add_post("/admin/placement", admin_apply_placement)
     app.cleanup_ctx.append(_stats_logger)
     return app
