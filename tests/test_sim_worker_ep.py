@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from sentinel.moe import EMPTY, Placement, PlannerSettings, plan_rebalance  # noqa: E402
 from sentinel.sim.load import LoadGenerator  # noqa: E402
+from sentinel.sim.worker.control import MessageError, apply_placement_message, placement_ack  # noqa: E402
 from sentinel.sim.worker.engine import Completion, Engine  # noqa: E402
 from sentinel.sim.worker.eplb import balance  # noqa: E402
 from sentinel.sim.worker.model import TinyMoe, build_model  # noqa: E402
@@ -234,6 +235,28 @@ def test_rolling_back_is_applying_the_old_placement_as_a_new_version(engine: Eng
     assert again.status == "applied" and again.copies == 0 and "already runs" in again.reason
 
 
+def test_placement_messages_are_parsed_applied_and_acknowledged_with_a_digest(engine: Engine) -> None:
+    old = engine.ep.placement
+    target = shuffled_placement(engine.moe)
+    assert placement_ack(engine) == {"version": 0, "step": None, "digest": old.digest()}
+    ack = apply_placement_message(engine, {"version": 4, "timeout_s": 30, "placement": target.to_json()})
+    assert (ack["status"], ack["version"], ack["digest"]) == ("applied", 4, target.digest())
+    refused = apply_placement_message(engine, {"placement": Placement.contiguous(2, 16, 4).to_json()})
+    assert refused["status"] == "refused" and refused["digest"] == target.digest()  # what still runs
+    assert placement_ack(engine)["version"] == 4
+    bad_messages = [
+        ([1], "placement message: expected an object"),
+        ({"version": 5}, "placement: expected an object"),
+        ({"placement": target.to_json(), "version": 0}, "version: expected a positive integer"),
+        ({"placement": target.to_json(), "timeout_s": -1}, r"timeout_s: expected seconds in \(0, 300\]"),
+        ({"placement": {"num_experts": 16, "layers": [[[0, "x"]]]}}, r"placement.layers\[0\]\[0\]\[1\]"),
+    ]
+    for message, error in bad_messages:
+        with pytest.raises(MessageError, match=error):
+            apply_placement_message(engine, message)
+    assert engine.placement_version == 4
+
+
 # -- the real worker over HTTP --------------------------------------------------------------------
 
 
@@ -258,7 +281,7 @@ async def test_skewed_worker_is_rebalanced_live_over_http_without_a_failed_reque
             "POST", "/admin/placement", {"placement": plan.placement.to_json(), "version": 1, "timeout_s": 30}
         )
         assert status == 200 and ack["status"] == "applied" and ack["version"] == 1, ack
-        assert ack["copies"] == len(plan.copies)
+        assert ack["copies"] == len(plan.copies) and ack["digest"] == plan.placement.digest()
         mark = worker.mark()
         await worker.log(EPLB, timeout=30, since=mark)  # a window that may straddle the swap
         healed = float((await worker.log(EPLB, timeout=30, since=worker.mark())).group(1))

@@ -22,6 +22,8 @@ this model, and the worker validates every plan it is sent with `Placement.valid
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -123,6 +125,11 @@ class Placement:
     def to_json(self) -> dict[str, Any]:
         """The JSON form `from_json` reads."""
         return {"num_experts": self.num_experts, "layers": [[list(gpu) for gpu in layer] for layer in self.layers]}
+
+    def digest(self) -> str:
+        """A short fingerprint of the placement (sha256 of its compact JSON), for acknowledgements."""
+        text = json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def padded(self, slots_per_gpu: int) -> Placement:
         """The same placement with every GPU grown to `slots_per_gpu` slots (new ones empty).

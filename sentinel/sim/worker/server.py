@@ -14,7 +14,7 @@
 - `GET /admin/placement`: the expert placement the worker runs (`placement`, as
   `sentinel.moe.Placement.to_json` writes it, and its `version`) with the measured load
   per device. `POST /admin/placement` `{"placement": {...}, "version": N, "timeout_s": S}`
-  applies one live (`Engine.apply_placement`) and answers with the `PlacementResult`:
+  applies one live (`control.apply_placement_message`) and answers with the acknowledgement:
   200 `applied`, 409 `refused` (with the reason), 504 `timed_out`; 400 for a body
   that is not a placement. This is the test and demo door; Sentinel's own path is the
   probe's control channel, which calls the same function.
@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sentinel.moe import Placement, PlacementError
+from sentinel.sim.worker.control import MessageError, apply_placement_message, parse_placement_message, placement_ack
 from sentinel.sim.worker.engine import Completion, Engine, EngineDeadError, RequestError
 from sentinel.sim.worker.formats import stats_line
 from sentinel.sim.worker.profile import WorkerProfile
@@ -222,7 +222,6 @@ async def admin_fault(request: web.Request) -> web.Response:
 
 
 _PLACEMENT_STATUS = {"applied": 200, "refused": 409, "timed_out": 504}
-_MAX_PLACEMENT_TIMEOUT_S = 300.0
 
 
 async def admin_placement(request: web.Request) -> web.Response:
@@ -230,8 +229,7 @@ async def admin_placement(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     return web.json_response(
         {
-            "version": engine.placement_version,
-            "step": engine.placement_step,
+            **placement_ack(engine),
             "placement": engine.ep.placement.to_json(),
             "gpu_tokens": engine.ep.device_tokens(),
             "replica_bytes": engine.ep.replica_bytes,
@@ -245,21 +243,12 @@ async def admin_apply_placement(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     try:
         body = await _json_body(request)
-        try:
-            target = Placement.from_json(body.get("placement"), "placement")
-        except PlacementError as exc:
-            raise _BadRequest(str(exc)) from exc
-        version = body.get("version")
-        if version is not None and (type(version) is not int or version < 1):
-            raise _BadRequest("version must be a positive integer (or absent: the next one)")
-        timeout = _number_field(body, "timeout_s", 10.0)
-        if not 0 < timeout <= _MAX_PLACEMENT_TIMEOUT_S:
-            raise _BadRequest(f"timeout_s must be in (0, {_MAX_PLACEMENT_TIMEOUT_S:g}]")
-    except _BadRequest as exc:
+        parse_placement_message(body)  # a bad body is a 400 here, before any thread
+    except (_BadRequest, MessageError) as exc:
         return _error(400, str(exc), "BadRequestError")
     # Staging copies weights and the wait blocks: both stay off the event loop.
-    result = await asyncio.to_thread(engine.apply_placement, target, version=version, timeout_s=timeout)
-    return web.json_response(result.to_json(), status=_PLACEMENT_STATUS.get(result.status, 500))
+    ack = await asyncio.to_thread(apply_placement_message, engine, body)
+    return web.json_response(ack, status=_PLACEMENT_STATUS.get(str(ack["status"]), 500))
 
 
 async def _stats_logger(app: web.Application) -> AsyncIterator[None]:
