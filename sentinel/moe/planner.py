@@ -639,8 +639,10 @@ def _bring_home(
                 done = True
                 break
             if done:
-                peak = max(load)
-                one, two = ceiling(1), ceiling(2)
+                top = max(load)
+                if top != peak:
+                    peak = top
+                    one, two = ceiling(1), ceiling(2)
             else:
                 i += 1
     return sum(len(f) for f in foreign)
@@ -651,21 +653,20 @@ def _assign_slots(slots: LayerSlots, members: list[list[int]]) -> tuple[LayerSlo
     out: list[tuple[int, ...]] = []
     incoming: list[int] = []
     for old, want_list in zip(slots, members, strict=True):
-        if sorted(want_list) == sorted(e for e in old if e != EMPTY):
-            out.append(old)  # the same experts: nothing moves on this GPU
-            incoming.append(0)
-            continue
         want: dict[int, int] = {}
         for e in want_list:
             want[e] = want.get(e, 0) + 1
-        new = [EMPTY] * len(old)
+        new = list(old)
+        free: list[int] = []
         for s, e in enumerate(old):
-            if e != EMPTY and want.get(e, 0) > 0:
-                new[s] = e
-                want[e] -= 1
+            n = want.get(e, 0)  # EMPTY is never wanted
+            if n:
+                want[e] = n - 1
+            else:
+                new[s] = EMPTY
+                free.append(s)
         fill = sorted(e for e, n in want.items() for _ in range(n))
-        free = (s for s in range(len(old)) if new[s] == EMPTY)
-        for s, e in zip(free, fill, strict=False):
+        for s, e in zip(free, fill, strict=False):  # fewer new replicas than free slots is normal
             new[s] = e
         out.append(tuple(new))
         incoming.append(len(fill))
