@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sentinel.config import WorkerConfig
+from sentinel.config.models import WorkerConfig
 from sentinel.notify.dispatcher import Notifier
 from sentinel.notify.settings import NotifyConfig, WebhookReceiver
 from sentinel.notify.testing import RecordingReceiver, alert_event

@@ -23,14 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from sentinel.alerting.manager import AlertEvent, RuleManager
-from sentinel.alerting.query import engine_query
-from sentinel.alerting.rulefile import load_rule_files
-from sentinel.alerting.state import AlertState
-from sentinel.config import RulesConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import RulesConfig
 from sentinel.promql import Engine
+from sentinel.rules.manager import AlertEvent, RuleManager
+from sentinel.rules.query import engine_query
+from sentinel.rules.rulefile import load_rule_files
+from sentinel.rules.state import AlertState
 from sentinel.store import Store, now_ms
+from sentinel.store.events import Event, EventBus
 
 COUNTER = "sentinel_log_events_total"
 

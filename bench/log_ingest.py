@@ -27,13 +27,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from sentinel.config import LogCollectorConfig, LogSource, WorkerConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import LogCollectorConfig, LogSource, WorkerConfig
 from sentinel.logs import Catalogue, LogCollector, Matcher
 from sentinel.logs.lines import LineSplitter
 from sentinel.logs.matcher import Match
 from sentinel.logs.pipeline import SourcePipeline
 from sentinel.store import Store
+from sentinel.store.events import Event, EventBus
 
 CHUNK = 256 * 1024  # the tailer's read size
 

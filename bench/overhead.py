@@ -21,7 +21,7 @@ import psutil
 
 BASELINE = (
     "import aiohttp, apscheduler.schedulers.asyncio, prometheus_client, pydantic, yaml, psutil, pynvml, "
-    "promql_parser, sentinel.cli, time; print('ready', flush=True); time.sleep(10**6)"
+    "promql_parser, sentinel.cli.main, time; print('ready', flush=True); time.sleep(10**6)"
 )
 
 

@@ -25,11 +25,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from sentinel.alerting.group import GroupEvaluator
-from sentinel.alerting.query import engine_query
-from sentinel.alerting.rulefile import Rule, RuleGroup
-from sentinel.gctune import tune_for_daemon
+from sentinel.daemon.gctune import tune_for_daemon
 from sentinel.promql import Engine, syntax
+from sentinel.rules.group import GroupEvaluator
+from sentinel.rules.query import engine_query
+from sentinel.rules.rulefile import Rule, RuleGroup
 from sentinel.store import DEFAULT_LOOKBACK_MS, Labels, Series, Store, labels_from, now_ms
 
 GPUS = [str(i) for i in range(8)]

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sentinel.collectors.endpoint import EndpointCollector
 from sentinel.collectors.http import SharedHttpSession
 from sentinel.collectors.promtext import TextParser
-from sentinel.config import EndpointCollectorConfig, WorkerConfig
+from sentinel.config.models import EndpointCollectorConfig, WorkerConfig
 from sentinel.store import Store
 
 SERIES = 2_000

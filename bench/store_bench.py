@@ -14,7 +14,7 @@ import time
 import tracemalloc
 from bisect import bisect_right
 
-from sentinel.store import Matcher, MatchOp, Store, labels_from
+from sentinel.store import LabelMatcher, MatchOp, Store, labels_from
 
 SERIES = 2_000
 RETENTION_S = 900
@@ -60,7 +60,7 @@ def main() -> None:
     naive: dict[tuple[tuple[str, str], ...], list[tuple[int, float]]] = {}
     t_naive, mem_naive = measure(fill_naive, naive, args.series, args.seconds)
 
-    matchers = [Matcher("__name__", MatchOp.EQ, "sentinel_gpu_utilization_ratio")]
+    matchers = [LabelMatcher("__name__", MatchOp.EQ, "sentinel_gpu_utilization_ratio")]
     end = args.seconds * 1000
     started = time.perf_counter()
     reads = 0

@@ -1,5 +1,5 @@
 import sys
 
-from sentinel.cli import main
+from sentinel.cli.main import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""The alert state machine (`sentinel.alerting.state`): every transition, and `for` restore."""
+"""The alert state machine (`sentinel.rules.state`): every transition, and `for` restore."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel.alerting.state import (
+from sentinel.rules.state import (
     RESOLVED_RETENTION_MS,
     Alert,
     AlertState,

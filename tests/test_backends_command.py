@@ -211,7 +211,7 @@ async def test_status_command_exit_code_follows_lsb(cmds: Commands, tmp_path: Pa
 
 
 def test_build_backend_wires_the_configured_commands(tmp_path: Path) -> None:
-    from sentinel.config import WorkerConfig
+    from sentinel.config.models import WorkerConfig
     from sentinel.remediation.backends import build_backend
 
     worker = WorkerConfig.model_validate(

@@ -295,7 +295,7 @@ async def test_sentinels_own_service_variables_do_not_leak_to_the_worker(
 
 
 def test_build_backend_wires_a_process_worker_with_default_files(tmp_path: Path) -> None:
-    from sentinel.config import WorkerConfig
+    from sentinel.config.models import WorkerConfig
     from sentinel.remediation.backends import build_backend
 
     worker = WorkerConfig.model_validate(

@@ -395,7 +395,7 @@ async def eventually_called(systemd: FakeManager, verb: str) -> None:
 
 
 def test_build_backend_wires_the_configured_systemd_unit(tmp_path: Path) -> None:
-    from sentinel.config import WorkerConfig
+    from sentinel.config.models import WorkerConfig
 
     worker = WorkerConfig.model_validate(
         {

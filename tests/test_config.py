@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from sentinel.config import Config, ConfigError, load_config, parse_config, parse_duration, split_listen
+from sentinel.config.models import Config, ConfigError, load_config, parse_config, parse_duration, split_listen
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sentinel.configdoc import render
+from sentinel.config.doc import render
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_configuration_reference_matches_the_models() -> None:
     committed = (REPO / "docs" / "configuration.md").read_text()
-    assert committed == render(), "run: python -m sentinel.configdoc > docs/configuration.md"
+    assert committed == render(), "run: python -m sentinel.config.doc > docs/configuration.md"
 
 
 def test_reference_covers_every_section() -> None:
@@ -23,7 +23,7 @@ def test_reference_covers_every_section() -> None:
 def test_rules_reference_matches_the_default_rules() -> None:
     import os
 
-    from sentinel.rulesdoc import render as render_rules
+    from sentinel.rules.doc import render as render_rules
 
     cwd = os.getcwd()
     os.chdir(REPO)  # the reference names files relative to the repository
@@ -31,4 +31,4 @@ def test_rules_reference_matches_the_default_rules() -> None:
         expected = render_rules(["rules/*.yml"])
     finally:
         os.chdir(cwd)
-    assert (REPO / "docs" / "rules.md").read_text() == expected, "run: python -m sentinel.rulesdoc > docs/rules.md"
+    assert (REPO / "docs" / "rules.md").read_text() == expected, "run: python -m sentinel.rules.doc > docs/rules.md"

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sentinel.alerting.rulefile import parse_prom_duration
 from sentinel.promql import metric_names
 from sentinel.remediation.settings import ACTIONS
+from sentinel.rules.rulefile import parse_prom_duration
 from tests.conftest import require_tool
 from tests.daemon_process import DaemonProcess
 from tests.test_grafana import healthy_host_scrape, unknown_names

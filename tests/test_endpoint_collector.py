@@ -23,9 +23,9 @@ from sentinel.collectors.endpoint import SCRAPE_ERROR_REASONS, EndpointCollector
 from sentinel.collectors.engine_progress import BalancednessTracker, EngineSnapshot, ProgressTracker
 from sentinel.collectors.http import SharedHttpSession
 from sentinel.collectors.promtext import ParsedMetrics, ParseError, TextParser, parse_openmetrics
-from sentinel.config import EndpointCollectorConfig, WorkerConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import EndpointCollectorConfig, WorkerConfig
 from sentinel.store import Store
+from sentinel.store.events import Event, EventBus
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CANDIDATES = [

@@ -13,10 +13,10 @@ import pytest
 
 from sentinel.collectors.base import Collector, CollectorRunner, CollectorUnavailable
 from sentinel.collectors.host import HostCollector
-from sentinel.config import HostCollectorConfig, ProcessMatch, WorkerConfig
-from sentinel.events import Event, EventBus
+from sentinel.collectors.workers import WorkerProcesses, WorkerProcs
+from sentinel.config.models import HostCollectorConfig, ProcessMatch, WorkerConfig
 from sentinel.store import Store
-from sentinel.workers import WorkerProcesses, WorkerProcs
+from sentinel.store.events import Event, EventBus
 
 UNIT = "vllm@qwen3.service"
 CLK_TCK = os.sysconf("SC_CLK_TCK")

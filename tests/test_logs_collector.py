@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from sentinel.collectors.base import CollectorRunner
-from sentinel.config import LogCollectorConfig, LogSource, WorkerConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import LogCollectorConfig, LogSource, WorkerConfig
 from sentinel.logs import KernelSourceSpec, LogCollector
 from sentinel.store import Store, labels_from
+from sentinel.store.events import Event, EventBus
 
 WAIT_S = 5.0
 OOM = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79 GiB"

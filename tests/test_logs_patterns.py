@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel.config import LogPattern
+from sentinel.config.models import LogPattern
 from sentinel.logs import BUILTIN_EVENTS, Catalogue, CatalogueError, Matcher, normalise_pci_bus_id
 
 MATCHER = Matcher(Catalogue.load())

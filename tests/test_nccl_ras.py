@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from sentinel.collectors.base import CollectorRunner
 from sentinel.collectors.nccl_ras import NcclRasCollector, nccl_ras_collectors, parse_ras_address
 from sentinel.collectors.nccl_ras_report import RasParseError, parse_ras_reply, parse_ras_text
-from sentinel.config import NcclRasCollectorConfig, WorkerConfig
+from sentinel.config.models import NcclRasCollectorConfig, WorkerConfig
 from sentinel.store import Store
 
 COMM = "5a0d3c9e81f2b4c7"

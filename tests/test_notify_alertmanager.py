@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sentinel.alerting.rulefile import Rule
-from sentinel.alerting.state import Alert, AlertState
 from sentinel.notify.testing import EXTERNAL_URL, RecordingReceiver, Reply, alert_event, running_notifier
+from sentinel.rules.rulefile import Rule
+from sentinel.rules.state import Alert, AlertState
 from tests.conftest import require_tool
 
 AM_CONFIG = """

@@ -18,11 +18,11 @@ import pytest
 
 from sentinel.collectors.base import CollectorRunner, CollectorUnavailable
 from sentinel.collectors.nvml import GPUS_STATE_FILE, NvmlCollector
-from sentinel.config import NvmlCollectorConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import NvmlCollectorConfig
 from sentinel.sim import SimulatedNvml, load_scenario, parse_scenario
 from sentinel.sim.nvml import SimDevice
 from sentinel.store import Store
+from sentinel.store.events import Event, EventBus
 from tests.conftest import require_tool
 
 GPU_METRICS = (
@@ -634,7 +634,7 @@ async def test_corrupt_gpu_count_file_is_ignored_and_rewritten(make_rig: Callabl
 
 async def test_exposed_metrics_pass_promtool_check_metrics(make_rig: Callable[..., Any]) -> None:
     promtool = require_tool("promtool", "prometheus")
-    exporter = pytest.importorskip("sentinel.exporter")
+    exporter = pytest.importorskip("sentinel.api.exporter")
     text = "name: all\ngpus:\n  - {processes: [{pid: 4242, used_memory_bytes: 2000}]}\n  - {}\n"
     rig = await make_rig(text, pid_owner=lambda: {4242: "qwen"})
     await collect(rig)

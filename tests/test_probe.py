@@ -23,6 +23,9 @@ transformers = require_module("transformers")
 
 from torch import nn  # noqa: E402
 
+from sentinel.collectors.probe_reports import EVENT_OOM  # noqa: E402
+from sentinel.collectors.probe_reports import REPORT_PATH as DAEMON_REPORT_PATH  # noqa: E402
+from sentinel.collectors.probe_reports import REPORT_VERSION as DAEMON_REPORT_VERSION  # noqa: E402
 from sentinel.probe import (  # noqa: E402
     GpuNamer,
     Probe,
@@ -35,9 +38,6 @@ from sentinel.probe import (  # noqa: E402
     parse_target,
 )
 from sentinel.probe.report import REPORT_PATH, REPORT_VERSION, hottest_experts, layer_entries, tokens_per_gpu  # noqa: E402
-from sentinel.probe_endpoint import EVENT_OOM  # noqa: E402
-from sentinel.probe_endpoint import REPORT_PATH as DAEMON_REPORT_PATH  # noqa: E402
-from sentinel.probe_endpoint import REPORT_VERSION as DAEMON_REPORT_VERSION  # noqa: E402
 
 EXPERTS, TOP_K, VOCAB = 8, 2, 128
 FOUR_GPUS = [0, 0, 1, 1, 2, 2, 3, 3]

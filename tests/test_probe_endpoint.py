@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sentinel.probe_endpoint import (
+from sentinel.collectors.probe_reports import (
     EVENT_DOWN,
     EVENT_OOM,
     EVENT_REPORT,
@@ -335,7 +335,7 @@ async def test_status_lists_every_worker_that_reported() -> None:
 
 
 def test_daemon_side_never_imports_torch() -> None:
-    code = "import sentinel.probe_endpoint, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    code = "import sentinel.collectors.probe_reports, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
 

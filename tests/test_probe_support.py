@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from sentinel.events import Event, EventBus
 from sentinel.store import Labels, Store, labels_from
+from sentinel.store.events import Event, EventBus
 from tests.conftest import require_module
 
 if TYPE_CHECKING:
-    from sentinel.probe_endpoint import ProbeRegistry
+    from sentinel.collectors.probe_reports import ProbeRegistry
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0, step_s: float = 0.02) -> bool:
@@ -66,7 +66,7 @@ async def serve_registry(**registry_kwargs: Any) -> AsyncIterator[Daemon]:
     # dependencies (pydantic), and need only `require_module`.
     from aiohttp import web
 
-    from sentinel.probe_endpoint import ProbeRegistry
+    from sentinel.collectors.probe_reports import ProbeRegistry
 
     store, bus = Store(), EventBus()
     events: list[Event] = []

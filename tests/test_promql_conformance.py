@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sentinel.promql.testfile import Report, main, run_files, run_script
+from sentinel.promtool.promqltest import Report, main, run_files, run_script
 from tests.conftest import IN_CI
 
 TESTDATA = Path(__file__).resolve().parents[1].parent / "shared" / "promql-testdata"

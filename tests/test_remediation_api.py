@@ -15,11 +15,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from sentinel import opscli
-from sentinel.alerting.api import prometheus_api_routes
-from sentinel.alerting.state import Alert, AlertState
-from sentinel.remediation.api import ControlToken, remediation_routes
-from sentinel.server import ServerContext, start_server
+from sentinel.api.control import ControlToken, remediation_routes
+from sentinel.api.prometheus import prometheus_api_routes
+from sentinel.api.server import ServerContext, start_server
+from sentinel.cli import ops as opscli
+from sentinel.rules.state import Alert, AlertState
 from tests.test_remediation_fakes import Harness, Wall, firing, policy, worker
 
 TOKEN = "s3cret-token-0123456789abcdef"

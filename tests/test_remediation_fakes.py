@@ -10,14 +10,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sentinel.alerting.manager import AlertEvent
-from sentinel.alerting.rulefile import Rule
-from sentinel.alerting.state import Alert, AlertState, Transition
-from sentinel.config import WorkerConfig
+from sentinel.config.models import WorkerConfig
 from sentinel.notify.actions import ActionReport
 from sentinel.remediation.backend import ActionContext, BackendError, UnitState, WorkerBackend
 from sentinel.remediation.engine import Remediator
 from sentinel.remediation.settings import Profile, RemediationConfig
+from sentinel.rules.manager import AlertEvent
+from sentinel.rules.rulefile import Rule
+from sentinel.rules.state import Alert, AlertState, Transition
 from sentinel.store import Store
 
 T0 = 1_700_000_000.0

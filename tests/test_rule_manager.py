@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from sentinel.alerting.manager import AlertEvent, RuleManager
-from sentinel.alerting.query import engine_query
-from sentinel.alerting.rulefile import RuleGroup, load_rule_files
-from sentinel.alerting.state import Alert, AlertState
-from sentinel.config import RulesConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import RulesConfig
 from sentinel.promql import Engine, Vector
+from sentinel.rules.manager import AlertEvent, RuleManager
+from sentinel.rules.query import engine_query
+from sentinel.rules.rulefile import RuleGroup, load_rule_files
+from sentinel.rules.state import Alert, AlertState
 from sentinel.store import Store, now_ms
+from sentinel.store.events import Event, EventBus
 
 
 class Host:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sentinel.alerting.rulefile import (
+from sentinel.rules.rulefile import (
     RuleFileError,
     RuleProblem,
     load_rule_files,

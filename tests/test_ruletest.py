@@ -18,9 +18,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sentinel.alerting.group import QueryError
-from sentinel.alerting.query import engine_query
-from sentinel.alerting.ruletest import (
+from sentinel.promql import Engine
+from sentinel.promtool.ruletest import (
     TestFileError,
     format_float_e,
     format_go_duration,
@@ -29,7 +28,8 @@ from sentinel.alerting.ruletest import (
     parse_test_file,
     run_files,
 )
-from sentinel.promql import Engine
+from sentinel.rules.group import QueryError
+from sentinel.rules.query import engine_query
 from sentinel.store import Store, labels_from
 from tests.conftest import require_tool
 
@@ -46,7 +46,7 @@ FIXTURES = {
 
 def _sentinel(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sentinel.alerting.ruletest", *args],
+        [sys.executable, "-m", "sentinel.promtool.ruletest", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

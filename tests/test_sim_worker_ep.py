@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from sentinel.moe import EMPTY, Placement, PlannerSettings, plan_rebalance  # noqa: E402
 from sentinel.sim.load import LoadGenerator  # noqa: E402
 from sentinel.sim.worker.control import MessageError, apply_placement_message, placement_ack  # noqa: E402
-from sentinel.sim.worker.engine import Completion, Engine  # noqa: E402
+from sentinel.sim.worker.engine import Completion, ServingEngine  # noqa: E402
 from sentinel.sim.worker.eplb import balance  # noqa: E402
 from sentinel.sim.worker.model import TinyMoe, build_model  # noqa: E402
 from tests.test_sim_worker import EPLB, WorkerProcess  # noqa: E402
@@ -65,9 +65,9 @@ class Results:
 
 
 @pytest.fixture
-def engine() -> Iterator[Engine]:
+def engine() -> Iterator[ServingEngine]:
     torch.set_num_threads(1)
-    e = Engine(build_model("none"), max_num_seqs=4, model_name="m")
+    e = ServingEngine(build_model("none"), max_num_seqs=4, model_name="m")
     e.start()
     try:
         yield e
@@ -80,7 +80,7 @@ def prompts(n: int, seed: int = 0, length: int = 12) -> list[list[int]]:
     return torch.randint(33, 127, (n, length), generator=g).tolist()
 
 
-def serve(engine: Engine, batch: list[list[int]], max_tokens: int = 8) -> dict[int, Completion | BaseException]:
+def serve(engine: ServingEngine, batch: list[list[int]], max_tokens: int = 8) -> dict[int, Completion | BaseException]:
     results = Results()
     for i, p in enumerate(batch):
         engine.submit(p, max_tokens, results.callback(i), ignore_eos=True)
@@ -108,7 +108,7 @@ def shuffled_placement(moe: TinyMoe) -> Placement:
 @pytest.mark.parametrize("quantization", ["none", "int8"])
 def test_outputs_do_not_depend_on_where_experts_live(quantization: str) -> None:
     moe = build_model(quantization)
-    engine = Engine(moe, max_num_seqs=4, model_name="m")
+    engine = ServingEngine(moe, max_num_seqs=4, model_name="m")
     ids = torch.tensor(prompts(4, seed=3))
     try:
         with torch.inference_mode():
@@ -126,7 +126,7 @@ def test_outputs_do_not_depend_on_where_experts_live(quantization: str) -> None:
     assert torch.equal(after.argmax(-1), before.argmax(-1))
 
 
-def test_replicas_split_their_experts_tokens_evenly_and_devices_count_them(engine: Engine) -> None:
+def test_replicas_split_their_experts_tokens_evenly_and_devices_count_them(engine: ServingEngine) -> None:
     moe = engine.moe
     engine.set_skew((0, 1), 10.0)  # every token to experts 0 and 1, both on device 0
     layer = [[0, 1, 2, 3, EMPTY, EMPTY], [4, 5, 6, 7, 0, 1], [8, 9, 10, 11, 0, 1], [12, 13, 14, 15, 0, 1]]
@@ -143,7 +143,7 @@ def test_replicas_split_their_experts_tokens_evenly_and_devices_count_them(engin
     assert moe.ep.replica_bytes == 2 * 6 * moe.ep.expert_bytes
 
 
-def test_measured_balancedness_matches_the_planners_prediction(engine: Engine) -> None:
+def test_measured_balancedness_matches_the_planners_prediction(engine: ServingEngine) -> None:
     engine.set_skew((3, 6, 9), 2.5)  # three hot experts on three devices, the rest still routed
     engine.expert_load.take_window()
     serve(engine, prompts(16, seed=5), max_tokens=12)
@@ -168,7 +168,7 @@ def test_measured_balancedness_matches_the_planners_prediction(engine: Engine) -
     assert measured > plan.balancedness_before + 0.05
 
 
-def test_a_plan_applied_under_load_fails_no_request_and_lands_between_steps(engine: Engine) -> None:
+def test_a_plan_applied_under_load_fails_no_request_and_lands_between_steps(engine: ServingEngine) -> None:
     engine.set_skew((0, 1), 10.0)
     results = Results()
     batch = prompts(24, seed=7)
@@ -188,7 +188,7 @@ def test_a_plan_applied_under_load_fails_no_request_and_lands_between_steps(engi
     assert engine.state()["experts"]["placement_version"] == 1
 
 
-def test_a_stalled_engine_times_out_and_keeps_the_old_placement(engine: Engine) -> None:
+def test_a_stalled_engine_times_out_and_keeps_the_old_placement(engine: ServingEngine) -> None:
     old = engine.ep.placement
     engine.stall(3.0)
     result = engine.apply_placement(shuffled_placement(engine.moe), timeout_s=0.5)
@@ -198,7 +198,7 @@ def test_a_stalled_engine_times_out_and_keeps_the_old_placement(engine: Engine) 
     assert engine.ep.placement == old and engine.placement_version == 0
 
 
-def test_plans_that_do_not_fit_are_refused_with_the_reason_and_change_nothing(engine: Engine) -> None:
+def test_plans_that_do_not_fit_are_refused_with_the_reason_and_change_nothing(engine: ServingEngine) -> None:
     moe = engine.moe
     old = engine.ep.placement
     four_slots = Placement.contiguous(2, 16, 4)  # the worker has 6 slots per device
@@ -222,7 +222,7 @@ def test_plans_that_do_not_fit_are_refused_with_the_reason_and_change_nothing(en
     assert stale.status == "refused" and "version 2 is not newer than the running version 3" in stale.reason
 
 
-def test_rolling_back_is_applying_the_old_placement_as_a_new_version(engine: Engine) -> None:
+def test_rolling_back_is_applying_the_old_placement_as_a_new_version(engine: ServingEngine) -> None:
     old = engine.ep.placement
     target = shuffled_placement(engine.moe)
     first = engine.apply_placement(target, timeout_s=30)  # the idle engine swaps at once
@@ -235,7 +235,7 @@ def test_rolling_back_is_applying_the_old_placement_as_a_new_version(engine: Eng
     assert again.status == "applied" and again.copies == 0 and "already runs" in again.reason
 
 
-def test_placement_messages_are_parsed_applied_and_acknowledged_with_a_digest(engine: Engine) -> None:
+def test_placement_messages_are_parsed_applied_and_acknowledged_with_a_digest(engine: ServingEngine) -> None:
     old = engine.ep.placement
     target = shuffled_placement(engine.moe)
     assert placement_ack(engine) == {"version": 0, "step": None, "digest": old.digest()}

@@ -23,7 +23,7 @@ require_module("transformers")
 
 import torch  # noqa: E402
 
-from sentinel.sim.worker.engine import Completion, Engine, EngineDeadError  # noqa: E402
+from sentinel.sim.worker.engine import Completion, EngineDeadError, ServingEngine  # noqa: E402
 from sentinel.sim.worker.eplb import balance, tokens_per_gpu  # noqa: E402
 from sentinel.sim.worker.formats import format_size, nccl_watchdog_lines, oom_message  # noqa: E402
 from sentinel.sim.worker.model import TinyMoe, build_model, expert_to_gpu  # noqa: E402
@@ -129,7 +129,7 @@ def test_linear_layers_fall_back_to_weight_only_int8_without_torch_ao(monkeypatc
 
 def test_skew_sends_every_token_to_the_chosen_experts(fp32: TinyMoe) -> None:
     moe = build_model("none")
-    engine = Engine(moe, max_num_seqs=4, model_name="m")
+    engine = ServingEngine(moe, max_num_seqs=4, model_name="m")
     ids = torch.randint(33, 127, (8, 16), generator=torch.Generator().manual_seed(2))
     try:
         with torch.inference_mode():
@@ -158,7 +158,7 @@ def test_balancedness_is_mean_over_max_tokens_per_gpu_summed_over_layers() -> No
 
 
 def test_continuous_batching_gives_each_request_its_unbatched_greedy_tokens(fp32: TinyMoe) -> None:
-    engine = Engine(fp32, max_num_seqs=3, model_name="m")
+    engine = ServingEngine(fp32, max_num_seqs=3, model_name="m")
     engine.start()
     results = Results()
     prompts = [list(f"prompt {i}{'x' * (i % 4)}".encode()) for i in range(7)]
@@ -179,7 +179,7 @@ def test_continuous_batching_gives_each_request_its_unbatched_greedy_tokens(fp32
 def test_live_probe_limit_caps_running_and_preempted_requests_still_complete(fp32: TinyMoe) -> None:
     # No limit for the first steps (all 6 admitted), then a live limit of 2: four are preempted.
     probe = FakeProbe([None, None, None, 2])
-    engine = Engine(fp32, max_num_seqs=8, model_name="m", probe=probe)
+    engine = ServingEngine(fp32, max_num_seqs=8, model_name="m", probe=probe)
     results = Results()
     prompts = [list(f"request {i}".encode()) for i in range(6)]
     for i, prompt in enumerate(prompts):
@@ -201,7 +201,7 @@ def test_memory_budget_raises_a_real_oom_the_probe_sees_and_the_engine_dies(fp32
     probe = FakeProbe([None])
     died = threading.Event()
     budget = fp32.weights_bytes + 4 * 20 * fp32.per_token_bytes
-    engine = Engine(
+    engine = ServingEngine(
         fp32, max_num_seqs=8, model_name="m", probe=probe, memory_budget_bytes=budget, on_dead=lambda _: died.set()
     )
     engine.start()
@@ -223,7 +223,7 @@ def test_memory_budget_raises_a_real_oom_the_probe_sees_and_the_engine_dies(fp32
 def test_crash_hangs_the_loop_then_prints_the_watchdog_lines_and_dies(fp32: TinyMoe) -> None:
     stderr = io.StringIO()
     died = threading.Event()
-    engine = Engine(fp32, max_num_seqs=4, model_name="m", stderr=stderr, on_dead=lambda _: died.set())
+    engine = ServingEngine(fp32, max_num_seqs=4, model_name="m", stderr=stderr, on_dead=lambda _: died.set())
     engine.start()
     results = Results()
     try:
@@ -254,7 +254,7 @@ def test_the_fallback_profiles_fit_the_budget_the_full_profile_exceeds(fp32: Tin
     context = len(b"prompt number 000") + 24
     budget = fp32.weights_bytes + 5 * context * fp32.per_token_bytes
     assert fp32.weights_bytes + 16 * context * fp32.per_token_bytes > budget  # the full profile cannot fit
-    engine = Engine(moe, max_num_seqs=max_num_seqs, model_name="m", memory_budget_bytes=budget)
+    engine = ServingEngine(moe, max_num_seqs=max_num_seqs, model_name="m", memory_budget_bytes=budget)
     engine.start()
     results = Results()
     try:
@@ -269,7 +269,7 @@ def test_the_fallback_profiles_fit_the_budget_the_full_profile_exceeds(fp32: Tin
 
 
 async def test_health_turns_503_and_completions_fail_once_the_engine_dies(fp32: TinyMoe) -> None:
-    engine = Engine(fp32, max_num_seqs=4, model_name="m", memory_budget_bytes=fp32.weights_bytes + 1)
+    engine = ServingEngine(fp32, max_num_seqs=4, model_name="m", memory_budget_bytes=fp32.weights_bytes + 1)
     runner = web.AppRunner(create_app(engine, WorkerProfile(model_name="m")))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -292,7 +292,7 @@ async def test_health_turns_503_and_completions_fail_once_the_engine_dies(fp32: 
 
 
 def test_requests_longer_than_the_model_are_refused(fp32: TinyMoe) -> None:
-    engine = Engine(fp32, max_num_seqs=2, model_name="m", max_model_len=32)
+    engine = ServingEngine(fp32, max_num_seqs=2, model_name="m", max_model_len=32)
     with pytest.raises(ValueError, match="maximum context length is 32 tokens"):
         engine.submit([65] * 20, 20, lambda _: None)
     engine.stop()

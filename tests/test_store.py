@@ -9,14 +9,14 @@ from hypothesis import strategies as st
 
 from sentinel.store import (
     STALE_NAN,
-    Matcher,
+    LabelMatcher,
     MatchOp,
     Store,
     is_stale_marker,
     labels_from,
 )
 
-UP = [Matcher("__name__", MatchOp.EQ, "up")]
+UP = [LabelMatcher("__name__", MatchOp.EQ, "up")]
 
 
 def test_stale_marker_is_distinct_from_an_ordinary_nan() -> None:
@@ -103,16 +103,16 @@ def test_regex_matchers_are_fully_anchored() -> None:
     store = Store()
     store.add("up", 1, {"job": "node"}, timestamp_ms=1)
     store.add("up", 1, {"job": "node_exporter"}, timestamp_ms=1)
-    hits = store.instant([*UP, Matcher("job", MatchOp.RE, "node")], 1)
+    hits = store.instant([*UP, LabelMatcher("job", MatchOp.RE, "node")], 1)
     assert [dict(s.labels)["job"] for s in hits] == ["node"]
-    misses = store.instant([*UP, Matcher("job", MatchOp.NRE, "node.*")], 1)
+    misses = store.instant([*UP, LabelMatcher("job", MatchOp.NRE, "node.*")], 1)
     assert misses == []
 
 
 def test_missing_label_matches_empty_string() -> None:
     store = Store()
     store.add("up", 1, {}, timestamp_ms=1)
-    assert len(store.instant([*UP, Matcher("job", MatchOp.EQ, "")], 1)) == 1
+    assert len(store.instant([*UP, LabelMatcher("job", MatchOp.EQ, "")], 1)) == 1
 
 
 def test_counter_increment_starts_at_zero() -> None:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentinel.alerting.templates import QueryFunc, TemplateContext, TemplateError, go_format, parse, render
+from sentinel.gotemplate import QueryFunc, TemplateContext, TemplateError, go_format, parse, render
 from tests.conftest import require_tool
 
 LABELS = {"instance": "gpu-node-1:9400", "job": "dcgm", "gpu": "3"}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from sentinel.config import ProcessMatch, WorkerConfig
-from sentinel.workers import WorkerProcesses, parse_stat, read_stat
+from sentinel.collectors.workers import WorkerProcesses, parse_stat, read_stat
+from sentinel.config.models import ProcessMatch, WorkerConfig
 
 UNIT = "vllm@qwen3.service"
 

@@ -21,7 +21,7 @@ from sentinel.collectors.xid import (
     normalise_pci_bus_id,
     parse_nvrm_line,
 )
-from sentinel.config import XidOverride
+from sentinel.config.models import XidOverride
 
 XID_79 = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python3, GPU has fallen off the bus."
 XID_48 = (

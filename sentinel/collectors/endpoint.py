@@ -40,9 +40,9 @@ from sentinel.collectors.promtext import (
     is_openmetrics,
     parse_openmetrics,
 )
-from sentinel.config import EndpointCollectorConfig, WorkerConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import EndpointCollectorConfig, WorkerConfig
 from sentinel.store import Appender, Labels, Store
+from sentinel.store.events import Event, EventBus
 
 __all__ = [
     "DEFAULT_METRICS_PATH",

@@ -26,10 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sentinel.collectors.base import CollectorUnavailable
-from sentinel.config import HostCollectorConfig
-from sentinel.events import Event, EventBus
+from sentinel.collectors.workers import WorkerProcesses, WorkerProcs, read_proc_file, read_stat
+from sentinel.config.models import HostCollectorConfig
 from sentinel.store import Appender, Store
-from sentinel.workers import WorkerProcesses, WorkerProcs, read_proc_file, read_stat
+from sentinel.store.events import Event, EventBus
 
 __all__ = ["HostCollector", "OOM_EVENT_KIND", "declare_host_metrics"]
 

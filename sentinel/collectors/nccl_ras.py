@@ -33,7 +33,7 @@ from sentinel.collectors.nccl_ras_report import (
     RasReport,
     parse_ras_reply,
 )
-from sentinel.config import DEFAULT_RAS_PORT, NcclRasCollectorConfig, WorkerConfig, parse_ras_address
+from sentinel.config.models import DEFAULT_RAS_PORT, NcclRasCollectorConfig, WorkerConfig, parse_ras_address
 from sentinel.store import Appender, Store
 
 __all__ = [

@@ -49,9 +49,9 @@ from sentinel.collectors.xid import (
     XidPolicy,
     normalise_pci_bus_id,
 )
-from sentinel.config import NvmlCollectorConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import NvmlCollectorConfig
 from sentinel.store import Appender, Store
+from sentinel.store.events import Event, EventBus
 
 __all__ = [
     "GPUS_STATE_FILE",

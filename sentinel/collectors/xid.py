@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import yaml
 
-from sentinel.config import XidOverride
+from sentinel.config.models import XidOverride
 
 __all__ = [
     "DEFAULT_JOURNAL_ARGV",

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sentinel.collectors.base import CollectorUnavailable
-from sentinel.config import LogCollectorConfig, WorkerConfig
-from sentinel.events import Event, EventBus
+from sentinel.config.models import LogCollectorConfig, WorkerConfig
 from sentinel.logs.journal import JournalReader
 from sentinel.logs.kernel import KernelReader, KernelSourceSpec
 from sentinel.logs.matcher import Match, Matcher
@@ -33,6 +32,7 @@ from sentinel.logs.patterns import Catalogue
 from sentinel.logs.pipeline import ReaderThread, SourcePipeline, SourceStats
 from sentinel.logs.tail import FileSource, FileTailer
 from sentinel.store import Appender, Store, is_stale_marker, labels_from, now_ms
+from sentinel.store.events import Event, EventBus
 
 __all__ = ["OFFSETS_FILE", "LogCollector"]
 

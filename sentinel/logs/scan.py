@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 def _catalogue(config_path: str | None) -> Catalogue:
     if config_path is None:
         return Catalogue.load()
-    from sentinel.config import load_config  # only when asked: keeps the plain scan light
+    from sentinel.config.models import load_config  # only when asked: keeps the plain scan light
 
     return Catalogue.load(load_config(config_path).collectors.logs.patterns)
 

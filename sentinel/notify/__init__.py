@@ -6,5 +6,21 @@ What it offers: `dispatcher.Notifier` (the daemon builds one, subscribes its
 The rest is internal: `outbox` (the SQLite queue), `delivery` (a loop per receiver with
 backoff), `slack`, `webhook` and `alertmanager` (rendering and sending), `secrets`
 (reading and scrubbing). Nothing is imported here: `sentinel.config` imports
-`settings`, and the notifier itself imports the alerting package, which imports config.
+`settings`, and the notifier itself imports the rules package, which imports config.
 """
+
+__all__ = [
+    "actions",
+    "alertmanager",
+    "delivery",
+    "dispatcher",
+    "metrics",
+    "notices",
+    "outbox",
+    "secrets",
+    "settings",
+    "slack",
+    "testing",
+    "transport",
+    "webhook",
+]

@@ -24,13 +24,13 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from sentinel.alerting.rulefile import Rule
-from sentinel.alerting.state import RESOLVED_RETENTION_MS, Alert, AlertState
 from sentinel.notify.notices import AlertNotice, Notice, decode, notice_from_alert, rfc3339
 from sentinel.notify.outbox import Row
 from sentinel.notify.secrets import Scrubber
 from sentinel.notify.settings import AlertmanagerReceiver
 from sentinel.notify.transport import SendResult, post
+from sentinel.rules.rulefile import Rule
+from sentinel.rules.state import RESOLVED_RETENTION_MS, Alert, AlertState
 
 __all__ = ["ActiveAlerts", "AlertmanagerSink", "Resender", "push_payload", "target_names"]
 

@@ -26,8 +26,6 @@ from pathlib import Path
 
 import aiohttp
 
-from sentinel.alerting.manager import AlertEvent
-from sentinel.alerting.state import AlertState
 from sentinel.notify.actions import ActionReport
 from sentinel.notify.alertmanager import ActiveAlerts, AlertmanagerSink, Resender, target_names
 from sentinel.notify.delivery import Deliverer, Sink
@@ -39,6 +37,8 @@ from sentinel.notify.settings import NotifyConfig
 from sentinel.notify.slack import SlackSink, host_of
 from sentinel.notify.transport import USER_AGENT
 from sentinel.notify.webhook import WebhookSink
+from sentinel.rules.manager import AlertEvent
+from sentinel.rules.state import AlertState
 from sentinel.store import Store
 
 __all__ = ["OUTBOX_FILE", "NotifyConfigError", "Notifier"]

@@ -16,8 +16,8 @@ from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import quote_plus
 
-from sentinel.alerting.state import Alert, fingerprint
 from sentinel.notify.actions import ActionReport
+from sentinel.rules.state import Alert, fingerprint
 
 __all__ = [
     "AlertNotice",

@@ -6,7 +6,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from sentinel.configbase import Duration, Frozen
+from sentinel.config.base import Duration, Frozen
 
 __all__ = [
     "AlertmanagerReceiver",

@@ -18,11 +18,11 @@ from typing import Any
 
 from aiohttp import web
 
-from sentinel.alerting.manager import AlertEvent
-from sentinel.alerting.rulefile import Rule
-from sentinel.alerting.state import Alert, AlertState, Transition
 from sentinel.notify.dispatcher import Notifier
 from sentinel.notify.settings import NotifyConfig
+from sentinel.rules.manager import AlertEvent
+from sentinel.rules.rulefile import Rule
+from sentinel.rules.state import Alert, AlertState, Transition
 from sentinel.store import Store
 
 __all__ = [

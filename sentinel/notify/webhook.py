@@ -17,13 +17,13 @@ from typing import Any
 
 import aiohttp
 
-from sentinel.alerting.state import fingerprint
 from sentinel.notify.actions import ActionReport, describe
 from sentinel.notify.notices import AlertNotice, Notice, decode, rfc3339
 from sentinel.notify.outbox import Row
 from sentinel.notify.secrets import Scrubber
 from sentinel.notify.settings import WebhookReceiver
 from sentinel.notify.transport import SendResult, header_value, post
+from sentinel.rules.state import fingerprint
 
 __all__ = ["ACTION_ALERTNAME", "SIGNATURE_HEADER", "WebhookSink", "sign", "v4_payload"]
 

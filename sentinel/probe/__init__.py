@@ -20,7 +20,7 @@ What it does, without one host-device synchronisation per forward pass:
   `reduce_batch`).
 
 This package imports torch; the daemon never imports it (its side is
-`sentinel.probe_endpoint`).
+`sentinel.collectors.probe_reports`).
 """
 
 from sentinel.probe.cuda_stats import AllocatorStats, read_allocator_stats

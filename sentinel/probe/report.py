@@ -4,7 +4,7 @@ Pure functions over host-side lists, so they are tested without a model. "Tokens
 token-to-expert assignments: a token routed to its top-2 experts counts twice, once on
 each expert's GPU, which is the load each GPU's expert kernels actually see.
 
-Report shape (version 1; `sentinel.probe_endpoint` validates it):
+Report shape (version 1; `sentinel.collectors.probe_reports` validates it):
 
     {"version": 1, "kind": "interval" | "oom", "worker": str, "probe_id": str, "seq": int,
      "interval_s": float, "time": float, "batch_limit": int | null,
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 REPORT_VERSION = 1
-# The daemon's route; kept in step with sentinel.probe_endpoint (which cannot be shared
+# The daemon's route; kept in step with sentinel.collectors.probe_reports (which cannot be shared
 # from here: importing this package imports torch).
 REPORT_PATH = "/api/v1/probe/report"
 

@@ -2,7 +2,7 @@
 
 The Rust-backed AST is converted because (a) every attribute read on it crosses the
 FFI boundary, which the hot path cannot afford, (b) its matchers must become the
-store's `Matcher` (with compiled regexes) anyway, and (c) typed frozen dataclasses
+store's `LabelMatcher` (with compiled regexes) anyway, and (c) typed frozen dataclasses
 let mypy check the evaluator. `parse` caches by text, so a rule is parsed once.
 
 Nodes are interned: equal sub-expressions of different expressions (`rate(x[5m])` in
@@ -24,7 +24,7 @@ import promql_parser as pp
 
 from sentinel.promql.model import PromQLError
 from sentinel.promql.regex import translate_regex
-from sentinel.store import Matcher, MatchOp
+from sentinel.store import LabelMatcher, MatchOp
 
 __all__ = [
     "Aggregate",
@@ -69,7 +69,7 @@ class Selector:
     """An instant vector selector; `alternatives` holds `{a="1" or b="2"}` matcher sets."""
 
     name: str | None
-    alternatives: tuple[tuple[Matcher, ...], ...]
+    alternatives: tuple[tuple[LabelMatcher, ...], ...]
     offset_ms: int
     at: At | None
     text: str
@@ -182,7 +182,7 @@ def _field_key(value: object) -> Hashable:
         return tuple(_field_key(v) for v in value)
     if isinstance(value, VectorMatching):
         return (VectorMatching, *(_field_key(getattr(value, f.name)) for f in fields(value)))
-    assert isinstance(value, str | int | At | Matcher | None), type(value)
+    assert isinstance(value, str | int | At | LabelMatcher | None), type(value)
     return value
 
 
@@ -230,13 +230,13 @@ def _enum_name(value: Any) -> str:
     return str(value).rsplit(".", 1)[-1]
 
 
-def _matcher(raw: Any) -> Matcher:
+def _matcher(raw: Any) -> LabelMatcher:
     op = _MATCH_OPS[_enum_name(raw.op)]
     value = raw.value
     if op in (MatchOp.RE, MatchOp.NRE):
         # The store compiles with Python's `re`; give it the RE2 meaning of the pattern.
         value = translate_regex(value)
-    return Matcher(raw.name, op, value)
+    return LabelMatcher(raw.name, op, value)
 
 
 def _selector(raw: Any) -> Selector:
@@ -244,8 +244,8 @@ def _selector(raw: Any) -> Selector:
     base = tuple(_matcher(m) for m in matchers.matchers)
     name = raw.name
     if name is not None and not any(m.name == "__name__" for m in base):
-        base = (Matcher("__name__", MatchOp.EQ, name), *base)
-    alternatives: tuple[tuple[Matcher, ...], ...]
+        base = (LabelMatcher("__name__", MatchOp.EQ, name), *base)
+    alternatives: tuple[tuple[LabelMatcher, ...], ...]
     if matchers.or_matchers:
         name_m = tuple(m for m in base if m.name == "__name__")
         alternatives = tuple(name_m + tuple(_matcher(m) for m in group) for group in matchers.or_matchers)

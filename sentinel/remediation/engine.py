@@ -31,10 +31,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sentinel.alerting.manager import AlertEvent
-from sentinel.alerting.state import AlertState
-from sentinel.config import WorkerConfig
-from sentinel.configbase import parse_duration
+from sentinel.config.base import parse_duration
+from sentinel.config.models import WorkerConfig
 from sentinel.notify.actions import OUTCOMES, ActionReport, Outcome
 from sentinel.remediation.backend import (
     ActionContext,
@@ -63,7 +61,9 @@ from sentinel.remediation.policy import (
     state_after,
 )
 from sentinel.remediation.settings import ACTIONS, RemediationConfig
-from sentinel.store import Appender, Matcher, MatchOp, Sample, Store
+from sentinel.rules.manager import AlertEvent
+from sentinel.rules.state import AlertState
+from sentinel.store import Appender, LabelMatcher, MatchOp, Sample, Store
 
 __all__ = ["Remediator", "UnknownWorker"]
 
@@ -440,7 +440,7 @@ class Remediator:
     def _scan_firing(self, now: float) -> None:
         # The store's ALERTS series also hold alerts restored after a restart, which
         # produce no transition: this is how they keep a worker from stepping up.
-        matchers = [Matcher("__name__", MatchOp.EQ, "ALERTS"), Matcher("alertstate", MatchOp.EQ, "firing")]
+        matchers = [LabelMatcher("__name__", MatchOp.EQ, "ALERTS"), LabelMatcher("alertstate", MatchOp.EQ, "firing")]
         firing: set[tuple[str, str]] = set()
         for sample in self._store.instant(matchers, int(now * 1000)):
             labels = dict(sample.labels)
@@ -987,7 +987,7 @@ class Remediator:
         return "ok"
 
     def _latest(self, name: str, metric: str) -> Sample | None:
-        matchers = [Matcher("__name__", MatchOp.EQ, metric), Matcher("worker", MatchOp.EQ, name)]
+        matchers = [LabelMatcher("__name__", MatchOp.EQ, metric), LabelMatcher("worker", MatchOp.EQ, name)]
         samples = self._store.instant(matchers, int(self._wall() * 1000))
         return max(samples, key=lambda s: s.timestamp_ms, default=None)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from sentinel.configbase import Duration, Frozen, parse_duration
+from sentinel.config.base import Duration, Frozen, parse_duration
 
 __all__ = [
     "ACTIONS",

@@ -51,7 +51,7 @@ from pydantic import (
     model_validator,
 )
 
-from sentinel.yamlpos import YamlError, load_with_positions, position_of
+from sentinel.config.yamlpos import YamlError, load_with_positions, position_of
 
 __all__ = [
     "FIELD_FUNCTIONS",

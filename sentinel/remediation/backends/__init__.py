@@ -21,7 +21,7 @@ from sentinel.remediation.backends.systemd import SystemdBackend
 from sentinel.remediation.settings import CommandBackendConfig, ProcessBackendConfig, SystemdBackendConfig
 
 if TYPE_CHECKING:  # only a type here; importing sentinel.config at run time would pull in the whole daemon config
-    from sentinel.config import WorkerConfig
+    from sentinel.config.models import WorkerConfig
 
 __all__ = ["CommandBackend", "ProcessBackend", "SystemdBackend", "build_backend", "worker_files"]
 

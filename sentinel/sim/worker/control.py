@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sentinel.moe import Placement, PlacementError
-from sentinel.sim.worker.engine import Engine
+from sentinel.sim.worker.engine import ServingEngine
 
 __all__ = ["DEFAULT_TIMEOUT_S", "MAX_TIMEOUT_S", "MessageError", "apply_placement_message", "placement_ack"]
 
@@ -55,7 +55,7 @@ def parse_placement_message(message: object) -> tuple[Placement, int | None, flo
     return placement, version, float(timeout)
 
 
-def apply_placement_message(engine: Engine, message: object) -> dict[str, Any]:
+def apply_placement_message(engine: ServingEngine, message: object) -> dict[str, Any]:
     """Apply a placement message and return the acknowledgement (blocks up to its timeout).
 
     Raises `MessageError` for a malformed message; every other outcome (applied,
@@ -66,7 +66,7 @@ def apply_placement_message(engine: Engine, message: object) -> dict[str, Any]:
     return {**result.to_json(), "digest": engine.ep.placement.digest()}
 
 
-def placement_ack(engine: Engine) -> dict[str, Any]:
+def placement_ack(engine: ServingEngine) -> dict[str, Any]:
     """What the worker runs now: version, the step it came in at, and its digest."""
     return {
         "version": engine.placement_version,

@@ -65,7 +65,7 @@ from sentinel.sim.worker.metrics import EngineMetrics
 from sentinel.sim.worker.model import TinyMoe, expert_to_gpu
 from sentinel.sim.worker.tokenizer import EOS_TOKEN_ID, decode
 
-__all__ = ["Completion", "Engine", "EngineDeadError", "EngineStats", "ProbeHandle", "RequestError"]
+__all__ = ["Completion", "ServingEngine", "EngineDeadError", "EngineStats", "ProbeHandle", "RequestError"]
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ class EngineStats:
     kv_cache_usage: float
 
 
-class Engine:
+class ServingEngine:
     """The engine thread; see the module doc. `submit()` and the fault knobs are thread-safe."""
 
     def __init__(

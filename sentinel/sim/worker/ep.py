@@ -403,7 +403,7 @@ def _slot_weights(
 
 @dataclass(frozen=True)
 class PlacementResult:
-    """What `Engine.apply_placement` did: the worker's acknowledgement of a placement.
+    """What `ServingEngine.apply_placement` did: the worker's acknowledgement of a placement.
 
     `status`: `applied` (the worker runs `version` from engine step `step` on),
     `refused` (`reason` says why; the old placement runs on) or `timed_out` (no step

@@ -113,7 +113,7 @@ async def serve(profile: WorkerProfile) -> int:
     import torch
     from aiohttp import web
 
-    from sentinel.sim.worker.engine import Engine, ProbeHandle
+    from sentinel.sim.worker.engine import ProbeHandle, ServingEngine
     from sentinel.sim.worker.metrics import EngineMetrics
     from sentinel.sim.worker.model import build_model, expert_to_gpu
     from sentinel.sim.worker.server import create_app
@@ -170,7 +170,7 @@ async def serve(profile: WorkerProfile) -> int:
     def on_dead(reason: str) -> None:
         loop.call_soon_threadsafe(dead.set)
 
-    engine = Engine(
+    engine = ServingEngine(
         moe,
         max_num_seqs=profile.max_num_seqs,
         model_name=profile.model_name,

@@ -37,7 +37,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sentinel.sim.worker.control import MessageError, apply_placement_message, parse_placement_message, placement_ack
-from sentinel.sim.worker.engine import Completion, Engine, EngineDeadError, RequestError
+from sentinel.sim.worker.engine import Completion, EngineDeadError, RequestError, ServingEngine
 from sentinel.sim.worker.formats import stats_line
 from sentinel.sim.worker.profile import WorkerProfile
 from sentinel.sim.worker.tokenizer import encode
@@ -46,7 +46,7 @@ __all__ = ["ENGINE", "PROFILE", "create_app"]
 
 log = logging.getLogger(__name__)
 
-ENGINE = web.AppKey("engine", Engine)
+ENGINE = web.AppKey("engine", ServingEngine)
 PROFILE = web.AppKey("profile", WorkerProfile)
 
 _MAX_STALL_S = 3600.0
@@ -291,7 +291,7 @@ async def _stats_logger(app: web.Application) -> AsyncIterator[None]:
         await task
 
 
-def create_app(engine: Engine, profile: WorkerProfile) -> web.Application:
+def create_app(engine: ServingEngine, profile: WorkerProfile) -> web.Application:
     """The aiohttp application around a started (or about to start) engine."""
     app = web.Application()
     app[ENGINE] = engine

@@ -1,1 +1,0 @@
-"""Alert rules: Prometheus rule files, the alert state machine, templates and scheduling."""

@@ -1,0 +1,217 @@
+"""The `sentinel` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+
+from sentinel import __version__
+from sentinel.cli import ops as opscli
+from sentinel.config.models import ConfigError, load_config, parse_duration
+
+__all__ = ["main"]
+
+log = logging.getLogger("sentinel")
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sentinel", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"sentinel {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon")
+    run.add_argument("-c", "--config", help="sentinel.yaml (default: built-in defaults)")
+    run.add_argument(
+        "--simulate", metavar="SCENARIO", help="use a simulated GPU host: a shipped scenario name or a scenario file"
+    )
+    run.add_argument("--listen", metavar="HOST:PORT", help="override the config's listen address")
+    run.add_argument("--log-format", choices=["text", "json"], help="override the config's log format")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--duration",
+        type=_duration_arg,
+        metavar="DURATION",
+        help="stop by itself after this long (e.g. 30s); for demos and smoke tests",
+    )
+    run.add_argument(
+        "--report",
+        type=_duration_arg,
+        metavar="INTERVAL",
+        help="print a table of the GPUs and collectors to stdout every INTERVAL",
+    )
+
+    check = sub.add_parser("check", help="validate files without running")
+    check_sub = check.add_subparsers(dest="what", required=True, metavar="WHAT")
+    check_config = check_sub.add_parser("config", help="validate sentinel.yaml files")
+    check_config.add_argument("files", nargs="+", metavar="FILE")
+    check_rules = check_sub.add_parser("rules", help="validate Prometheus rule files (as promtool check rules)")
+    check_rules.add_argument("files", nargs="+", metavar="FILE")
+
+    test = sub.add_parser("test", help="run unit tests")
+    test_sub = test.add_subparsers(dest="what", required=True, metavar="WHAT")
+    test_rules = test_sub.add_parser("rules", help="run rule unit tests in promtool's format")
+    test_rules.add_argument("files", nargs="+", metavar="FILE")
+
+    promql = sub.add_parser("promql", help="PromQL tools")
+    promql_sub = promql.add_subparsers(dest="what", required=True, metavar="WHAT")
+    promql_test = promql_sub.add_parser("test", help="run files in Prometheus's promqltest format")
+    promql_test.add_argument("files", nargs="+", metavar="FILE")
+
+    logs = sub.add_parser("logs", help="log tools")
+    logs_sub = logs.add_subparsers(dest="what", required=True, metavar="WHAT")
+    # Handled by sentinel.logs.scan's own parser (see main); listed here for --help.
+    logs_sub.add_parser("scan", help="run the log pattern catalogue over files (--json, --summary)")
+
+    # Handled by sentinel.demo.local and sentinel.cli.ops (see main); listed here for --help.
+    sub.add_parser("demo", help="the whole detect-and-heal loop on a simulated host with a real tiny MoE worker")
+    sub.add_parser("status", help="GPUs, workers, firing alerts and recent actions of the running daemon")
+    sub.add_parser("history", help="the action journal of the running daemon")
+    sub.add_parser("pause", help="stop acting on a worker (or all): pause [WORKER]")
+    sub.add_parser("resume", help="act again on a worker (or all), clearing needs_human: resume [WORKER]")
+
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["logs", "scan"]:
+        from sentinel.logs.scan import main as scan_main
+
+        return int(scan_main(argv[2:]))
+    if argv[:1] == ["demo"]:
+        from sentinel.demo.local import main as demo_main
+
+        return demo_main(argv[1:])
+    if argv and argv[0] in opscli.COMMANDS:
+        return int(opscli.main(argv))
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"sentinel {__version__}")
+        return 0
+    if args.command == "check":
+        return check_config(args.files) if args.what == "config" else check_rules(args.files)
+    if args.command == "test":
+        from sentinel.promtool.ruletest import main as test_rules_main
+
+        return int(test_rules_main(args.files))
+    if args.command == "promql":
+        from sentinel.promtool.promqltest import main as promql_test_main
+
+        return int(promql_test_main(args.files))
+    if args.command == "run":
+        return run(args)
+    raise AssertionError(args.command)
+
+
+def check_config(files: Sequence[str]) -> int:
+    """Exit 0 when every file is valid; otherwise print every problem and exit 1."""
+    failed = False
+    for file in files:
+        try:
+            load_config(file)
+        except ConfigError as exc:
+            failed = True
+            print(f"FAILED: {file}: {len(exc.problems)} problem(s)", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+        else:
+            print(f"SUCCESS: {file} is valid")
+    return 1 if failed else 0
+
+
+def check_rules(files: Sequence[str]) -> int:
+    """promtool's exit codes: 0 all valid, 1 any file invalid."""
+    from sentinel.rules.rulefile import RuleFileError, load_rule_files
+
+    failed = False
+    for file in files:
+        print(f"Checking {file}")
+        try:
+            groups = load_rule_files([file])
+        except RuleFileError as exc:
+            failed = True
+            print(f"  FAILED:\n{exc}", file=sys.stderr)
+        else:
+            print(f"  SUCCESS: {sum(len(g.rules) for g in groups)} rules found")
+        print()
+    return 1 if failed else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from sentinel.daemon.core import Daemon
+    from sentinel.daemon.logsetup import setup_logging
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"sentinel: invalid configuration:\n{exc}", file=sys.stderr)
+        return 1
+    setup_logging(args.log_format or config.log.format, args.log_level or config.log.level)
+    try:
+        daemon = Daemon(config, config_path=args.config, simulate=args.simulate, listen=args.listen)
+    except (OSError, ValueError) as exc:
+        print(f"sentinel: {exc}", file=sys.stderr)
+        return 1
+
+    async def main_task() -> int:
+        if args.duration:
+            asyncio.get_running_loop().call_later(args.duration, daemon.request_stop)
+        reports: asyncio.Task[None] | None = None
+        if args.report:
+            from sentinel.daemon.report import print_reports
+
+            reports = asyncio.get_running_loop().create_task(print_reports(daemon, args.report))
+        try:
+            return await daemon.run()
+        finally:
+            if reports is not None:
+                reports.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reports
+
+    rc = _run_loop(main_task())
+    _exit_past_hung_threads(rc)
+    return rc
+
+
+def _run_loop(coro: object) -> int:
+    """Like asyncio.run, but a thread stuck in a driver call cannot hold up the exit."""
+    loop = asyncio.new_event_loop()
+    try:
+        rc: int = loop.run_until_complete(coro)  # type: ignore[arg-type]
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        with contextlib.suppress(asyncio.TimeoutError):
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), 0.3))
+        return rc
+    finally:
+        loop.close()
+
+
+def _exit_past_hung_threads(rc: int) -> None:
+    # A hung NVML call leaves a non-daemon executor thread that interpreter exit would
+    # join forever; systemd would then SIGKILL us. Leave at once instead.
+    stuck = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if stuck:
+        log.warning("exiting past %d thread(s) still blocked: %s", len(stuck), ", ".join(t.name for t in stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,690 @@
+"""Daemon side of the in-worker probe: its reports become store series and events.
+
+`sentinel.probe` (inside the serving process, with torch) POSTs a JSON report to
+`/api/v1/probe/report` once per interval, and at once when an OOM happens. This module
+validates the report, writes the probe's series into the store, publishes events, and
+answers with the batch limit Sentinel wants (`{"batch_limit": N}` or `null` for "no
+opinion"). It never imports torch: it is the half the daemon loads.
+
+The daemon wires it like this:
+
+    registry = ProbeRegistry(store, bus)
+    ctx = ServerContext(..., extra_routes=registry.routes())     # POST /api/v1/probe/report
+    await registry.start()                                       # the staleness watchdog
+    await registry.start_unix_site("/run/sentinel/probe.sock")   # optional, see below
+    ...                                                          # pass `registry` as LiveControl
+    await registry.close()
+
+The unix socket is the recommended transport: its file mode (0660 by default, owner
+Sentinel, group shared with the workers; systemd's `RuntimeDirectory=sentinel` makes
+/run/sentinel) says who may post reports and so who may read batch limits, where the
+TCP route is open to every local process. The worker then attaches with
+`sentinel="unix:/run/sentinel/probe.sock"`.
+
+Series (source `probe:<worker>`; a worker's series go stale together when its probe
+stops reporting for `STALE_AFTER_INTERVALS` intervals, except `sentinel_probe_up`, which
+turns 0, and the last report's timestamp):
+
+- `sentinel_probe_up{worker}`, `sentinel_probe_last_report_timestamp_seconds{worker}`,
+  `sentinel_probe_batch_limit{worker}` (the limit in force, as the probe reported it),
+  `sentinel_probe_report_failures_total{worker}`, `sentinel_probe_hook_errors_total{worker}`;
+- `sentinel_moe_balancedness{worker,layer}`: mean over max of tokens per GPU over the
+  last interval; absent for a layer without traffic in the interval;
+- `sentinel_moe_expert_tokens_total{worker,layer,expert}`: only the layer's hottest
+  experts of the interval, at most `hot_experts_max` (default 4) per layer, so the
+  cardinality is bounded by layers x that, not layers x experts (128 experts x 48
+  layers would be 6144 series per worker). An expert that cools down goes stale;
+- `sentinel_moe_gpu_tokens_total{worker,gpu}`;
+- with CUDA: `sentinel_probe_cuda_ooms_total{worker,gpu}`,
+  `sentinel_probe_alloc_retries_total{worker,gpu}`,
+  `sentinel_probe_memory_allocated_bytes{worker,gpu}`,
+  `sentinel_probe_memory_reserved_bytes{worker,gpu}`,
+  `sentinel_probe_memory_fragmentation_ratio{worker,gpu}` (1 - allocated / reserved).
+
+Events (source `probe`): `probe_cuda_oom{worker,gpu}` the moment an OOM report arrives,
+or when a periodic report shows the OOM counter grew (an OOM the guard did not see);
+`probe_report{worker}` for every other report (value: the worst layer's balancedness);
+`probe_down{worker}` when a probe stops reporting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from sentinel.remediation.backend import BackendError
+from sentinel.store import Store, now_ms
+from sentinel.store.events import Event, EventBus
+
+__all__ = [
+    "EVENT_DOWN",
+    "EVENT_OOM",
+    "EVENT_REPORT",
+    "HOT_EXPERTS_MAX",
+    "PROBE_METRICS",
+    "REPORT_PATH",
+    "REPORT_VERSION",
+    "STALE_AFTER_INTERVALS",
+    "GpuReport",
+    "HotExpert",
+    "LayerReport",
+    "ProbeRegistry",
+    "ProbeReport",
+    "ReportError",
+    "declare_probe_metrics",
+    "parse_report",
+]
+
+log = logging.getLogger(__name__)
+
+REPORT_PATH = "/api/v1/probe/report"
+REPORT_VERSION = 1
+STALE_AFTER_INTERVALS = 3
+"""A probe silent for this many of its intervals is down (`sentinel_probe_up` 0)."""
+HOT_EXPERTS_MAX = 4
+
+EVENT_OOM = "probe_cuda_oom"
+EVENT_REPORT = "probe_report"
+EVENT_DOWN = "probe_down"
+
+_SOURCE = "probe"
+_UP = "sentinel_probe_up"
+_LAST = "sentinel_probe_last_report_timestamp_seconds"
+_LIMIT = "sentinel_probe_batch_limit"
+_FAILURES = "sentinel_probe_report_failures_total"
+_HOOK_ERRORS = "sentinel_probe_hook_errors_total"
+_BALANCEDNESS = "sentinel_moe_balancedness"
+_EXPERT_TOKENS = "sentinel_moe_expert_tokens_total"
+_GPU_TOKENS = "sentinel_moe_gpu_tokens_total"
+_OOMS = "sentinel_probe_cuda_ooms_total"
+_RETRIES = "sentinel_probe_alloc_retries_total"
+_ALLOCATED = "sentinel_probe_memory_allocated_bytes"
+_RESERVED = "sentinel_probe_memory_reserved_bytes"
+_FRAGMENTATION = "sentinel_probe_memory_fragmentation_ratio"
+
+PROBE_METRICS: tuple[tuple[str, str, str], ...] = (
+    (_UP, "gauge", "1 while the worker's in-worker probe reports; 0 after 3 intervals without a report."),
+    (_LAST, "gauge", "Unix time Sentinel received the probe's last report."),
+    (_LIMIT, "gauge", "Batch limit in force in the worker, as its probe reported it; absent when none is set."),
+    (_FAILURES, "counter", "Reports the probe could not deliver (as counted by the probe)."),
+    (_HOOK_ERRORS, "counter", "Router hooks the probe disabled after an error (layers no longer counted)."),
+    (
+        _BALANCEDNESS,
+        "gauge",
+        "Expert-parallel load balance, mean over max tokens per GPU (1.0 is perfectly balanced).",
+    ),
+    (_EXPERT_TOKENS, "counter", "Tokens routed to the expert; reported only for each layer's hottest experts."),
+    (_GPU_TOKENS, "counter", "Token-to-expert assignments routed to experts on the GPU, all MoE layers together."),
+    (_OOMS, "counter", "CUDA out-of-memory errors of the worker process on the GPU (allocator num_ooms)."),
+    (
+        _RETRIES,
+        "counter",
+        "Allocations the CUDA caching allocator retried after freeing its cache (num_alloc_retries).",
+    ),
+    (_ALLOCATED, "gauge", "Bytes allocated by the worker's CUDA caching allocator on the GPU."),
+    (_RESERVED, "gauge", "Bytes reserved (allocated plus cached) by the worker's CUDA caching allocator on the GPU."),
+    (_FRAGMENTATION, "gauge", "Reserved but unallocated share of the allocator's memory: 1 - allocated / reserved."),
+)
+
+_MAX_LAYERS = 4096
+_MAX_GPUS = 256
+_MAX_LABEL = 128
+_MAX_MESSAGE = 1000
+_WATCHDOG_PERIOD_S = 0.5
+
+
+def declare_probe_metrics(store: Store) -> None:
+    """Declare type and help of every series the probe endpoint writes."""
+    for name, type_, help_ in PROBE_METRICS:
+        store.set_meta(name, type_, help_)
+
+
+# -- the report ------------------------------------------------------------------------
+
+
+class ReportError(ValueError):
+    """A report that does not have the documented shape; the message names the field."""
+
+
+@dataclass(frozen=True)
+class HotExpert:
+    expert: int
+    tokens: int
+    tokens_total: int
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    layer: int
+    tokens: int
+    balancedness: float | None
+    hot_experts: tuple[HotExpert, ...]
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    gpu: str
+    tokens_total: int | None = None  # absent for a GPU that holds no experts
+    num_ooms: int | None = None
+    num_alloc_retries: int | None = None
+    allocated_bytes: int | None = None
+    reserved_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """One validated report (see `sentinel.probe.report` for the wire shape)."""
+
+    kind: str
+    worker: str
+    probe_id: str
+    seq: int
+    interval_s: float
+    batch_limit: int | None
+    report_failures_total: int
+    hook_errors_total: int
+    layers: tuple[LayerReport, ...]
+    gpus: tuple[GpuReport, ...]
+    oom_gpu: str | None = None
+    oom_message: str = ""
+
+
+def _int(obj: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> int | None:
+    value = obj.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ReportError(f"{where}.{key}: expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _req_int(obj: Mapping[str, Any], key: str, where: str) -> int:
+    value = _int(obj, key, where)
+    assert value is not None  # optional=False never returns None
+    return value
+
+
+def _label(value: object, where: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > _MAX_LABEL:
+        raise ReportError(f"{where}: expected a non-empty string of at most {_MAX_LABEL} characters, got {value!r}")
+    return value
+
+
+def _object(value: object, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ReportError(f"{where}: expected an object, got {type(value).__name__}")
+    return value
+
+
+def _list(value: object, where: str, limit: int) -> list[Any]:
+    if not isinstance(value, list):
+        raise ReportError(f"{where}: expected a list, got {type(value).__name__}")
+    if len(value) > limit:
+        raise ReportError(f"{where}: {len(value)} entries, at most {limit} accepted")
+    return value
+
+
+def _layer(obj: object, where: str) -> LayerReport:
+    entry = _object(obj, where)
+    bal = entry.get("balancedness")
+    if bal is not None and (
+        not isinstance(bal, (int, float)) or isinstance(bal, bool) or not math.isfinite(bal) or not 0.0 <= bal <= 1.0
+    ):
+        raise ReportError(f"{where}.balancedness: expected a number in [0, 1] or null, got {bal!r}")
+    hot = []
+    for j, h in enumerate(_list(entry.get("hot_experts", []), f"{where}.hot_experts", 1024)):
+        he = _object(h, f"{where}.hot_experts[{j}]")
+        w = f"{where}.hot_experts[{j}]"
+        hot.append(HotExpert(_req_int(he, "expert", w), _req_int(he, "tokens", w), _req_int(he, "tokens_total", w)))
+    return LayerReport(
+        layer=_req_int(entry, "layer", where),
+        tokens=_req_int(entry, "tokens", where),
+        balancedness=None if bal is None else float(bal),
+        hot_experts=tuple(hot),
+    )
+
+
+def _gpu(name: object, obj: object) -> GpuReport:
+    where = f"gpus[{name!r}]"
+    gpu = _label(name, where)
+    entry = _object(obj, where)
+    return GpuReport(
+        gpu=gpu,
+        tokens_total=_int(entry, "tokens_total", where, optional=True),
+        num_ooms=_int(entry, "num_ooms", where, optional=True),
+        num_alloc_retries=_int(entry, "num_alloc_retries", where, optional=True),
+        allocated_bytes=_int(entry, "allocated_bytes", where, optional=True),
+        reserved_bytes=_int(entry, "reserved_bytes", where, optional=True),
+    )
+
+
+def parse_report(obj: object) -> ProbeReport:
+    """Validate a decoded JSON report; raises `ReportError` naming the first bad field."""
+    body = _object(obj, "report")
+    if body.get("version") != REPORT_VERSION:
+        raise ReportError(f"report.version: expected {REPORT_VERSION}, got {body.get('version')!r}")
+    kind = body.get("kind")
+    if kind not in ("interval", "oom"):
+        raise ReportError(f"report.kind: expected 'interval' or 'oom', got {kind!r}")
+    interval = body.get("interval_s")
+    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 < interval <= 3600:
+        raise ReportError(f"report.interval_s: expected seconds in (0, 3600], got {interval!r}")
+    limit = _int(body, "batch_limit", "report", optional=True)
+    gpus = _object(body.get("gpus", {}), "report.gpus")
+    if len(gpus) > _MAX_GPUS:
+        raise ReportError(f"report.gpus: {len(gpus)} entries, at most {_MAX_GPUS} accepted")
+    layers = _list(body.get("layers", []), "report.layers", _MAX_LAYERS)
+    oom_gpu: str | None = None
+    oom_message = ""
+    if kind == "oom":
+        oom = _object(body.get("oom"), "report.oom")
+        oom_gpu = _label(oom.get("gpu"), "report.oom.gpu")
+        message = oom.get("message", "")
+        oom_message = message[:_MAX_MESSAGE] if isinstance(message, str) else ""
+    return ProbeReport(
+        kind=kind,
+        worker=_label(body.get("worker"), "report.worker"),
+        probe_id=_label(body.get("probe_id"), "report.probe_id"),
+        seq=_req_int(body, "seq", "report"),
+        interval_s=float(interval),
+        batch_limit=limit,
+        report_failures_total=_int(body, "report_failures_total", "report", optional=True) or 0,
+        hook_errors_total=_int(body, "hook_errors_total", "report", optional=True) or 0,
+        layers=tuple(_layer(entry, f"report.layers[{i}]") for i, entry in enumerate(layers)),
+        gpus=tuple(_gpu(name, entry) for name, entry in gpus.items()),
+        oom_gpu=oom_gpu,
+        oom_message=oom_message,
+    )
+
+
+# -- the registry ----------------------------------------------------------------------
+
+
+@dataclass
+class _Waiter:
+    limit: int
+    future: asyncio.Future[None]
+
+
+@dataclass
+class _Probe:
+    """What Sentinel knows of one worker's probe."""
+
+    probe_id: str
+    interval_s: float
+    last_report: float  # monotonic
+    last_report_ms: int = 0  # wall clock, for sentinel_probe_last_report_timestamp_seconds
+    up: bool = True
+    reported_limit: int | None = None
+    ooms: dict[str, int] = field(default_factory=dict)  # per GPU, highest seen from this probe_id
+
+
+@dataclass
+class _Worker:
+    probe: _Probe | None = None
+    desired_limit: int | None = None
+    waiters: list[_Waiter] = field(default_factory=list)
+
+
+class ProbeRegistry:
+    """Receives probe reports, keeps each worker's probe state, and is the `LiveControl`.
+
+    `allowed_workers`, when given, returns the configured worker names; reports from
+    other names are refused (403), which keeps a stray process from creating series.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        bus: EventBus,
+        *,
+        allowed_workers: Callable[[], Collection[str]] | None = None,
+        hot_experts_max: int = HOT_EXPERTS_MAX,
+        ack_timeout_s: float | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.hot_experts_max = hot_experts_max
+        self.ack_timeout_s = ack_timeout_s
+        self.reports_total = 0
+        self.rejected_total = 0
+        self._allowed = allowed_workers
+        self._monotonic = monotonic
+        self._workers: dict[str, _Worker] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        self._runners: list[web.AppRunner] = []
+        declare_probe_metrics(store)
+
+    # -- wiring --------------------------------------------------------------------
+
+    def routes(self) -> list[web.RouteDef]:
+        """Routes for `ServerContext.extra_routes`."""
+        return [web.post(REPORT_PATH, self.handle_report)]
+
+    async def start(self) -> None:
+        """Start the watchdog that marks silent probes down."""
+        if self._watchdog is None:
+            self._watchdog = asyncio.create_task(self._watch(), name="probe-watchdog")
+
+    async def start_unix_site(self, path: str, mode: int = 0o660) -> web.AppRunner:
+        """Also serve the report route on a unix socket at `path` (a stale socket is replaced)."""
+        app = web.Application()
+        app.add_routes(self.routes())
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.UnixSite(runner, path)
+        await site.start()
+        os.chmod(path, mode)
+        self._runners.append(runner)
+        return runner
+
+    async def close(self) -> None:
+        """Stop the watchdog and the unix sites; pending `set_batch_limit` calls fail."""
+        task, self._watchdog = self._watchdog, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        for worker in self._workers.values():
+            for waiter in worker.waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(BackendError("Sentinel is shutting down"))
+            worker.waiters.clear()
+
+    # -- reports -------------------------------------------------------------------
+
+    async def handle_report(self, request: web.Request) -> web.Response:
+        """POST /api/v1/probe/report: validate, record, answer with the desired batch limit."""
+        try:
+            body = await request.json()
+            report = parse_report(body)
+        except ValueError as exc:  # JSON decoding errors and ReportError alike
+            self.rejected_total += 1
+            return web.json_response({"error": str(exc)}, status=400)
+        if self._allowed is not None and report.worker not in self._allowed():
+            self.rejected_total += 1
+            return web.json_response({"error": f"worker {report.worker!r} is not configured"}, status=403)
+        return web.json_response(self.ingest(report))
+
+    def ingest(self, report: ProbeReport) -> dict[str, Any]:
+        """Record one report; returns the reply for the probe."""
+        self.reports_total += 1
+        worker = self._workers.setdefault(report.worker, _Worker())
+        probe = worker.probe
+        first_look = probe is None or probe.probe_id != report.probe_id
+        if probe is None or first_look:
+            if probe is not None:
+                log.info("probe of worker %s restarted (new probe id %s)", report.worker, report.probe_id)
+            probe = worker.probe = _Probe(report.probe_id, report.interval_s, self._monotonic())
+        was_up = probe.up
+        probe.up = True
+        probe.interval_s = report.interval_s
+        probe.last_report = self._monotonic()
+        probe.reported_limit = report.batch_limit
+        if not was_up:
+            log.info("probe of worker %s reports again", report.worker)
+        ts = probe.last_report_ms = now_ms()
+        # A probe's first report (seq 1) starts its OOM count at 0: every OOM in it is
+        # news. A probe seen first in the middle of its life (Sentinel restarted) only
+        # gives a baseline: its old OOMs were reported to the previous Sentinel.
+        oom_news = self._record_ooms(report, probe, baseline=first_look and report.seq > 1)
+        if report.kind == "oom":
+            self._write_oom(report, probe, ts)
+        else:
+            self._write_interval(report, probe, ts)
+        self._publish(report, probe, oom_news)
+        self._resolve_waiters(report.worker, worker)
+        return {"batch_limit": worker.desired_limit}
+
+    def _record_ooms(self, report: ProbeReport, probe: _Probe, *, baseline: bool) -> list[tuple[str, int, int]]:
+        """Raise the per-GPU OOM counts; returns (gpu, new count, increase) where it grew."""
+        news: list[tuple[str, int, int]] = []
+        for gpu in report.gpus:
+            if gpu.num_ooms is None:
+                continue
+            seen = probe.ooms.get(gpu.gpu, gpu.num_ooms if baseline else 0)
+            if gpu.num_ooms > seen:
+                news.append((gpu.gpu, gpu.num_ooms, gpu.num_ooms - seen))
+            # Counts only grow within one probe: a report built before an OOM that
+            # arrives after the OOM report must not pull the counter back.
+            probe.ooms[gpu.gpu] = max(seen, gpu.num_ooms)
+        return news
+
+    def _write_interval(self, report: ProbeReport, probe: _Probe, ts: int) -> None:
+        w = report.worker
+        out = self.store.appender(f"{_SOURCE}:{w}", ts)
+        out.add(_UP, 1, worker=w)
+        out.add(_LAST, ts / 1000.0, worker=w)
+        out.add(_FAILURES, report.report_failures_total, worker=w)
+        out.add(_HOOK_ERRORS, report.hook_errors_total, worker=w)
+        if report.batch_limit is not None:
+            out.add(_LIMIT, report.batch_limit, worker=w)
+        for layer in report.layers:
+            lbl = str(layer.layer)
+            if layer.balancedness is not None:
+                out.add(_BALANCEDNESS, layer.balancedness, worker=w, layer=lbl)
+            for hot in layer.hot_experts[: self.hot_experts_max]:
+                out.add(_EXPERT_TOKENS, hot.tokens_total, worker=w, layer=lbl, expert=str(hot.expert))
+        for gpu in report.gpus:
+            if gpu.tokens_total is not None:
+                out.add(_GPU_TOKENS, gpu.tokens_total, worker=w, gpu=gpu.gpu)
+            for name, value in self._allocator_series(gpu, probe):
+                out.add(name, value, worker=w, gpu=gpu.gpu)
+        out.commit()
+
+    def _write_oom(self, report: ProbeReport, probe: _Probe, ts: int) -> None:
+        # Written outside the worker's pass: an OOM report carries only the OOM's GPU,
+        # and a pass would mark every other series of the worker stale.
+        w = report.worker
+        for gpu in report.gpus:
+            for name, value in self._allocator_series(gpu, probe):
+                self.store.add(name, value, {"worker": w, "gpu": gpu.gpu}, timestamp_ms=ts)
+        oom_gpu = report.oom_gpu or ""
+        if not any(g.gpu == oom_gpu and g.num_ooms is not None for g in report.gpus):
+            # The report carries no count for the OOM's GPU (a client without allocator
+            # stats): the OOM itself is one more.
+            probe.ooms[oom_gpu] = probe.ooms.get(oom_gpu, 0) + 1
+            self.store.add(_OOMS, probe.ooms[oom_gpu], {"worker": w, "gpu": oom_gpu}, timestamp_ms=ts)
+
+    def _allocator_series(self, gpu: GpuReport, probe: _Probe) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        if gpu.num_ooms is not None:
+            out.append((_OOMS, probe.ooms.get(gpu.gpu, gpu.num_ooms)))
+        if gpu.num_alloc_retries is not None:
+            out.append((_RETRIES, gpu.num_alloc_retries))
+        if gpu.allocated_bytes is not None:
+            out.append((_ALLOCATED, gpu.allocated_bytes))
+        if gpu.reserved_bytes is not None:
+            out.append((_RESERVED, gpu.reserved_bytes))
+            if gpu.allocated_bytes is not None:
+                reserved = gpu.reserved_bytes
+                frag = 1.0 - gpu.allocated_bytes / reserved if reserved > 0 else 0.0
+                out.append((_FRAGMENTATION, min(1.0, max(0.0, frag))))
+        return out
+
+    def _publish(self, report: ProbeReport, probe: _Probe, oom_news: list[tuple[str, int, int]]) -> None:
+        w = report.worker
+        if report.kind == "oom":
+            gpu = report.oom_gpu or ""
+            count = probe.ooms.get(gpu)
+            self.bus.publish(
+                Event(
+                    kind=EVENT_OOM,
+                    source=_SOURCE,
+                    labels={"worker": w, "gpu": gpu},
+                    value=None if count is None else float(count),
+                    message=f"worker {w}: {report.oom_message or 'CUDA out of memory'}",
+                    metrics=(_OOMS,),
+                )
+            )
+            return
+        for gpu, count, increase in oom_news:
+            self.bus.publish(
+                Event(
+                    kind=EVENT_OOM,
+                    source=_SOURCE,
+                    labels={"worker": w, "gpu": gpu},
+                    value=float(count),
+                    message=f"worker {w}: {increase} CUDA out-of-memory error(s) on GPU {gpu} since the last report",
+                    metrics=(_OOMS,),
+                )
+            )
+        scored = [(layer.balancedness, layer.layer) for layer in report.layers if layer.balancedness is not None]
+        worst = min(scored) if scored else None
+        self.bus.publish(
+            Event(
+                kind=EVENT_REPORT,
+                source=_SOURCE,
+                labels={"worker": w},
+                value=worst[0] if worst else None,
+                message=(
+                    f"worker {w}: worst MoE balancedness {worst[0]:.3f} (layer {worst[1]})"
+                    if worst
+                    else f"worker {w}: no MoE traffic in the interval"
+                ),
+                metrics=(_BALANCEDNESS,) if worst else (),
+            )
+        )
+
+    # -- staleness -----------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:  # never a dead watchdog
+                log.exception("probe watchdog pass failed")
+            await asyncio.sleep(_WATCHDOG_PERIOD_S)
+
+    def tick(self) -> list[str]:
+        """Mark probes silent for `STALE_AFTER_INTERVALS` intervals down; returns their workers."""
+        now = self._monotonic()
+        downed = []
+        for name, worker in self._workers.items():
+            probe = worker.probe
+            if probe is None or not probe.up or now - probe.last_report <= STALE_AFTER_INTERVALS * probe.interval_s:
+                continue
+            probe.up = False
+            downed.append(name)
+            log.warning("probe of worker %s stopped reporting (%.1fs silent)", name, now - probe.last_report)
+            ts = now_ms()
+            out = self.store.appender(f"{_SOURCE}:{name}", ts)
+            out.add(_UP, 0, worker=name)
+            out.add(_LAST, probe.last_report_ms / 1000.0, worker=name)
+            out.commit()  # every other series of the worker goes stale here
+            self.bus.publish(
+                Event(
+                    kind=EVENT_DOWN,
+                    source=_SOURCE,
+                    labels={"worker": name},
+                    value=0.0,
+                    message=f"worker {name}: the in-worker probe stopped reporting",
+                    metrics=(_UP,),
+                )
+            )
+        return downed
+
+    # -- LiveControl ---------------------------------------------------------------
+
+    def probe_up(self, worker: str) -> bool:
+        """True while the worker's probe reports (within `STALE_AFTER_INTERVALS` intervals)."""
+        state = self._workers.get(worker)
+        probe = state.probe if state is not None else None
+        if probe is None or not probe.up:
+            return False
+        return self._monotonic() - probe.last_report <= STALE_AFTER_INTERVALS * probe.interval_s
+
+    def supports_live_batch_limit(self, worker: str) -> bool:
+        """LiveControl: the worker's probe reported recently, so a new limit can reach it."""
+        return self.probe_up(worker)
+
+    def desired_batch_limit(self, worker: str) -> int | None:
+        """The limit Sentinel sends the worker's probe; None when it has no opinion."""
+        state = self._workers.get(worker)
+        return state.desired_limit if state is not None else None
+
+    def clear_batch_limit(self, worker: str) -> None:
+        """Forget the desired limit (e.g. the worker was restarted with a profile of its own)."""
+        state = self._workers.get(worker)
+        if state is not None:
+            state.desired_limit = None
+            self._fail_waiters(state, "the desired batch limit was cleared")
+
+    async def set_batch_limit(self, worker: str, limit: int) -> None:
+        """LiveControl: send `limit` with the next reply; return once a report shows it in force.
+
+        Raises `BackendError` when the worker has no live probe, or when no report
+        acknowledges the limit within the ack timeout (default: 3 intervals + 2 s).
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"batch limit must be a positive integer, got {limit!r}")
+        state = self._workers.get(worker)
+        probe = state.probe if state is not None else None
+        if state is None or probe is None or not self.probe_up(worker):
+            raise BackendError(f"worker {worker} has no live probe: its batch limit cannot change without a restart")
+        if state.desired_limit != limit:
+            self._fail_waiters(state, f"superseded by batch limit {limit}")
+        state.desired_limit = limit
+        if probe.reported_limit == limit:
+            return
+        waiter = _Waiter(limit, asyncio.get_running_loop().create_future())
+        state.waiters.append(waiter)
+        timeout = self.ack_timeout_s if self.ack_timeout_s is not None else 3 * probe.interval_s + 2.0
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+        except asyncio.TimeoutError:
+            raise BackendError(
+                f"worker {worker}: the probe did not acknowledge batch limit {limit} within {timeout:.1f}s"
+            ) from None
+        finally:
+            if waiter in state.waiters:
+                state.waiters.remove(waiter)
+
+    def _resolve_waiters(self, name: str, state: _Worker) -> None:
+        probe = state.probe
+        if probe is None:
+            return
+        for waiter in list(state.waiters):
+            if waiter.limit == probe.reported_limit and not waiter.future.done():
+                waiter.future.set_result(None)
+                log.info("probe of worker %s acknowledged batch limit %d", name, waiter.limit)
+
+    def _fail_waiters(self, state: _Worker, why: str) -> None:
+        for waiter in state.waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(BackendError(why))
+        state.waiters.clear()
+
+    # -- status --------------------------------------------------------------------
+
+    def status(self) -> list[dict[str, Any]]:
+        """One entry per worker that ever reported (for the API and `sentinel status`)."""
+        now = self._monotonic()
+        out = []
+        for name, state in sorted(self._workers.items()):
+            probe = state.probe
+            out.append(
+                {
+                    "worker": name,
+                    "up": self.probe_up(name),
+                    "probe_id": probe.probe_id if probe else None,
+                    "seconds_since_report": round(now - probe.last_report, 3) if probe else None,
+                    "interval_s": probe.interval_s if probe else None,
+                    "batch_limit": probe.reported_limit if probe else None,
+                    "desired_batch_limit": state.desired_limit,
+                }
+            )
+        return out

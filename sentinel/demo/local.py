@@ -1,0 +1,420 @@
+"""`sentinel demo`: the whole detect-and-heal loop on one machine, in under 3 minutes.
+
+A simulated 8-GPU host, a real tiny MoE worker (sentinel.sim.worker) run by the process
+backend under load, Sentinel with the default rules and `remediation.mode: act`, and a
+local webhook sink. Faults are injected one after another; for each the demo records
+when it was injected, when an alert fired, which action Sentinel took, and when the
+worker was healthy again (the action verified: endpoint up, tokens flowing).
+
+So that it fits in 3 minutes, the `for:` durations of the default rules are divided by
+`FOR_COMPRESSION` (a copy of the rules is used; the shipped files are untouched). Rule
+expressions, thresholds and the remediation policy are the real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import aiohttp
+import yaml
+
+from sentinel.config.models import Config, parse_config
+from sentinel.daemon.core import Daemon
+from sentinel.daemon.logsetup import setup_logging
+from sentinel.notify.testing import RecordingReceiver
+from sentinel.rules.manager import AlertEvent
+from sentinel.rules.state import AlertState
+from sentinel.sim.load import LoadGenerator
+from sentinel.sim.nvml import SimulatedNvml, load_scenario
+
+__all__ = ["FAULTS", "FaultResult", "main", "run_demo"]
+
+log = logging.getLogger(__name__)
+
+FOR_COMPRESSION = 6
+WORKER = "qwen3"
+# The memory budget of the simulated GPU: 16 sequences at full batch do not fit, 4 do,
+# and the int8 profile fits 16 (measured with the load below).
+MEMORY_BUDGET_BYTES = 2_300_000
+BASE_LOAD = 4  # clients before the OOM fault: fits the full profile
+SPIKE_LOAD = 12  # extra clients of the OOM fault: a traffic spike
+LOST_GPU = 6  # not one of the worker's GPUs: the alert goes to a human
+
+
+@dataclass
+class FaultResult:
+    fault: str
+    injected_at: float | None = None
+    detected_at: float | None = None
+    alert: str | None = None
+    action: str | None = None
+    recovered_at: float | None = None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    description: str
+    alerts: tuple[str, ...]  # any of these firing counts as detection
+    expects_action: bool
+    timeout_s: float
+
+
+FAULTS: tuple[Fault, ...] = (
+    Fault("gpu-lost", f"GPU {LOST_GPU} falls off the bus (Xid 79)", ("GPUFallenOffBus", "GPULost"), False, 30),
+    Fault("oom", "traffic spike: CUDA OOM at full batch", ("CudaOOM", "CudaOOMAfterReduction"), True, 75),
+    Fault("hotspot", "expert hot-spot: routing skewed to 4 experts", ("MoEExpertImbalance",), False, 60),
+    Fault("stall", "engine stalls while /health stays 200", ("EngineStalled",), True, 90),
+    Fault("crash", "NCCL collective timeout, engine dies", ("NCCLCollectiveTimeout", "EngineDead"), True, 75),
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _repo_rules() -> Path:
+    rules = Path(__file__).resolve().parents[2] / "rules"  # the checkout's rules/, not the sentinel.rules package
+    if not rules.is_dir():
+        raise SystemExit(f"sentinel demo: the default rules are not at {rules} (run it from a checkout)")
+    return rules
+
+
+def _compress_rules(source: Path, target: Path, factor: int) -> list[str]:
+    """Copy the rule files with every `for:` divided by `factor`; returns the new paths."""
+    from sentinel.rules.rulefile import parse_prom_duration
+
+    target.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for path in sorted(source.glob("*.yml")):
+        data = yaml.safe_load(path.read_text())
+        for group in data.get("groups", []):
+            for rule in group.get("rules", []):
+                if rule.get("for"):
+                    ms = parse_prom_duration(str(rule["for"])) // factor
+                    rule["for"] = f"{max(ms, 1000) // 1000}s" if ms else "0s"
+        out = target / path.name
+        out.write_text(yaml.safe_dump(data, sort_keys=False))
+        paths.append(str(out))
+    return paths
+
+
+def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int, sink_url: str) -> Config:
+    log_file = tmp / "logs" / f"{WORKER}.log"
+    state = tmp / "state"
+    data = {
+        "listen": f"127.0.0.1:{daemon_port}",
+        "state_dir": str(state),
+        "log": {"level": "warning"},
+        "collectors": {"nvml": {"kernel_log": "off"}},
+        "workers": [
+            {
+                "name": WORKER,
+                "gpus": [0, 1, 2, 3],
+                "endpoint": f"http://127.0.0.1:{worker_port}",
+                "engine": "vllm",
+                "process": {"pid_file": str(state / "workers" / f"{WORKER}.pid")},
+                "logs": [{"path": str(log_file)}],
+                "backend": {
+                    "type": "process",
+                    "argv": [sys.executable, "-m", "sentinel.sim.worker", "--port", str(worker_port)],
+                    "env": {
+                        "MEMORY_BUDGET_BYTES": str(MEMORY_BUDGET_BYTES),
+                        "SENTINEL_WORKER": WORKER,
+                        "VLLM_LOG_STATS_INTERVAL": "2",
+                        # The probe reports per-layer expert balance to Sentinel.
+                        "SENTINEL_PROBE_URL": f"http://127.0.0.1:{daemon_port}",
+                    },
+                    "log_file": str(log_file),
+                    "stop_timeout": "5s",
+                },
+                "profiles": [
+                    {"name": "full", "env": {"MAX_NUM_SEQS": "16"}, "batch_limit": 16},
+                    {"name": "reduced", "env": {"MAX_NUM_SEQS": "4"}, "batch_limit": 4},
+                    {"name": "int8", "env": {"MAX_NUM_SEQS": "16", "QUANTIZATION": "int8"}, "quantized": True},
+                ],
+            }
+        ],
+        "rules": {"files": rule_files, "interval": "1s"},
+        "remediation": {
+            "mode": "act",
+            "cooldown": "20s",
+            "budget": {"count": 5, "window": "10m"},
+            "verify_timeout": "60s",
+            "verify_interval": "500ms",
+            "stable_for": "30m",
+        },
+        "notify": {"webhook": [{"name": "demo-sink", "url": sink_url}]},
+    }
+    return parse_config(yaml.safe_dump(data), "<demo>")
+
+
+@dataclass
+class Timeline:
+    """Prints what happens as it happens, with seconds since the demo started."""
+
+    started: float
+    out: TextIO
+    quiet: bool
+    firing: list[tuple[float, str, dict[str, str]]] = field(default_factory=list)
+
+    def now(self) -> float:
+        return time.monotonic() - self.started
+
+    def say(self, what: str) -> None:
+        # With --json the timeline goes to stderr, so stdout stays one JSON object.
+        print(f"  +{self.now():6.1f}s  {what}", file=sys.stderr if self.quiet else self.out, flush=True)
+
+    def on_alert(self, event: AlertEvent) -> None:
+        t = event.transition
+        labels = {k: v for k, v in t.alert.labels.items() if k in ("worker", "gpu", "xid")}
+        shown = " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        if t.current is AlertState.FIRING:
+            self.firing.append((self.now(), event.rule.name, dict(t.alert.labels)))
+            self.say(f"FIRING    {event.rule.name} {shown}")
+        elif t.current is AlertState.INACTIVE and t.previous is AlertState.FIRING:
+            self.say(f"resolved  {event.rule.name} {shown}")
+
+
+class Demo:
+    def __init__(self, faults: Sequence[Fault], out: TextIO, quiet: bool) -> None:
+        self.faults = faults
+        self.timeline = Timeline(time.monotonic(), out, quiet)
+        self.results: list[FaultResult] = []
+        self.actions: list[dict[str, Any]] = []  # every journaled action, for the JSON and tests
+        self._seen_actions: set[int] = set()
+
+    async def run(self) -> list[FaultResult]:
+        with tempfile.TemporaryDirectory(prefix="sentinel-demo-") as tmp_name:
+            tmp = Path(tmp_name)
+            (tmp / "logs").mkdir()
+            async with RecordingReceiver() as sink:
+                return await self._run(tmp, sink)
+
+    async def _run(self, tmp: Path, sink: RecordingReceiver) -> list[FaultResult]:
+        tl = self.timeline
+        worker_port, daemon_port = _free_port(), _free_port()
+        rules = _compress_rules(_repo_rules(), tmp / "rules", FOR_COMPRESSION)
+        config = _config(tmp, rules, daemon_port, worker_port, sink.url)
+        self.nvml = SimulatedNvml(load_scenario("healthy-8gpu"))
+        self.daemon = Daemon(config, nvml=self.nvml)
+        self.worker_url = f"http://127.0.0.1:{worker_port}"
+        tl.say(
+            f"Sentinel on :{daemon_port}, simulated 8-GPU host, worker {WORKER} on :{worker_port} "
+            f"(process backend, profiles full -> reduced -> int8)"
+        )
+        daemon_task = asyncio.create_task(self.daemon.run())
+        loads: list[LoadGenerator] = []
+        try:
+            async with aiohttp.ClientSession() as http:
+                self.http = http
+                await self._wait_rules_ready()
+                assert self.daemon.rules is not None
+                self.daemon.rules.subscribe(tl.on_alert)
+                if not await self._wait_healthy(120):
+                    raise RuntimeError("the worker never became healthy")
+                tl.say(f"worker {WORKER} healthy; starting load ({BASE_LOAD} clients)")
+                loads.append(LoadGenerator(self.worker_url, concurrency=BASE_LOAD, prompt_len=16, max_tokens=48))
+                loads[-1].start()
+                await asyncio.sleep(3)
+                for fault in self.faults:
+                    self.results.append(await self._play(fault, loads))
+        finally:
+            for load in loads:
+                with contextlib.suppress(Exception):
+                    await load.stop()
+            self.daemon.request_stop()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(daemon_task, 10)
+            self.nvml.close()
+        delivered = len(sink.accepted())
+        tl.say(f"done: {delivered} notification(s) delivered to the webhook sink")
+        return self.results
+
+    async def _wait_rules_ready(self) -> None:
+        deadline = time.monotonic() + 30
+        while self.daemon.rules is None or not self.daemon.rules.groups:
+            if time.monotonic() > deadline:
+                raise RuntimeError("Sentinel did not start its rules")
+            await asyncio.sleep(0.1)
+
+    async def _healthy(self) -> bool:
+        try:
+            async with self.http.get(self.worker_url + "/health", timeout=aiohttp.ClientTimeout(total=1)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    async def _wait_healthy(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self._healthy():
+                return True
+            await asyncio.sleep(0.5)
+        return False
+
+    async def _admin(self, body: dict[str, Any]) -> None:
+        # The worker may be between a restart and its first request (torch is slow to
+        # import on a busy machine): wait for it rather than fail the demo.
+        for attempt in range(3):
+            try:
+                async with self.http.post(self.worker_url + "/admin/fault", json=body) as r:
+                    r.raise_for_status()
+                    return
+            except aiohttp.ClientError:
+                if attempt == 2:
+                    raise
+                await self._wait_healthy(60)
+
+    async def _inject(self, fault: Fault, loads: list[LoadGenerator]) -> None:
+        if fault.name == "gpu-lost":
+            self.nvml.inject_xid(LOST_GPU, 79)
+            self.nvml.lose_gpu(LOST_GPU)
+        elif fault.name == "oom":
+            loads.append(LoadGenerator(self.worker_url, concurrency=SPIKE_LOAD, prompt_len=16, max_tokens=48, seed=1))
+            loads[-1].start()
+        elif fault.name == "hotspot":
+            await self._admin({"kind": "skew", "experts": [0, 1, 2, 3], "bias": 10.0})
+        elif fault.name == "stall":
+            await self._admin({"kind": "stall", "seconds": 300})
+        elif fault.name == "crash":
+            await self._admin({"kind": "crash", "after_seconds": 1})
+
+    async def _play(self, fault: Fault, loads: list[LoadGenerator]) -> FaultResult:
+        tl = self.timeline
+        result = FaultResult(fault.name)
+        print_header = f"fault: {fault.description}"
+        if not await self._wait_healthy(90):
+            tl.say(f"worker {WORKER} is not healthy before the fault; injecting anyway")
+        tl.say(print_header)
+        injected = tl.now()  # unrounded: an alert can fire within the same millisecond
+        result.injected_at = round(injected, 2)
+        await self._inject(fault, loads)
+        deadline = time.monotonic() + fault.timeout_s
+        while time.monotonic() < deadline:
+            if result.detected_at is None:
+                hit = next(((t, name) for t, name, _ in tl.firing if t >= injected and name in fault.alerts), None)
+                if hit is not None:
+                    result.detected_at, result.alert = round(hit[0], 2), hit[1]
+                    if fault.name == "hotspot":
+                        # No automatic action fits an imbalance; the operator rebalances.
+                        await self._admin({"kind": "clear"})
+                        tl.say("operator clears the routing skew (MoE imbalance is notify-only)")
+            action = await self._new_action(injected)
+            if action is not None and (result.action is None or action.get("outcome") == "succeeded"):
+                result.action = action["action"]
+            if action is not None and action.get("outcome") == "succeeded" and result.recovered_at is None:
+                result.recovered_at = round(action["finished"] - self._wall0(), 2)
+            done = result.detected_at is not None and (not fault.expects_action or result.recovered_at is not None)
+            if done:
+                break
+            await asyncio.sleep(0.25)
+        if fault.name == "gpu-lost" and result.detected_at is not None:
+            result.action, result.note = "notify_only", "hardware: a human drains the host"
+        if fault.name == "hotspot" and result.detected_at is not None:
+            result.action, result.note = "notify_only", "rebalance experts (EPLB)"
+        if result.detected_at is None:
+            result.note = "not detected within the time limit"
+        elif fault.expects_action and result.recovered_at is None:
+            result.note = "no verified recovery within the time limit"
+        await asyncio.sleep(2)
+        return result
+
+    def _wall0(self) -> float:
+        # Journal times are wall-clock; convert to seconds since the demo started.
+        return time.time() - self.timeline.now()
+
+    async def _new_action(self, since: float) -> dict[str, Any] | None:
+        remediator = self.daemon.healing.remediator
+        if remediator is None:
+            return None
+        rows = await remediator.actions_json(limit=20, worker=WORKER)
+        wall_since = self._wall0() + since
+        mine = [r for r in rows if r["started"] >= wall_since and r["action"] not in ("notify_only",)]
+        for row in sorted(mine, key=lambda r: r["started"]):
+            key = int(row["id"] or 0)
+            if key not in self._seen_actions and row.get("outcome") is not None:
+                self._seen_actions.add(key)
+                self.actions.append(row)
+                detail = f" ({row['profile_before']} -> {row['profile_after']})" if row["profile_after"] else ""
+                healthy = row.get("seconds_to_healthy")
+                after = f", healthy after {healthy:.1f}s" if healthy is not None else ""
+                self.timeline.say(f"ACTION    {row['action']} {WORKER}{detail}: {row['outcome']}{after}")
+        succeeded = [r for r in mine if r.get("outcome") == "succeeded"]
+        if succeeded:
+            return succeeded[0]
+        return mine[0] if mine else None
+
+
+def _table(results: Sequence[FaultResult]) -> str:
+    def cell(v: float | str | None) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.1f}s" if isinstance(v, float) else v
+
+    head = ("fault", "injected", "detected", "alert", "action", "recovered", "note")
+    rows = [head] + [
+        (r.fault, cell(r.injected_at), cell(r.detected_at), cell(r.alert), cell(r.action), cell(r.recovered_at), r.note)
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+async def run_demo(faults: Sequence[Fault], out: TextIO, json_out: bool) -> Demo:
+    demo = Demo(faults, out, quiet=json_out)
+    if not json_out:
+        print("Sentinel demo: inject faults into a simulated GPU host and a real tiny MoE worker,", file=out)
+        print(
+            f"and watch Sentinel detect and heal them (rule `for:` durations divided by {FOR_COMPRESSION}).",
+            file=out,
+            flush=True,
+        )
+    await demo.run()
+    return demo
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    parser = argparse.ArgumentParser(prog="sentinel demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--scenario",
+        default="all",
+        choices=["all", *(f.name for f in FAULTS)],
+        help="one fault, or all of them in turn (default)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object with the results")
+    parser.add_argument("--verbose", action="store_true", help="show Sentinel's own log")
+    args = parser.parse_args(argv)
+    setup_logging("text", "info" if args.verbose else "error")
+    faults = [f for f in FAULTS if args.scenario in ("all", f.name)]
+    started = time.monotonic()
+    demo = asyncio.run(run_demo(faults, out, args.json))
+    results = demo.results
+    if args.json:
+        faults_json = [{k: v for k, v in asdict(r).items() if k != "note"} for r in results]
+        actions_json = [
+            {k: row.get(k) for k in ("action", "outcome", "alertname", "profile_before", "profile_after")}
+            for row in demo.actions
+        ]
+        print(json.dumps({"faults": faults_json, "actions": actions_json}), file=out)
+    else:
+        print(f"\n{_table(results)}\n\nfinished in {time.monotonic() - started:.0f}s", file=out)
+    missed = [r for r in results if r.detected_at is None]
+    return 1 if missed else 0
