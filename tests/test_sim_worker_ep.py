@@ -14,6 +14,7 @@ differs; with the skew fault's bias of 10 it is nearly fixed, so within 0.05.
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -298,3 +299,21 @@ async def test_skewed_worker_is_rebalanced_live_over_http_without_a_failed_reque
     assert plan.balancedness_after is not None and abs(healed - plan.balancedness_after) <= NEXT_WINDOW_TOLERANCE
     assert stats.successes > 0 and stats.failures == 0, stats.errors
     assert any("Expert placement version 1 in from step" in line for line in worker.lines)
+
+
+def test_a_placement_waiting_for_a_dead_engine_is_refused_at_once() -> None:
+    torch.set_num_threads(1)
+    moe = build_model("none")
+    engine = ServingEngine(moe, max_num_seqs=4, model_name="m", stderr=io.StringIO())
+    engine.start()
+    try:
+        engine.crash(after_seconds=1.0)  # the loop hangs, then dies before any step boundary
+        started = time.monotonic()
+        result = engine.apply_placement(shuffled_placement(moe), timeout_s=60)
+        assert result.status == "refused" and "the engine died" in result.reason, result
+        assert time.monotonic() - started < 30  # answered at death, not at the timeout
+        assert engine.ep.placement == Placement.contiguous(2, 16, 4, 2) and engine.placement_version == 0
+        after = engine.apply_placement(shuffled_placement(moe), timeout_s=5)
+        assert after.status == "refused" and "the engine is dead" in after.reason
+    finally:
+        engine.stop()

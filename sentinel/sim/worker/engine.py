@@ -239,6 +239,7 @@ class ServingEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_all(None)
+        self._drop_pending_placement("the engine stopped")
         self.expert_load.close()
 
     @property
@@ -420,6 +421,15 @@ class ServingEngine:
                 len(request.staged.copies),
                 request.staged.copy_bytes,
             )
+        request.done.set()
+
+    def _drop_pending_placement(self, reason: str) -> None:
+        """Answer a placement no step boundary will ever take (the loop ended): refused, old placement."""
+        with self._cv:
+            request, self._pending_placement = self._pending_placement, None
+            if request is None or request.state != "pending":
+                return
+            request.state, request.reason = "refused", reason
         request.done.set()
 
     # -- state -----------------------------------------------------------------------------
@@ -752,6 +762,7 @@ class ServingEngine:
         self.dead_reason = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
         log.error("EngineCore encountered a fatal error.", exc_info=exc)
         self._fail_all(EngineDeadError())
+        self._drop_pending_placement(f"the engine died ({self.dead_reason})")
         if self._on_dead is not None:
             self._on_dead(self.dead_reason)
 
