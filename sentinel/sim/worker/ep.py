@@ -11,9 +11,11 @@ placement (`sentinel.moe.Placement`) saying which logical expert each slot holds
   robin from a per-expert offset that carries over between forward passes, so the
   replicas of an expert split its tokens evenly, within one token per replica over
   any stretch of traffic. It returns physical slot ids (`device * slots + slot`).
-- compute: each slot's assignments go through that slot's own weight tensors, and the
-  slot's device is charged them: that is the measured per-device load
-  (`take_window`, `device_tokens`).
+- compute: each slot's assignments go through that slot's own weights (fp32: one
+  `grouped_mm` per projection over the slots' weights stacked in slot order, as
+  transformers' own experts compute; int8: a loop over the slots), and the slot's
+  device is charged them: that is the measured per-device load (`take_window`,
+  `device_tokens`).
 - combine: per-assignment outputs are summed over k in a fixed order, so a token's
   output does not depend on where its experts live.
 
@@ -126,6 +128,9 @@ class LayerState:
     replica_count: torch.Tensor  # [experts]
     slot_device: torch.Tensor  # [devices x slots]: device of each global slot
     single: bool  # every expert has exactly one replica
+    # fp32 slot weights stacked per global slot ([slots, hidden, 2 x inter], [slots, inter, hidden],
+    # zeros in empty slots) for one grouped matmul per projection; None for int8 (a loop per slot).
+    stacks: tuple[torch.Tensor, torch.Tensor] | None
 
     @classmethod
     def build(
@@ -144,12 +149,28 @@ class LayerState:
             table[e, : len(where)] = torch.tensor(where, dtype=torch.int64)
         count = torch.tensor([len(r) for r in replicas], dtype=torch.int64)
         device_of = torch.arange(len(slots), dtype=torch.int64).repeat_interleave(per_device)
-        return cls(slots, weights, table, count, device_of, width == 1)
+        return cls(slots, weights, table, count, device_of, width == 1, _stacks(weights))
 
     @property
     def filled(self) -> int:
         """Slots holding a replica."""
         return sum(1 for device in self.slots for e in device if e != EMPTY)
+
+
+def _stacks(weights: tuple[tuple[ExpertWeights | None, ...], ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The fp32 weights of every slot in one tensor per projection, laid out for `grouped_mm`."""
+    flat = [w for device in weights for w in device]
+    sample = next(w for w in flat if w is not None)
+    if sample.gate_up_scale is not None or not hasattr(F, "grouped_mm"):
+        return None
+    gate_up = torch.zeros(len(flat), *sample.gate_up.shape[::-1], dtype=sample.gate_up.dtype)
+    down = torch.zeros(len(flat), *sample.down.shape[::-1], dtype=sample.down.dtype)
+    with torch.no_grad():
+        for i, w in enumerate(flat):
+            if w is not None:
+                gate_up[i].copy_(w.gate_up.t())
+                down[i].copy_(w.down.t())
+    return gate_up, down
 
 
 class SlotDispatch(nn.Module):
@@ -204,22 +225,31 @@ class ExpertParallelExperts(nn.Module):
         state = self.state  # one placement for the whole pass, whatever a swap does meanwhile
         tokens, k = top_k_index.shape
         slots = self.dispatch(top_k_index.reshape(-1), state)
-        # Assignments sorted by slot: one gather in, contiguous slices per slot, one scatter out.
+        # Assignments sorted by slot: one gather in, a group per slot, one scatter out.
         order = torch.argsort(slots, stable=True)
-        per_slot = torch.bincount(slots, minlength=state.slot_device.numel()).tolist()
+        counts = torch.bincount(slots, minlength=state.slot_device.numel())
+        per_slot = counts.tolist()
         x = hidden_states[order // k]
         scale = top_k_weights.reshape(-1)[order, None]
         width = len(state.slots[0])
-        parts = []
-        start = 0
-        for slot, n in enumerate(per_slot):
-            if n:
-                expert = state.weights[slot // width][slot % width]
-                assert expert is not None, "dispatch only picks filled slots"
-                parts.append(expert.apply(x[start : start + n], self.act_fn) * scale[start : start + n])
-                start += n
+        if state.stacks is not None:
+            # One grouped matmul per projection over every slot, as transformers' own experts do.
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            gate_up, down = state.stacks
+            gate, up = F.grouped_mm(x, gate_up, offs=offsets).chunk(2, dim=-1)
+            y = F.grouped_mm(self.act_fn(gate) * up, down, offs=offsets) * scale
+        else:
+            parts = []
+            start = 0
+            for slot, n in enumerate(per_slot):
+                if n:
+                    expert = state.weights[slot // width][slot % width]
+                    assert expert is not None, "dispatch only picks filled slots"
+                    parts.append(expert.apply(x[start : start + n], self.act_fn) * scale[start : start + n])
+                    start += n
+            y = torch.cat(parts)
         out = torch.empty(tokens * k, hidden_states.shape[-1], dtype=hidden_states.dtype)
-        out[order] = torch.cat(parts).to(out.dtype)
+        out[order] = y.to(out.dtype)
         load = [sum(per_slot[d * width : (d + 1) * width]) for d in range(self.devices)]
         with self._lock:
             for d, n in enumerate(load):
