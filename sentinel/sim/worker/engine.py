@@ -25,6 +25,16 @@ with a smaller batch limit or int8 weights has a smaller footprint and does not.
 Faults: a stall blocks the loop (requests stay running, nothing is generated, `/health`
 stays 200); a crash blocks it for a while, then prints ProcessGroupNCCL's watchdog lines
 and dies the same way.
+
+Expert placement (`apply_placement`, the function Sentinel's live rebalance calls):
+the caller's thread checks and stages the new placement (`ep.ExpertParallel.stage`:
+new replicas are copied beside serving), the engine swaps it in at its next step
+boundary, between two forward passes, and the caller gets a `PlacementResult`. The
+replicas beyond one per expert count in the simulated memory footprint, and so do the
+staged copies until the swap: a plan that would not fit the memory budget is refused.
+If no step boundary comes within the timeout (a stalled engine), the request is
+withdrawn and the old placement runs on; placements carry increasing versions, so a
+late or repeated one is refused rather than applied out of order.
 """
 
 from __future__ import annotations
@@ -47,7 +57,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from sentinel.sim.worker.eplb import REARRANGEMENT_INTERVAL, ExpertLoad, balance, tokens_per_gpu
+from sentinel.moe import Placement
+from sentinel.sim.worker.ep import PlacementRefused, PlacementResult, StagedPlacement
+from sentinel.sim.worker.eplb import REARRANGEMENT_INTERVAL, ExpertLoad, balance
 from sentinel.sim.worker.formats import eplb_line, nccl_watchdog_lines, oom_message
 from sentinel.sim.worker.metrics import EngineMetrics
 from sentinel.sim.worker.model import TinyMoe, expert_to_gpu
@@ -122,6 +134,16 @@ class _Sequence:
         return len(self.prompt) + len(self.output)
 
 
+@dataclass(eq=False)
+class _PlacementRequest:
+    staged: StagedPlacement
+    version: int
+    state: str = "pending"  # -> committing -> applied | refused; or pending -> withdrawn
+    reason: str = ""
+    step: int | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """Counters and gauges of the engine at one moment."""
@@ -164,6 +186,11 @@ class ServingEngine:
         self.probe = probe
         self.eplb_interval = eplb_interval
         self.expert_load = ExpertLoad(moe.routers, moe.num_experts, expert_to_gpu(moe.num_experts))
+        self.ep = moe.ep
+        self.placement_version = 0
+        self.placement_step: int | None = None  # engine step the running placement came in at
+        self._pending_placement: _PlacementRequest | None = None
+        self._placement_lock = threading.Lock()  # one apply_placement at a time
         self._on_dead = on_dead
         self._stderr = stderr
         self._clock = clock
@@ -190,6 +217,7 @@ class ServingEngine:
         self.max_running_seen = 0
         self.last_footprint_bytes = moe.weights_bytes
         self.peak_footprint_bytes = moe.weights_bytes
+        self._last_kv_bytes = 0
         self._last_eplb = clock()
         self._last_step_numel = 0
         self.metrics.bind_gauges(
@@ -211,6 +239,7 @@ class ServingEngine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_all(None)
+        self._drop_pending_placement("the engine stopped")
         self.expert_load.close()
 
     @property
@@ -283,6 +312,126 @@ class ServingEngine:
             self._crash_at = None
             self._cv.notify_all()
 
+    # -- expert placement --------------------------------------------------------------
+
+    def apply_placement(
+        self, target: Placement, *, version: int | None = None, timeout_s: float = 10.0
+    ) -> PlacementResult:
+        """Run `target` from the next step boundary; see the module doc. Thread-safe, blocking.
+
+        `version` must be newer than the running one (default: the next). Never call
+        this from the engine thread: it waits for that thread's next step boundary.
+        """
+        started = self._clock()
+        with self._placement_lock:
+            running = self.placement_version
+            wanted = running + 1 if version is None else version
+
+            def answer(status: str, reason: str = "", staged: StagedPlacement | None = None) -> PlacementResult:
+                return PlacementResult(
+                    status=status,
+                    version=self.placement_version,
+                    requested_version=wanted,
+                    reason=reason,
+                    copies=len(staged.copies) if staged else 0,
+                    copy_bytes=staged.copy_bytes if staged else 0,
+                    seconds=self._clock() - started,
+                    step=self.placement_step if status == "applied" else None,
+                )
+
+            if not self._alive:
+                return answer("refused", f"the engine is dead ({self.dead_reason})")
+            if wanted <= running:
+                return answer("refused", f"version {wanted} is not newer than the running version {running}")
+            try:
+                staged = self.ep.stage(target)
+            except PlacementRefused as exc:
+                return answer("refused", exc.reason)
+            if staged.placement == staged.base:
+                self.placement_version = wanted  # already running it: nothing to swap
+                self.placement_step = self.steps
+                return answer("applied", "the worker already runs this placement", staged)
+            too_big = self._staging_over_budget(staged)
+            if too_big:
+                return answer("refused", too_big, staged)
+            request = _PlacementRequest(staged, wanted)
+            with self._cv:
+                self._pending_placement = request
+                self._cv.notify_all()
+            if not request.done.wait(timeout_s):
+                with self._cv:
+                    if request.state == "pending":
+                        request.state = "withdrawn"
+                        self._pending_placement = None
+                if request.state == "withdrawn":
+                    log.warning(
+                        "placement version %d withdrawn: no step boundary within %.1fs; version %d runs on",
+                        wanted,
+                        timeout_s,
+                        self.placement_version,
+                    )
+                    return answer(
+                        "timed_out",
+                        f"no step boundary within {timeout_s:g}s (engine stalled?); "
+                        f"placement version {self.placement_version} runs on",
+                        staged,
+                    )
+                request.done.wait()  # being swapped in right now: a few pointer assignments
+            if request.state != "applied":
+                return answer("refused", request.reason, staged)
+            return answer("applied", "", staged)
+
+    def _staging_over_budget(self, staged: StagedPlacement) -> str:
+        """Why staging `staged` would not fit the memory budget; empty when it fits."""
+        budget = self.memory_budget_bytes
+        if budget is None:
+            return ""
+        weights = self.moe.weights_bytes + self.ep.replica_bytes
+        peak = weights + staged.copy_bytes + self._last_kv_bytes
+        after = self.moe.weights_bytes + staged.replica_bytes + self._last_kv_bytes
+        worst = max(peak, after)
+        if worst <= budget:
+            return ""
+        return (
+            f"{len(staged.copies)} expert copies ({staged.copy_bytes} bytes staged next to {weights} bytes of "
+            f"weights and {self._last_kv_bytes} bytes of KV cache) would take the footprint to {worst} bytes, "
+            f"over the memory budget of {budget} bytes"
+        )
+
+    def _commit_placement(self) -> None:
+        """At a step boundary, on the engine thread: swap in a pending placement."""
+        with self._cv:
+            request = self._pending_placement
+            if request is None:
+                return
+            self._pending_placement = None
+            request.state = "committing"
+        try:
+            self.ep.commit(request.staged)
+        except PlacementRefused as exc:
+            request.state, request.reason = "refused", exc.reason
+        else:
+            self.placement_version = request.version
+            self.placement_step = self.steps
+            request.state = "applied"
+            log.info(
+                "Expert placement version %d in from step %d: %d expert copies (%d bytes)",
+                request.version,
+                self.steps,
+                len(request.staged.copies),
+                request.staged.copy_bytes,
+            )
+        request.done.set()
+
+    def _drop_pending_placement(self, reason: str) -> None:
+        """Answer a placement no step boundary will ever take (the loop ended): refused, old placement."""
+        with self._cv:
+            request, self._pending_placement = self._pending_placement, None
+            if request is None or request.state != "pending":
+                return
+            request.state, request.reason = "refused", reason
+        request.done.set()
+
     # -- state -----------------------------------------------------------------------------
 
     @property
@@ -320,7 +469,7 @@ class ServingEngine:
         """What `/admin/state` shows: profile facts, memory, faults, counters, expert load."""
         now = self._clock()
         totals = self.expert_load.totals()
-        per_gpu = tokens_per_gpu(totals, self.expert_load.mapping)
+        per_gpu = torch.tensor(self.ep.device_tokens(), dtype=torch.int64)
         bal = balance(per_gpu)
         stall, crash = self._stall_until, self._crash_at
         moe = self.moe
@@ -357,10 +506,12 @@ class ServingEngine:
                 "kv_cache_usage": self.kv_cache_usage(),
             },
             "experts": {
-                "expert_to_gpu": self.expert_load.mapping,
-                "tokens": totals.tolist(),
-                "gpu_tokens": per_gpu.tolist(),
+                "tokens": totals.tolist(),  # per layer, per logical expert, since start
+                "gpu_tokens": per_gpu.tolist(),  # per layer, per device: the measured load
                 "balancedness": bal.balancedness,
+                "placement_version": self.placement_version,
+                "placement": [[list(device) for device in layer] for layer in self.ep.placement.layers],
+                "replica_bytes": self.ep.replica_bytes,
             },
             "probe": self.probe is not None,
         }
@@ -376,6 +527,7 @@ class ServingEngine:
                     if self._crash_at is not None and self._crash_at <= self._clock():
                         self._watchdog_abort()
                         return
+                    self._commit_placement()
                     guard = self.probe.oom_guard() if self.probe is not None else contextlib.nullcontext()
                     with guard:
                         self._step()
@@ -397,7 +549,7 @@ class ServingEngine:
                 if holds:
                     self._cv.wait(min(holds) - now)
                     continue
-                if self._waiting or self._running:
+                if self._waiting or self._running or self._pending_placement is not None:
                     return True
                 self._cv.wait(1.0)
             return False
@@ -472,7 +624,8 @@ class ServingEngine:
         """Account the step's working set against the memory budget; a real OOM above it."""
         moe = self.moe
         requested = rows * context * moe.per_token_bytes
-        footprint = moe.weights_bytes + requested
+        weights = moe.weights_bytes + self.ep.replica_bytes
+        footprint = weights + requested
         budget = self.memory_budget_bytes
         if budget is not None and footprint > budget:
             raise torch.OutOfMemoryError(
@@ -480,12 +633,13 @@ class ServingEngine:
                     device=0,
                     requested=requested,
                     total=budget,
-                    in_use=moe.weights_bytes,
-                    allocated=moe.weights_bytes,
-                    reserved=moe.weights_bytes,
+                    in_use=weights,
+                    allocated=weights,
+                    reserved=weights,
                 )
             )
         self.last_footprint_bytes = footprint
+        self._last_kv_bytes = requested
         self.peak_footprint_bytes = max(self.peak_footprint_bytes, footprint)
 
     def _forward(self, **kwargs: Any) -> torch.Tensor:
@@ -562,10 +716,11 @@ class ServingEngine:
         if now - self._last_eplb < self.eplb_interval:
             return
         self._last_eplb = now
-        window = self.expert_load.take_window()
+        self.expert_load.take_window()  # keep the logical window in step with the device one
+        window = torch.tensor(self.ep.take_window(), dtype=torch.int64)
         if int(window.sum()) == 0:
             return
-        bal = balance(tokens_per_gpu(window, self.expert_load.mapping))
+        bal = balance(window)  # the load each device really got, replicas and all
         step = self.steps % REARRANGEMENT_INTERVAL
         log.info(
             "%s",
@@ -607,6 +762,7 @@ class ServingEngine:
         self.dead_reason = f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
         log.error("EngineCore encountered a fatal error.", exc_info=exc)
         self._fail_all(EngineDeadError())
+        self._drop_pending_placement(f"the engine died ({self.dead_reason})")
         if self._on_dead is not None:
             self._on_dead(self.dead_reason)
 

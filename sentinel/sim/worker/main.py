@@ -134,7 +134,12 @@ async def serve(profile: WorkerProfile) -> int:
     log.info("Resolved architecture: Qwen3MoeForCausalLM")
     log.info("Using max model len %d", profile.max_model_len)
     started = time.monotonic()
-    moe = build_model(profile.quantization, seed=profile.seed, max_model_len=profile.max_model_len)
+    moe = build_model(
+        profile.quantization,
+        seed=profile.seed,
+        max_model_len=profile.max_model_len,
+        redundant_experts=profile.redundant_experts,
+    )
     log.info(
         "Model loading took %.4f GiB and %.6f seconds",
         moe.weights_bytes / 2**30,

@@ -4,8 +4,9 @@ The architecture is transformers' own `Qwen3MoeForCausalLM`, built from a
 `Qwen3MoeConfig` small enough for a shared CI core: 2 decoder layers, each a sparse MoE
 block of 16 experts with top-2 routing, hidden size 64, vocabulary 512. Weights are
 random (fixed seed) and the model runs in eval mode without gradients. Its experts are
-spread over a simulated expert-parallel group of 4 GPUs (experts 0-3 on GPU 0, ...),
-the layout the EPLB line and Sentinel's probe report against.
+served expert-parallel over 4 virtual devices (`ep.ExpertParallel`): each device has
+4 slots for its experts (experts 0-3 on device 0, ...) plus redundant slots, empty
+until a new placement fills them; the EPLB line reports the load each device gets.
 
 Two things are changed on the stock model, both on the real modules the probe hooks:
 
@@ -42,7 +43,8 @@ from torch import nn
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeTopKRouter
 
-from sentinel.sim.worker.profile import DEFAULT_SEED
+from sentinel.sim.worker.ep import ExpertParallel
+from sentinel.sim.worker.profile import DEFAULT_REDUNDANT_EXPERTS, DEFAULT_SEED
 from sentinel.sim.worker.tokenizer import EOS_TOKEN_ID, VOCAB_SIZE
 
 __all__ = [
@@ -284,6 +286,7 @@ class TinyMoe:
     weights_bytes_fp32: int
     kv_bytes_per_token: int
     activation_bytes_per_token: int
+    ep: ExpertParallel
 
     @property
     def num_experts(self) -> int:
@@ -312,8 +315,15 @@ def build_model(
     seed: int = DEFAULT_SEED,
     max_model_len: int = 256,
     linear_int8: LinearInt8 = "dynamic",
+    redundant_experts: int = DEFAULT_REDUNDANT_EXPERTS,
 ) -> TinyMoe:
-    """Build the tiny Qwen3-MoE with random weights from `seed`, quantized when asked."""
+    """Build the tiny Qwen3-MoE with random weights from `seed`, quantized when asked.
+
+    `redundant_experts` (vLLM's `num_redundant_experts`) is the number of extra expert
+    slots over the expert-parallel group, a multiple of its size.
+    """
+    if redundant_experts < 0 or redundant_experts % EP_GROUP_SIZE:
+        raise ValueError(f"redundant_experts={redundant_experts}: must be a multiple of {EP_GROUP_SIZE} (>= 0)")
     if quantization not in ("none", "int8"):
         raise ValueError(f"unknown quantization {quantization!r}")
     config = tiny_config(max_model_len)
@@ -334,6 +344,10 @@ def build_model(
     linear_used: str | None = None
     if quantization == "int8":
         linear_used = quantize_int8(model, linear_int8)
+    weights = weight_bytes(model)
+    ep = ExpertParallel.install(
+        model, devices=EP_GROUP_SIZE, redundant_slots_per_device=redundant_experts // EP_GROUP_SIZE
+    )
     layers = int(config.num_hidden_layers)
     kv_heads = int(config.num_key_value_heads)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
@@ -343,10 +357,11 @@ def build_model(
         routers=routers,
         quantization=quantization,
         linear_int8=linear_used,
-        weights_bytes=weight_bytes(model),
+        weights_bytes=weights,
         weights_bytes_fp32=fp32_bytes,
         # keys and values of every layer, fp32: the KV cache stays full precision under int8 weights
         kv_bytes_per_token=2 * layers * kv_heads * head_dim * 4,
         # the residual stream and its normalised copy, fp32
         activation_bytes_per_token=2 * int(config.hidden_size) * 4,
+        ep=ep,
     )

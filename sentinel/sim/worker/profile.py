@@ -12,13 +12,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_SEED", "ProfileError", "WorkerProfile"]
+__all__ = ["DEFAULT_MODEL_NAME", "DEFAULT_REDUNDANT_EXPERTS", "DEFAULT_SEED", "ProfileError", "WorkerProfile"]
 
 DEFAULT_MODEL_NAME = "sim/tiny-qwen3-moe"
 QUANTIZATIONS = ("none", "int8")
 # The random routers of this seed spread diverse text evenly over the 4 simulated GPUs
 # (EPLB balancedness about 0.85, like a trained MoE); some seeds give 0.6 unskewed.
 DEFAULT_SEED = 7
+# Extra expert slots over the 4 virtual devices (vLLM's num_redundant_experts): 2 per
+# device, room to replicate two hot experts onto every device.
+DEFAULT_REDUNDANT_EXPERTS = 8
 
 
 class ProfileError(ValueError):
@@ -43,6 +46,7 @@ class WorkerProfile:
     max_model_len: int = 256
     log_stats_interval: float = 5.0
     seed: int = DEFAULT_SEED
+    redundant_experts: int = DEFAULT_REDUNDANT_EXPERTS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerProfile:
@@ -52,7 +56,8 @@ class WorkerProfile:
         for the probe), `MAX_NUM_SEQS` (default 16), `QUANTIZATION` (none|int8),
         `MEMORY_BUDGET_BYTES`, `SKEW_EXPERTS` ("0,1") and `SKEW_BIAS` (default 10),
         `PORT`, `HOST`, `SENTINEL_PROBE_URL`, `SERVED_MODEL_NAME`, `MAX_MODEL_LEN`,
-        `VLLM_LOG_STATS_INTERVAL` (seconds between the periodic log lines), `SIM_SEED`.
+        `VLLM_LOG_STATS_INTERVAL` (seconds between the periodic log lines), `SIM_SEED`,
+        `REDUNDANT_EXPERTS` (extra expert slots over the 4 devices, a multiple of 4; default 8).
         """
         errors: list[str] = []
 
@@ -103,6 +108,11 @@ class WorkerProfile:
             except ValueError:
                 errors.append(f"SKEW_EXPERTS: {part!r} is not an expert index")
 
+        redundant = integer("REDUNDANT_EXPERTS", DEFAULT_REDUNDANT_EXPERTS, 0, 64)
+        if redundant is None or redundant % 4:
+            errors.append(f"REDUNDANT_EXPERTS={redundant}: must be a multiple of the 4 expert-parallel devices")
+            redundant = DEFAULT_REDUNDANT_EXPERTS
+
         profile = cls(
             name=text("SENTINEL_PROFILE", "default"),
             worker=text("SENTINEL_WORKER", "sim"),
@@ -118,6 +128,7 @@ class WorkerProfile:
             max_model_len=integer("MAX_MODEL_LEN", 256, 8, 512) or 256,
             log_stats_interval=number("VLLM_LOG_STATS_INTERVAL", 5.0, 0.1),
             seed=integer("SIM_SEED", DEFAULT_SEED, 0) or 0,
+            redundant_experts=redundant,
         )
         if errors:
             raise ProfileError("invalid worker profile: " + "; ".join(errors))

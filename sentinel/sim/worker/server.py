@@ -11,6 +11,13 @@
   (`null` removes it), `{"kind": "stall", "seconds": S}`, `{"kind": "crash", "after_seconds": S}`
   (default 0), `{"kind": "clear"}`; `GET /admin/state` shows profile, memory, faults, counters
   and expert load.
+- `GET /admin/placement`: the expert placement the worker runs (`placement`, as
+  `sentinel.moe.Placement.to_json` writes it, and its `version`) with the measured load
+  per device. `POST /admin/placement` `{"placement": {...}, "version": N, "timeout_s": S}`
+  applies one live (`control.apply_placement_message`) and answers with the acknowledgement:
+  200 `applied`, 409 `refused` (with the reason), 504 `timed_out`; 400 for a body
+  that is not a placement. This is the test and demo door; Sentinel's own path is the
+  probe's control channel, which calls the same function.
 
 The periodic `Engine 000: Avg prompt throughput: ...` line is logged from here, not from
 the engine thread, so that it keeps coming (with 0.0 tokens/s) while the engine is blocked.
@@ -29,6 +36,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sentinel.sim.worker.control import MessageError, apply_placement_message, parse_placement_message, placement_ack
 from sentinel.sim.worker.engine import Completion, EngineDeadError, RequestError, ServingEngine
 from sentinel.sim.worker.formats import stats_line
 from sentinel.sim.worker.profile import WorkerProfile
@@ -213,6 +221,36 @@ async def admin_fault(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "faults": engine.state()["faults"]})
 
 
+_PLACEMENT_STATUS = {"applied": 200, "refused": 409, "timed_out": 504}
+
+
+async def admin_placement(request: web.Request) -> web.Response:
+    """The running expert placement, its version and the measured load per device."""
+    engine = request.app[ENGINE]
+    return web.json_response(
+        {
+            **placement_ack(engine),
+            "placement": engine.ep.placement.to_json(),
+            "gpu_tokens": engine.ep.device_tokens(),
+            "replica_bytes": engine.ep.replica_bytes,
+            "expert_bytes": engine.ep.expert_bytes,
+        }
+    )
+
+
+async def admin_apply_placement(request: web.Request) -> web.Response:
+    """Apply an expert placement live; the answer is the worker's acknowledgement."""
+    engine = request.app[ENGINE]
+    try:
+        body = await _json_body(request)
+        parse_placement_message(body)  # a bad body is a 400 here, before any thread
+    except (_BadRequest, MessageError) as exc:
+        return _error(400, str(exc), "BadRequestError")
+    # Staging copies weights and the wait blocks: both stay off the event loop.
+    ack = await asyncio.to_thread(apply_placement_message, engine, body)
+    return web.json_response(ack, status=_PLACEMENT_STATUS.get(str(ack["status"]), 500))
+
+
 async def _stats_logger(app: web.Application) -> AsyncIterator[None]:
     async def run() -> None:
         engine = app[ENGINE]
@@ -264,5 +302,7 @@ def create_app(engine: ServingEngine, profile: WorkerProfile) -> web.Application
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/state", admin_state)
     app.router.add_post("/admin/fault", admin_fault)
+    app.router.add_get("/admin/placement", admin_placement)
+    app.router.add_post("/admin/placement", admin_apply_placement)
     app.cleanup_ctx.append(_stats_logger)
     return app
