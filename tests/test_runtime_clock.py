@@ -108,3 +108,17 @@ def test_elapsed_since_an_instant_of_this_boot_uses_the_steady_clock_whatever_th
 
 def test_age_of_a_future_time_is_zero() -> None:
     assert age(100.0, 90.0) == 0.0 and age(90.0, 100.0) == 10.0
+
+
+def test_a_second_step_while_the_first_is_absorbed_is_counted_too() -> None:
+    m = Manual()
+    c = clock(m)
+    m.system_t -= 3600
+    m.run(1.0)
+    c.now()
+    m.system_t += 7200  # and forward two hours, long before the first was caught up
+    m.run(1.0)
+    start = c.now()
+    m.run(1.0)
+    assert c.now() - start == pytest.approx(1.0 + SLEW_RATE)
+    assert c.steps_total == 2

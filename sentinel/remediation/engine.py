@@ -191,15 +191,15 @@ class Remediator:
                     if outcome != "started":
                         self._counters.setdefault((name, action, outcome), 0.0)
         await self._load_history(writer, journal)
-        leftovers: set[str] = set()
         for rt in self._workers.values():
-            rt.restore(await self._reconcile(rt, records.get(rt.name)), clocks)
             record = records.get(rt.name)
-            if (record is not None and record.reverify) or any(r.worker == rt.name for r in interrupted):
-                rt.begin("verify", "verifying", clocks.steady())
-            elif await self._threads.run(has_leftovers, self._state_dir, rt.name):
-                rt.begin("verify", "settling", clocks.steady())  # a command of a crashed Sentinel
-                leftovers.add(rt.name)
+            rt.restore(await self._reconcile(rt, record), clocks)
+            # A command a crashed Sentinel left running is waited for ("settling") before
+            # the worker is verified or acted on again.
+            leftover = await self._threads.run(has_leftovers, self._state_dir, rt.name)
+            reverify = (record is not None and record.reverify) or any(r.worker == rt.name for r in interrupted)
+            if reverify or leftover:
+                rt.begin("verify", "settling" if leftover else "verifying", clocks.steady())
             self._persist(rt)
         for row in interrupted:
             self._count(row.worker, row.action, "interrupted")

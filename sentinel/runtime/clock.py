@@ -96,6 +96,7 @@ class SteadyWallClock:
         self._last_steady = steady_clock()
         self._last = system()
         self._stepped = False  # a step is being absorbed
+        self._residual = 0.0  # system clock minus Sentinel's, after the last reading
         self.steps_total = 0
 
     def now(self) -> float:
@@ -108,7 +109,8 @@ class SteadyWallClock:
             limit = self._slew_rate * elapsed
             t += min(max(error, -limit), limit)
             self._last, self._last_steady = t, reading_steady
-            news = self._note(error)
+            news = self._note(error, error - self._residual)
+            self._residual = reading_system - t
         if news is not None:
             log.log(news[0], news[1], *news[2])
         return t
@@ -122,16 +124,19 @@ class SteadyWallClock:
         now = self.now()
         return self._system() - now
 
-    def _note(self, error: float) -> tuple[int, str, tuple[float, ...]] | None:
-        # Called with the lock held; returns what to log once it is released.
-        if abs(error) > self._threshold and not self._stepped:
+    def _note(self, error: float, jump: float) -> tuple[int, str, tuple[float, ...]] | None:
+        # Called with the lock held; returns what to log once it is released. A step is a
+        # sudden change of the difference between the clocks, so a second step while the
+        # first is still being absorbed is seen (and counted) too.
+        if abs(jump) > self._threshold:
             self._stepped = True
             self.steps_total += 1
             return (
                 logging.WARNING,
-                "the system clock stepped by %+.1fs; Sentinel's timestamps keep their pace and "
-                "catch up at %.0f%% of their pace (durations, alerts and actions are not affected)",
-                (error, self._slew_rate * 100),
+                "the system clock stepped by %+.1fs; Sentinel's timestamps keep their pace (now %+.1fs from "
+                "the system clock) and catch up at %.0f%% of their pace (durations, alerts and actions are not "
+                "affected)",
+                (jump, -error, self._slew_rate * 100),
             )
         if self._stepped and abs(error) <= self._threshold / 2:
             self._stepped = False
