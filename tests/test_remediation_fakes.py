@@ -201,6 +201,7 @@ class Harness:
         wall: Wall | None = None,
         live: Any = None,
         startup_grace: float = 0.0,
+        gates: Sequence[Any] = (),
     ) -> None:
         self.store = store or Store()
         self.wall = wall or Wall()
@@ -219,6 +220,7 @@ class Harness:
             live=live,
             clocks=self.wall,
             health=self.health,
+            gates=gates,
             tick_interval=3600.0,  # the tests call tick() themselves
             startup_grace=startup_grace,
         )
