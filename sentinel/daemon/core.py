@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 TRIM_INTERVAL_S = 15.0
 STOP_BUDGET_S = 1.5  # SIGTERM must end the process within 2 s
+COLLECTOR_START_BUDGET_S = 5.0
 
 
 class SelfCollector:
@@ -352,7 +353,14 @@ class Daemon:
             else:
                 runner = CollectorRunner(collector, self.store, previous.health if previous else None)
             try:
-                await collector.start()
+                # Bounded: a start stuck on a full default executor must not hold up a reload.
+                await asyncio.wait_for(collector.start(), COLLECTOR_START_BUDGET_S)
+            except asyncio.TimeoutError:
+                log.error(
+                    "collector %s did not start within %gs; its passes will say why",
+                    collector.name,
+                    COLLECTOR_START_BUDGET_S,
+                )
             except Exception as exc:
                 log.error("collector %s failed to start: %s", collector.name, exc)
             self._runners[collector.name] = runner

@@ -39,6 +39,7 @@ from sentinel.rules.manager import AlertEvent
 from sentinel.rules.state import AlertState
 from sentinel.runtime.clock import wall_time
 from sentinel.runtime.scheduler import Job, Scheduler
+from sentinel.runtime.threads import WorkerThreads
 from sentinel.state.health import StateHealth
 from sentinel.store import Store
 
@@ -121,7 +122,8 @@ class Notifier:
 
     async def start(self) -> None:
         """Read the secrets, open the outbox and start delivering (including rows from before)."""
-        secrets = await asyncio.to_thread(self._read_secrets)
+        # Its own thread: the default executor may be full of hung queries (issue 15, F4).
+        secrets = await WorkerThreads("notify-secrets", 1).run(self._read_secrets)
         for logger in _FILTERED_LOGGERS:
             logging.getLogger(logger).addFilter(self.scrubber)
         await self.outbox.open()
