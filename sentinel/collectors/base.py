@@ -59,7 +59,6 @@ class CollectorHealth:
     last_duration_s: float = 0.0
     errors_total: int = 0
     missed_ticks_total: int = 0
-    runs_total: int = 0
     ever_ran: bool = field(default=False, repr=False)
 
     def as_json(self) -> dict[str, object]:
@@ -149,7 +148,6 @@ class CollectorRunner:
     def _record(self, error: str | None, duration: float, ts: int) -> None:
         h = self.health
         was_up, had_run, old_error = h.up, h.ever_ran, h.last_error
-        h.runs_total += 1
         h.last_duration_s = duration
         h.ever_ran = True
         labels = {"collector": self.name}

@@ -150,7 +150,6 @@ class Plan:
     to_index: int
     params: Mapping[str, str] = field(default_factory=dict)
     live: bool = False  # batch limit changed through the probe: no restart
-    escalated: bool = False
 
     @property
     def disruptive(self) -> bool:
@@ -386,7 +385,7 @@ def _escalate(
             passed.append(f"{action}: budget spent")
             continue
         reason = f"{because}; escalating to {action} (ladder step {position + 1} of {len(slots)})"
-        return Decision("act", reason, replace(planned, escalated=True), position + 1)
+        return Decision("act", reason, planned, position + 1)
     detail = f"{because}; escalation ladder exhausted"
     if passed:
         detail += " (" + "; ".join(dict.fromkeys(passed)) + ")"

@@ -75,7 +75,6 @@ class Job:
         self._last_early = -math.inf
         self._late = False  # missing ticks now (logged once per episode)
         self.running = False
-        self.runs_total = 0
         self.early_runs_total = 0
         self.missed_ticks_total = 0
         self.errors_total = 0
@@ -174,7 +173,6 @@ class Job:
             return delay
         finally:
             self.running = False
-            self.runs_total += 1
 
     def _count_missed(self, missed: int) -> None:
         if missed <= 0:
