@@ -163,3 +163,23 @@ async def test_names_are_unique_and_remove_cancels(caplog: pytest.LogCaptureFixt
     assert job is not None and scheduler.get("x") is None
     await asyncio.wait_for(cancelled.wait(), 5)
     await scheduler.stop()
+
+
+async def test_a_job_that_keeps_overrunning_logs_once_not_per_skipped_tick(caplog: pytest.LogCaptureFixture) -> None:
+    # APScheduler logged a warning for every skipped tick of a slow collector (issue 15, low).
+    caplog.set_level(logging.DEBUG)
+    scheduler = Scheduler()
+    runs = 0
+
+    async def slow() -> None:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.12)  # always longer than its 0.05 s interval
+
+    try:
+        job = scheduler.add("slow", slow, 0.05)
+        await until(lambda: runs >= 6)
+    finally:
+        await scheduler.stop()
+    assert job.missed_ticks_total >= 5
+    assert caplog.text.count("job slow skipped") == 1
