@@ -35,6 +35,7 @@ object, so tests move time by hand.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -69,12 +70,13 @@ STEP_THRESHOLD_S = 1.0  # a larger difference between the clocks is reported as 
 monotonic = time.monotonic
 
 
+_STEADY_ID = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+_read_steady = functools.partial(time.clock_gettime, _STEADY_ID)  # no Python frame per reading
+
+
 def steady() -> float:
     """Seconds on a clock no one can set that counts a suspend (CLOCK_BOOTTIME where it exists)."""
-    return time.clock_gettime(_STEADY_ID)
-
-
-_STEADY_ID = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return _read_steady()
 
 
 class SteadyWallClock:
@@ -84,7 +86,7 @@ class SteadyWallClock:
         self,
         *,
         system: Callable[[], float] = time.time,
-        steady_clock: Callable[[], float] = steady,
+        steady_clock: Callable[[], float] = _read_steady,
         slew_rate: float = SLEW_RATE,
         step_threshold: float = STEP_THRESHOLD_S,
     ) -> None:
@@ -103,14 +105,19 @@ class SteadyWallClock:
         """Sentinel's wall-clock time in Unix seconds; never less than an earlier reading."""
         with self._lock:
             reading_steady, reading_system = self._steady(), self._system()
-            elapsed = max(0.0, reading_steady - self._last_steady)
+            elapsed = reading_steady - self._last_steady
+            if elapsed < 0.0:
+                elapsed = 0.0
             t = self._last + elapsed
             error = reading_system - t
             limit = self._slew_rate * elapsed
-            t += min(max(error, -limit), limit)
-            self._last, self._last_steady = t, reading_steady
-            news = self._note(error, error - self._residual)
-            self._residual = reading_system - t
+            # Follow the system clock, but by no more than the slew allows (module doc).
+            t += limit if error > limit else -limit if error < -limit else error
+            jump = error - self._residual
+            self._last, self._last_steady, self._residual = t, reading_steady, reading_system - t
+            if not self._stepped and -self._threshold <= jump <= self._threshold:
+                return t  # the common case: no step, nothing to say
+            news = self._note(error, jump)
         if news is not None:
             log.log(news[0], news[1], *news[2])
         return t

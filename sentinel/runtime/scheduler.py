@@ -70,7 +70,8 @@ class Job:
         self._run = run
         self._first_run_in = first_run_in
         self._on_missed = on_missed
-        self._wake = asyncio.Event()
+        self._woken = False  # wake() was called since the last run began
+        self._waiter: asyncio.Future[bool] | None = None  # the sleep in progress, resolved by a tick or wake()
         self._task: asyncio.Task[None] | None = None
         self._last_early = -math.inf
         self._late = False  # missing ticks now (logged once per episode)
@@ -82,7 +83,9 @@ class Job:
 
     def wake(self) -> None:
         """Run soon (within `min_gap` of the last early run), keeping the regular ticks."""
-        self._wake.set()
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(True)
 
     def cancel(self) -> None:
         """Stop the job; a run in progress is cancelled."""
@@ -129,18 +132,25 @@ class Job:
             self._count_missed(due - served)
 
     async def _wait_until(self, deadline: float) -> bool:
-        """Sleep until `deadline` or a wake-up; True when woken before the deadline."""
-        timeout = deadline - asyncio.get_running_loop().time()
-        if timeout <= 0:
+        """Sleep until `deadline` or a wake-up; True when woken before the deadline.
+
+        One future and one timer handle per sleep (no task, unlike `wait_for`): a tick
+        costs about what a bare `asyncio.sleep` loop costs (bench/runtime_bench.py).
+        """
+        loop = asyncio.get_running_loop()
+        if self._woken:
+            return deadline > loop.time()
+        if deadline <= loop.time():
             return False
-        if math.isinf(timeout):
-            await self._wake.wait()
-            return True
+        waiter: asyncio.Future[bool] = loop.create_future()
+        timer = None if math.isinf(deadline) else loop.call_at(deadline, _settle, waiter, False)
+        self._waiter = waiter
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+            return await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def _respect_min_gap(self, next_tick: float) -> None:
         loop = asyncio.get_running_loop()
@@ -148,10 +158,10 @@ class Job:
         if gap > 0:
             await asyncio.sleep(min(gap, max(0.0, next_tick - loop.time())))
         # Wake-ups that came while waiting are served by this run.
-        self._wake.clear()
+        self._woken = False
 
     async def _run_once(self) -> float | None:
-        self._wake.clear()
+        self._woken = False
         self.running = True
         try:
             delay = await self._run()
@@ -193,6 +203,11 @@ class Job:
                 self._on_missed(missed)
             except Exception:
                 log.exception("job %s: the missed-tick callback failed", self.name)
+
+
+def _settle(waiter: asyncio.Future[bool], woken: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(woken)
 
 
 class Scheduler:
