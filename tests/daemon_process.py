@@ -69,7 +69,7 @@ class DaemonProcess:
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
         req = urllib.request.Request(self.base + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=5) as resp:
+            with urllib.request.urlopen(req, timeout=30) as resp:  # a loaded machine answers slowly
                 return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.headers.get("Content-Type", ""), err.read().decode()

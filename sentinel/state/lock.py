@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 __all__ = ["LOCK_FILE", "StateDirBusy", "StateDirLock"]
 
 LOCK_FILE = "sentinel.lock"
+
+log = logging.getLogger(__name__)
 
 
 class StateDirBusy(Exception):
@@ -31,7 +34,10 @@ class StateDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock or raise `StateDirBusy`; OSError when the file cannot be opened."""
+        """Take the lock or raise `StateDirBusy`; OSError when the lock file cannot be created.
+
+        On a filesystem that cannot lock at all, warn and go on without the lock (`held` False).
+        """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
@@ -44,6 +50,16 @@ class StateDirLock:
                 "state directory would both act on the workers and both send every notification. Stop the other "
                 "one, or give this one its own state_dir."
             ) from None
+        except OSError as exc:
+            # A filesystem without locks (some network mounts): say so, and run unguarded
+            # rather than not at all.
+            os.close(fd)
+            log.warning(
+                "cannot lock state directory %s (%s): nothing stops a second Sentinel from using it too",
+                self.path.parent,
+                exc.strerror or exc,
+            )
+            return
         except BaseException:
             os.close(fd)
             raise
