@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 LISTENING = re.compile(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
 
@@ -62,7 +69,7 @@ class DaemonProcess:
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
         req = urllib.request.Request(self.base + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:  # a deadline that holds on a loaded 2-core host
+            with urllib.request.urlopen(req, timeout=30) as resp:  # a loaded machine answers slowly
                 return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.headers.get("Content-Type", ""), err.read().decode()
@@ -79,3 +86,86 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
             raise
+
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The value of one series in /metrics (None when absent)."""
+        _, _, body = self.get("/metrics")
+        for line in body.splitlines():
+            if not line.startswith(name) or line.startswith("#"):
+                continue
+            head, _, value = line.rpartition(" ")
+            series_name, _, label_text = head.partition("{")
+            if series_name != name:
+                continue
+            found = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', label_text))
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(value)
+        return None
+
+    def json(self, path: str) -> Any:
+        _, _, body = self.get(path)
+        data = json.loads(body)
+        return data["data"] if isinstance(data, dict) and "data" in data else data
+
+
+def eventually(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy (and return that); generous for a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not met within {timeout}s")
+        time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Receiver:
+    """A webhook receiver on a fixed port that can be started late (it is 'down' before)."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port if port is not None else free_port()
+        self.bodies: list[dict[str, Any]] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+    def start(self) -> Receiver:
+        bodies = self.bodies
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", "0"))
+                bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                return None
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def alerts(self, alertname: str, status: str) -> list[dict[str, Any]]:
+        """Alerts of the webhook payloads received so far with this name and status."""
+        return [
+            a
+            for b in list(self.bodies)
+            for a in b.get("alerts", [])
+            if a["labels"].get("alertname") == alertname and a["status"] == status
+        ]

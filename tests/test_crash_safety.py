@@ -1,78 +1,32 @@
 """kill -9 the real daemon while an action is in flight and the webhook receiver is down.
 
 After a restart every notification is delivered and the action is not repeated for
-the same alert episode: it is journaled as interrupted.
+the same alert episode: it is journaled as interrupted. The command the action was
+running survives the crash; the restarted daemon waits for it before it verifies the
+worker or starts another action on it (issue 15, C4).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, Receiver, eventually
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Receiver:
-    """A webhook receiver on a fixed port that can be started late (it is 'down' before)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.bodies: list[dict[str, Any]] = []
-        self._server: ThreadingHTTPServer | None = None
-
-    def start(self) -> None:
-        bodies = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", "0"))
-                bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                return None
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-
-
-def eventually(check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
-
-
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[Path, Receiver, Path]]:
-    receiver = Receiver(free_port())
+    receiver = Receiver()
     marker = tmp_path / "restarts.log"
     # The restart verb takes 30 s: the daemon is killed while it runs.
     restart = [sys.executable, "-c", f"open({str(marker)!r}, 'a').write('restart\\n'); import time; time.sleep(30)"]
@@ -138,5 +92,55 @@ def test_kill_9_mid_action_with_receiver_down_loses_nothing_and_repeats_nothing(
         rows = [r for r in actions(second) if r["action"] == "restart"]
         assert [r["outcome"] for r in rows] == ["interrupted"], rows
         assert marker.read_text().count("restart") == 1
+    finally:
+        second.stop()
+
+
+def test_a_command_left_running_by_kill_9_is_waited_for_before_the_next_action(tmp_path: Path) -> None:
+    log = tmp_path / "commands.log"
+    # Each run of the restart verb writes when it begins and ends (on the system-wide monotonic clock).
+    script = (
+        "import time, sys; log = open(sys.argv[1], 'a', buffering=1); "
+        "log.write(f'begin {time.monotonic()}\\n'); time.sleep(8); log.write(f'end {time.monotonic()}\\n')"
+    )
+    rules = tmp_path / "rules.yml"
+    rules.write_text(
+        "groups:\n  - name: crash\n    rules:\n      - alert: WorkerWedged\n        expr: vector(1)\n"
+        "        labels: {worker: w, action: restart, severity: critical}\n"
+    )
+    config = tmp_path / "sentinel.yaml"
+    restart = [sys.executable, "-c", script, str(log)]
+    config.write_text(
+        json.dumps(
+            {
+                "collectors": {"nvml": {"enabled": False}},
+                "rules": {"files": [str(rules)]},
+                "workers": [{"name": "w", "backend": {"type": "command", "restart": restart, "timeout": "60s"}}],
+                "remediation": {"mode": "act", "cooldown": 0, "verify_timeout": "2s"},
+            }
+        )
+    )
+    state = tmp_path / "state"
+    first = DaemonProcess("-c", str(config), state_dir=state)
+    try:
+        eventually(lambda: log.exists() and "begin" in log.read_text(), what="the restart command began")
+        first.signal(signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        if first.proc.poll() is None:
+            first.proc.kill()
+    second = DaemonProcess("-c", str(config), state_dir=state)
+    try:
+        second.wait_for_log(r"restart command \(pid \d+\) of the previous Sentinel still runs; waiting", timeout=30)
+        workers = second.json("/api/v1/workers")["workers"]
+        assert workers[0]["in_flight"]["phase"] == "settling"
+        eventually(lambda: "end" in log.read_text(), timeout=30, what="the first command ended")
+        second.wait_for_log("re-verified healthy|is not healthy after an interrupted action", timeout=30)
+        time.sleep(2)  # the next decisions, if any
+        events = [line.split() for line in log.read_text().splitlines()]
+        # Never two runs at once: every run begins after the one before it ended.
+        times = [(kind, float(t)) for kind, t in events]
+        assert [k for k, _ in times] == ["begin", "end"] * (len(times) // 2) + ["begin"] * (len(times) % 2), times
+        assert all(later >= earlier for (_, earlier), (_, later) in itertools.pairwise(times))
     finally:
         second.stop()

@@ -6,6 +6,7 @@ No tests here; the other test_remediation_* modules import these.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from sentinel.remediation.settings import Profile, RemediationConfig
 from sentinel.rules.manager import AlertEvent
 from sentinel.rules.rulefile import Rule
 from sentinel.rules.state import Alert, AlertState, Transition
+from sentinel.state.health import StateHealth
 from sentinel.store import Store
 
 T0 = 1_700_000_000.0
@@ -30,15 +32,32 @@ LADDER_PROFILES = (
 
 
 class Wall:
-    """A wall clock that moves only when told."""
+    """The engine's clocks: a wall clock that moves only when told, and a steady clock that
+    runs in real time (verification deadlines pass) plus whatever `advance` added."""
 
-    def __init__(self, t: float = T0) -> None:
+    def __init__(self, t: float = T0, boot: str = "test-boot") -> None:
         self.t = t
+        self.boot = boot
+        self._steady_offset = 0.0
 
     def __call__(self) -> float:
         return self.t
 
+    def wall(self) -> float:
+        return self.t
+
+    def steady(self) -> float:
+        return time.monotonic() + self._steady_offset
+
+    def boot_id(self) -> str:
+        return self.boot
+
     def advance(self, seconds: float) -> None:
+        self.t += seconds
+        self._steady_offset += seconds
+
+    def step_wall(self, seconds: float) -> None:
+        """The wall clock alone jumps (an NTP step, `date -s`): the steady clock does not."""
         self.t += seconds
 
     @property
@@ -182,10 +201,12 @@ class Harness:
         wall: Wall | None = None,
         live: Any = None,
         startup_grace: float = 0.0,
+        gates: Sequence[Any] = (),
     ) -> None:
         self.store = store or Store()
         self.wall = wall or Wall()
         self.reports: list[ActionReport] = []
+        self.health = StateHealth()
         if backends is None:
             backends = {w.name: FakeBackend(w.name, self.store, self.wall) for w in workers}
         self.backends = backends
@@ -197,7 +218,9 @@ class Harness:
             state_dir,
             notify=self.reports.append,
             live=live,
-            wall=self.wall,
+            clocks=self.wall,
+            health=self.health,
+            gates=gates,
             tick_interval=3600.0,  # the tests call tick() themselves
             startup_grace=startup_grace,
         )

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sentinel.remediation.journal import FILENAME, ActionRow, Journal, WorkerRecord, episode_key
+from sentinel.state.health import StateHealth
 
 T = 1_700_000_000.0
 
@@ -99,9 +100,17 @@ def test_recent_is_newest_first_and_filters_by_worker(tmp_path: Path) -> None:
     journal.close()
 
 
-def test_a_journal_from_a_newer_sentinel_is_refused(tmp_path: Path) -> None:
+def test_a_journal_from_a_newer_sentinel_is_moved_aside_not_deleted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     db = sqlite3.connect(tmp_path / FILENAME)
     db.execute("PRAGMA user_version=99")
     db.close()
-    with pytest.raises(sqlite3.DatabaseError, match="newer Sentinel"):
-        Journal.in_dir(tmp_path)
+    health = StateHealth()
+    journal = Journal.in_dir(tmp_path, health)
+    assert journal.durable and journal.recent() == []
+    journal.close()
+    (moved,) = tmp_path.glob(f"{FILENAME}.newer-*")
+    assert sqlite3.connect(moved).execute("PRAGMA user_version").fetchone()[0] == 99
+    assert "written by a newer Sentinel (schema 99" in caplog.text
+    assert health.store("journal").moved_aside_total == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
@@ -480,7 +481,7 @@ groups:
     assert len(host.query('ALERTS{alertname="SlowBurn"}')) == 1
 
 
-async def test_unreadable_state_file_still_evaluates_rules_without_persistence(
+async def test_corrupt_state_file_is_moved_aside_and_rules_keep_evaluating(
     tmp_path: Path, hosts: list[Host], caplog: pytest.LogCaptureFixture
 ) -> None:
     state = tmp_path / "state"
@@ -491,4 +492,9 @@ async def test_unreadable_state_file_still_evaluates_rules_without_persistence(
     host.store.add("gpu_temp", 90, {"gpu": "0"})
     await host.manager.apply(write_rules(tmp_path / "gpu.yml", GPU_RULES))
     await wait_until(lambda: len(host.moves("GpuWarm")) == 2)
-    assert "alerts will not survive a restart" in caplog.text
+    assert "moved it aside" in caplog.text
+    (moved,) = state.glob("alerts.sqlite.corrupt-*")
+    assert moved.read_bytes().startswith(b"this is not a SQLite database")
+    # A fresh file took its place: alert state survives restarts again.
+    with sqlite3.connect(state / "alerts.sqlite") as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -16,6 +16,7 @@ import os
 import queue
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -106,7 +107,7 @@ class WorkerProcess:
         """Where the log stands now; `wait_for_log(..., since=mark)` looks only at later lines."""
         return len(self.lines)
 
-    def wait_for_log(self, pattern: re.Pattern[str] | str, timeout: float = 10, since: int = 0) -> re.Match[str]:
+    def wait_for_log(self, pattern: re.Pattern[str] | str, timeout: float = 30, since: int = 0) -> re.Match[str]:
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         seen = since
@@ -126,7 +127,7 @@ class WorkerProcess:
                         break
         raise AssertionError(f"no log line matching {regex.pattern!r}; got:\n" + "\n".join(self.lines[-60:]))
 
-    async def log(self, pattern: re.Pattern[str] | str, timeout: float = 10, since: int = 0) -> re.Match[str]:
+    async def log(self, pattern: re.Pattern[str] | str, timeout: float = 30, since: int = 0) -> re.Match[str]:
         """`wait_for_log` off the event loop, so that load generated in the test keeps flowing."""
         return await asyncio.to_thread(self.wait_for_log, pattern, timeout, since)
 
@@ -160,7 +161,7 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            return self.proc.wait(15)
+            return self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
@@ -331,17 +332,21 @@ async def test_skew_fault_drops_eplb_balancedness_below_0_7(worker: WorkerProces
     gen.start()
     try:
         await worker.log(EPLB, since=worker.mark())
-        healthy = float((await worker.log(EPLB, since=worker.mark())).group(1))  # a window fully under load
+        # One 0.5 s window of a random model's routing falls below 0.7 now and then (about 1 in 13
+        # measured); the median of five windows fully under load does not.
+        windows = [float((await worker.log(EPLB, since=worker.mark())).group(1)) for _ in range(5)]
+        healthy = statistics.median(windows)
         await worker.fault(kind="skew", experts=[0, 1], bias=10.0)
-        deadline = time.monotonic() + 10
         skewed = 1.0
-        while skewed >= 0.7 and time.monotonic() < deadline:
-            skewed = float((await worker.log(EPLB, since=worker.mark())).group(1))
+        for _ in range(40):  # windows, not seconds: a loaded machine makes them longer, not fewer
+            skewed = float((await worker.log(EPLB, since=worker.mark(), timeout=60)).group(1))
+            if skewed < 0.7:
+                break
         _, state = await worker.request("GET", "/admin/state")
     finally:
         await worker.fault(kind="clear")
         await gen.stop()
-    assert healthy > 0.7
+    assert healthy > 0.7, windows
     assert skewed < 0.7
     assert state["faults"]["skew"] == {"experts": [0, 1], "bias": 10.0}
     assert "expert_balancedness" in events(worker)
@@ -351,26 +356,46 @@ async def test_stall_keeps_health_200_while_generation_stops(worker: WorkerProce
     gen = load(worker, concurrency=6)
     gen.start()
     try:
-        await asyncio.sleep(0.3)
-        await worker.fault(kind="stall", seconds=2.5)
+        await worker.log(EPLB, since=worker.mark())  # a step has run under load
+        await worker.fault(kind="stall", seconds=20)
         mark = worker.mark()
-        await asyncio.sleep(0.3)  # the step in flight ends; the loop then blocks
-        frozen = (await worker.metrics())["vllm:generation_tokens_total"]
+        # The step in flight ends, then the loop blocks: wait for the counter to hold still
+        # rather than for a fixed time, which a loaded machine can outlast.
+        frozen = await generation_frozen(worker)
         during = []
         for _ in range(8):
             status, _ = await worker.request("GET", "/health")
             m = await worker.metrics()
             during.append((status, m["vllm:generation_tokens_total"], m["vllm:num_requests_running"]))
             await asyncio.sleep(0.2)
-        await worker.log(r"Avg generation throughput: 0\.0 tokens/s, Running: [1-4] reqs", since=mark)
-        await asyncio.sleep(1.2)  # past the stall
-        resumed = (await worker.metrics())["vllm:generation_tokens_total"]
+        await worker.log(r"Avg generation throughput: 0\.0 tokens/s, Running: [1-6] reqs", since=mark, timeout=60)
+        await worker.fault(kind="clear")  # the stall ends now, not after a guess at how long the test takes
+        resumed = frozen
+        for _ in range(300):
+            resumed = (await worker.metrics())["vllm:generation_tokens_total"]
+            if resumed > frozen:
+                break
+            await asyncio.sleep(0.1)
     finally:
         await gen.stop()
     assert all(status == 200 for status, _, _ in during)
     assert all(tokens == frozen for _, tokens, _ in during), during
     assert all(running > 0 for _, _, running in during)
     assert resumed > frozen
+
+
+async def generation_frozen(worker: WorkerProcess) -> float:
+    """The generated-token count once it has stopped moving for a second."""
+    last, still_since = None, time.monotonic()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        tokens = (await worker.metrics())["vllm:generation_tokens_total"]
+        if tokens != last:
+            last, still_since = tokens, time.monotonic()
+        elif time.monotonic() - still_since >= 1.0:
+            return tokens
+        await asyncio.sleep(0.1)
+    raise AssertionError("generation never stopped under the stall fault")
 
 
 async def test_smaller_batch_profile_stays_under_a_budget_that_needs_more(worker: WorkerProcess) -> None:
@@ -412,7 +437,7 @@ async def test_memory_budget_ooms_fp32_and_int8_fits(
     )
 
     # fp32: a real torch.OutOfMemoryError in PyTorch's words, the engine dies, the process exits non-zero.
-    assert fp32.proc.wait(15) != 0
+    assert fp32.proc.wait(120) != 0  # an OOM'd engine takes a while to exit under load
     fp32.wait_for_log(
         r"^torch\.OutOfMemoryError: CUDA out of memory\. Tried to allocate [\d.]+ (?:bytes|KiB|MiB)\. GPU 0 has a "
         r"total capacity of [\d.]+ MiB of which [\d.]+ (?:bytes|KiB|MiB) is free\. Including non-PyTorch memory, "
@@ -440,7 +465,7 @@ async def test_crash_prints_nccl_watchdog_lines_and_exits_nonzero(
     await w.fault(kind="crash", after_seconds=0.5)
     status, _ = await w.request("GET", "/health")
     assert status == 200  # hung, not yet dead
-    assert w.proc.wait(15) != 0
+    assert w.proc.wait(120) != 0
     w.wait_for_log(
         r"^\[rank0\]:\[E\d{3,4} \d\d:\d\d:\d\d\.\d{3} ProcessGroupNCCL\.cpp:\d+\] \[PG ID 0 PG GUID 0\(default_pg\) "
         r"Rank 0\] Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=\d+, OpType=ALLREDUCE, "

@@ -28,6 +28,7 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from pathlib import Path
 from types import EllipsisType
 from typing import Any
@@ -99,11 +100,11 @@ class ControlToken:
         self._token = token
         log.info("control API enabled (token from %s)", self.path)
 
-    async def reload(self, path: str | EllipsisType | None = ...) -> None:
-        """Read the file again, off the event loop; with `path` (None: no file), switch files first."""
+    async def reload(self, path: str | EllipsisType | None = ..., *, threads: Executor | None = None) -> None:
+        """Read the file again on `threads` (default: asyncio's); with `path` (None: no file), switch files first."""
         if not isinstance(path, EllipsisType):
             self.path = os.path.expandvars(path) if path else None
-        await asyncio.to_thread(self.load)
+        await asyncio.get_running_loop().run_in_executor(threads, self.load)
 
     def refusal(self, authorization: str | None) -> tuple[int, str] | None:
         """None when the Authorization header carries the token; else (status, message)."""

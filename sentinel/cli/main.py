@@ -189,13 +189,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_loop(coro: object) -> int:
-    """Like asyncio.run, but a thread stuck in a driver call cannot hold up the exit."""
+    """Like asyncio.run, but a thread stuck in a driver call or a query cannot hold up the exit.
+
+    No `loop.shutdown_default_executor()`: on Python 3.11 it joins the executor's threads
+    in a `finally` even after a timeout cancelled it, so one query stuck in the default
+    executor kept a SIGTERM'd Sentinel alive for good (issue 15, build item 7).
+    `loop.close()` shuts the executor down without waiting, and `_exit_past_hung_threads`
+    leaves past whatever is still stuck.
+    """
     loop = asyncio.new_event_loop()
     try:
         rc: int = loop.run_until_complete(coro)  # type: ignore[arg-type]
         loop.run_until_complete(loop.shutdown_asyncgens())
-        with contextlib.suppress(asyncio.TimeoutError):
-            loop.run_until_complete(asyncio.wait_for(loop.shutdown_default_executor(), 0.3))
         return rc
     finally:
         loop.close()

@@ -59,7 +59,6 @@ class CollectorHealth:
     last_duration_s: float = 0.0
     errors_total: int = 0
     missed_ticks_total: int = 0
-    runs_total: int = 0
     ever_ran: bool = field(default=False, repr=False)
 
     def as_json(self) -> dict[str, object]:
@@ -111,7 +110,7 @@ class CollectorRunner:
     async def tick(self) -> None:
         """One bounded pass; never raises."""
         if self._running:
-            # APScheduler's max_instances=1 already prevents this; belt and braces for direct calls.
+            # The scheduler never overlaps runs of a job; belt and braces for direct calls.
             self.note_missed_tick()
             return
         self._running = True
@@ -141,14 +140,14 @@ class CollectorRunner:
             self.store.appender(self.collector.name, pass_ts).commit()
         self._record(error, duration, pass_ts)
 
-    def note_missed_tick(self) -> None:
-        self.health.missed_ticks_total += 1
+    def note_missed_tick(self, count: int = 1) -> None:
+        """`count` ticks were skipped (the scheduler's missed-tick callback)."""
+        self.health.missed_ticks_total += count
         self._write_counter("sentinel_collector_missed_ticks_total", self.health.missed_ticks_total)
 
     def _record(self, error: str | None, duration: float, ts: int) -> None:
         h = self.health
         was_up, had_run, old_error = h.up, h.ever_ran, h.last_error
-        h.runs_total += 1
         h.last_duration_s = duration
         h.ever_ran = True
         labels = {"collector": self.name}

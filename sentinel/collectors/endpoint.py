@@ -41,6 +41,7 @@ from sentinel.collectors.promtext import (
     parse_openmetrics,
 )
 from sentinel.config.models import EndpointCollectorConfig, WorkerConfig
+from sentinel.runtime.clock import wall_time
 from sentinel.store import Appender, Labels, Store
 from sentinel.store.events import Event, EventBus
 
@@ -182,7 +183,7 @@ class EndpointCollector:
         store: Store,
         bus: EventBus | None = None,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall_time,
     ) -> None:
         if worker.endpoint is None:
             raise ValueError(f"worker {worker.name!r} has no endpoint to collect from")

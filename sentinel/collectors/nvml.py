@@ -27,7 +27,6 @@ import contextlib
 import ctypes
 import json
 import logging
-import os
 import queue
 import threading
 import time
@@ -53,7 +52,8 @@ from sentinel.config.models import NvmlCollectorConfig
 from sentinel.logs.kernel import KernelLog, KernelSourceSpec
 from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.logs.patterns import Catalogue
-from sentinel.store import Appender, Store
+from sentinel.state.files import atomic_write
+from sentinel.store import Appender, Store, now_ms
 from sentinel.store.events import Event, EventBus
 
 __all__ = [
@@ -1027,7 +1027,7 @@ class NvmlCollector:
 
     def _count_xid(self, labels: Mapping[str, str]) -> None:
         name = "sentinel_gpu_xid_errors_total"
-        now = int(time.time() * 1000)
+        now = now_ms()  # Sentinel's clock, as every other sample: it never steps back
         key = tuple(sorted(labels.items()))
         if key not in self._xid_counts:
             # A new counter starts at 0 just before its first increment, so increase()
@@ -1068,13 +1068,9 @@ class NvmlCollector:
     def _save_expected(self, count: int) -> None:
         path = self._state_dir / GPUS_STATE_FILE
         try:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".json.tmp")
-            tmp.write_text(
-                json.dumps({"expected": count, "first_seen": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n",
-                encoding="utf-8",
-            )
-            os.replace(tmp, path)  # atomic: a crash mid-write must not leave half a file
+            data = json.dumps({"expected": count, "first_seen": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n"
+            # Atomic and fsynced: a crash or power cut must not leave half a file (or none).
+            atomic_write(path, data.encode(), 0o644)
             log.info("expecting %d GPUs from now on (first count seen, saved in %s)", count, path)
         except OSError as exc:
             log.warning("cannot save the GPU count to %s: %s", path, exc)

@@ -1,9 +1,16 @@
 """The daemon: wires collectors, store, HTTP server and systemd together.
 
-One asyncio loop. APScheduler's asyncio scheduler runs each collector as its own job
-(own interval, never two passes at once, missed ticks counted). Blocking work lives in
-threads owned by the collectors. Signals: SIGTERM/SIGINT stop, SIGHUP reloads; a
-broken new config keeps the old one running.
+One asyncio loop, and one scheduler (`sentinel.runtime.scheduler`) for everything
+periodic: each collector as its own job (own interval, never two passes at once,
+missed ticks counted), the store's trim and the systemd watchdog here, and the rule
+groups, remediation and delivery through the components that own them. Blocking work
+lives in threads owned by the collectors, the stores and remediation; reloads read
+files on a thread of their own. Signals: SIGTERM/SIGINT stop, SIGHUP reloads; a broken
+new config keeps the old one running.
+
+The state directory is locked for the life of the process (`sentinel.state.lock`): a
+second Sentinel on it refuses to start (issue 15, C5). Its stores report their health
+(`sentinel.state.health`) in the `self` collector's series, with the clock's.
 """
 
 from __future__ import annotations
@@ -17,9 +24,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from apscheduler.events import EVENT_JOB_MAX_INSTANCES, EVENT_JOB_MISSED, JobExecutionEvent
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from sentinel import __version__
 from sentinel.api.prometheus import prometheus_api_routes
@@ -38,6 +42,11 @@ from sentinel.rules.group import VectorSample
 from sentinel.rules.manager import RuleManager
 from sentinel.rules.query import engine_query
 from sentinel.rules.rulefile import RuleFileError, load_rule_files
+from sentinel.runtime.clock import wall_clock
+from sentinel.runtime.scheduler import Scheduler
+from sentinel.runtime.threads import WorkerThreads
+from sentinel.state.health import StateHealth
+from sentinel.state.lock import StateDirBusy, StateDirLock
 from sentinel.store import Appender, Store
 from sentinel.store.events import EventBus
 
@@ -47,6 +56,7 @@ log = logging.getLogger(__name__)
 
 TRIM_INTERVAL_S = 15.0
 STOP_BUDGET_S = 1.5  # SIGTERM must end the process within 2 s
+COLLECTOR_START_BUDGET_S = 5.0
 
 
 class SelfCollector:
@@ -70,6 +80,15 @@ class SelfCollector:
         store.set_meta("sentinel_store_series", "gauge", "Series held in the in-memory store.")
         store.set_meta("sentinel_store_samples", "gauge", "Samples held in the in-memory store.")
         store.set_meta("sentinel_events_published_total", "counter", "Events published on the event bus.")
+        store.set_meta(
+            "sentinel_clock_offset_seconds",
+            "gauge",
+            "How far the system clock is ahead of Sentinel's timestamps (non-zero while a clock step is absorbed).",
+        )
+        store.set_meta("sentinel_clock_steps_total", "counter", "Steps of the system clock Sentinel has seen.")
+        store.set_meta("sentinel_job_missed_ticks_total", "counter", "Ticks a periodic job skipped (it ran late).")
+        store.set_meta("sentinel_job_errors_total", "counter", "Runs of a periodic job that raised.")
+        daemon.state_health.declare(store)
 
     async def start(self) -> None:
         return None
@@ -83,6 +102,12 @@ class SelfCollector:
         out.add("sentinel_store_series", len(d.store))
         out.add("sentinel_store_samples", d.store.sample_count())
         out.add("sentinel_events_published_total", d.bus.published_total)
+        out.add("sentinel_clock_offset_seconds", wall_clock.offset())
+        out.add("sentinel_clock_steps_total", wall_clock.steps_total)
+        for job in d.scheduler.jobs:
+            out.add("sentinel_job_missed_ticks_total", job.missed_ticks_total, job=job.name)
+            out.add("sentinel_job_errors_total", job.errors_total, job=job.name)
+        d.state_health.publish(out)
 
     async def close(self) -> None:
         return None
@@ -114,7 +139,10 @@ class Daemon:
         self.bus = EventBus()
         self.notifier = SystemdNotifier()
         self.state_dir: Path = config.resolved_state_dir()
-        self.started_at = time.time()
+        self.state_lock = StateDirLock(self.state_dir)
+        self.state_health = StateHealth()
+        self.scheduler = Scheduler()
+        self.started_at = wall_clock.now()
         self.last_reload_ok = True
         self.last_reload_success_at = self.started_at
         self.bound_port: int | None = None
@@ -126,12 +154,13 @@ class Daemon:
             QueryLimits(config.query.timeout, config.query.max_samples, config.query.max_concurrency)
         )
         self.rules: RuleManager | None = None
-        self.healing = HealingStack(self.store, self.state_dir)
+        self.healing = HealingStack(self.store, self.state_dir, self.scheduler, self.state_health)
         # Workers running sentinel.probe report here; it is also the live batch-limit path.
         self.probes = ProbeRegistry(self.store, self.bus, allowed_workers=lambda: {w.name for w in self.config.workers})
         self._collector_factory = collector_factory or build_collectors
         self._runners: dict[str, CollectorRunner] = {}
-        self._scheduler: AsyncIOScheduler | None = None
+        # Reloads read files on their own thread: a hung query pool must not block a SIGHUP.
+        self._file_threads = WorkerThreads("config-files", 1)
         self._stop = asyncio.Event()
         self._ready = False
         self._reloading = asyncio.Lock()
@@ -142,6 +171,17 @@ class Daemon:
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code."""
+        try:
+            self.state_lock.acquire()
+        except (StateDirBusy, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            return 1
+        try:
+            return await self._run()
+        finally:
+            self.state_lock.release()
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         self.bus.bind_loop(loop)
         self._install_signals(loop)
@@ -158,7 +198,7 @@ class Daemon:
             ],
         )
         try:
-            groups = await asyncio.to_thread(load_rule_files, self.config.rules.files)
+            groups = await self._file_threads.run(load_rule_files, self.config.rules.files)
         except RuleFileError as exc:
             log.error("invalid rule files:\n%s", exc)
             return 1
@@ -174,12 +214,16 @@ class Daemon:
             self.bound_port,
             self.state_dir,
         )
-        self._scheduler = AsyncIOScheduler(event_loop=loop)
-        self._scheduler.add_listener(self._on_missed, EVENT_JOB_MISSED | EVENT_JOB_MAX_INSTANCES)
-        self._scheduler.start()
         await self._apply_collectors(self.config)
         self.rules = RuleManager(
-            self.store, self.bus, self._query, self.config.rules, self.state_dir, self._external_url(host)
+            self.store,
+            self.bus,
+            self._query,
+            self.config.rules,
+            self.state_dir,
+            self._external_url(host),
+            scheduler=self.scheduler,
+            health=self.state_health,
         )
         try:
             await self.probes.start()
@@ -190,14 +234,13 @@ class Daemon:
             return 1
         await self.rules.apply(groups)
         log.info("evaluating %d rule group(s) with %d rule(s)", len(groups), sum(len(g.rules) for g in groups))
-        self._scheduler.add_job(
-            self._trim, "interval", seconds=TRIM_INTERVAL_S, id="store-trim", max_instances=1, coalesce=True
-        )
+        self.scheduler.add("store-trim", self._trim, TRIM_INTERVAL_S, first_run_in=TRIM_INTERVAL_S)
         self._ready = True
         tune_for_daemon()
         self.notifier.notify("READY=1", f"STATUS={self._status_line()}")
         if self.notifier.watchdog_interval_s:
-            self._spawn(self._watchdog(self.notifier.watchdog_interval_s))
+            # The ping comes from the loop itself, so a wedged loop stops it and systemd restarts us.
+            self.scheduler.add("watchdog", self._watchdog_ping, self.notifier.watchdog_interval_s)
         try:
             await self._stop.wait()
         finally:
@@ -212,8 +255,9 @@ class Daemon:
         self._ready = False
         self.notifier.notify("STOPPING=1")
         self.queries.close()  # running queries end at their next step; their threads are not awaited
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+        for job in self.scheduler.jobs:
+            if job.name.startswith(("collector:", "store-trim", "watchdog")):
+                self.scheduler.remove(job.name)
         for task in list(self._tasks):
             task.cancel()
         if self.rules is not None:
@@ -228,6 +272,8 @@ class Daemon:
             await asyncio.wait_for(self.http.close(), 0.2)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
+        await self.scheduler.stop(0.1)  # whatever the components left behind
+        self._file_threads.shutdown(wait=False)
         self.notifier.close()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -240,11 +286,8 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _watchdog(self, interval: float) -> None:
-        # The ping comes from the loop itself, so a wedged loop stops it and systemd restarts us.
-        while True:
-            self.notifier.notify("WATCHDOG=1")
-            await asyncio.sleep(interval)
+    async def _watchdog_ping(self) -> None:
+        self.notifier.notify("WATCHDOG=1")
 
     # -- reload -------------------------------------------------------------------
 
@@ -257,13 +300,13 @@ class Daemon:
                     log.info("reload requested; running on built-in defaults, nothing to re-read")
                     return True
                 try:
-                    new = await asyncio.to_thread(load_config, self.config_path)
+                    new = await self._file_threads.run(load_config, self.config_path)
                 except ConfigError as exc:
                     self.last_reload_ok = False
                     log.error("reload failed, keeping the running config:\n%s", exc)
                     return False
                 try:
-                    groups = await asyncio.to_thread(load_rule_files, new.rules.files)
+                    groups = await self._file_threads.run(load_rule_files, new.rules.files)
                 except RuleFileError as exc:
                     self.last_reload_ok = False
                     log.error("reload failed, keeping the running config and rules:\n%s", exc)
@@ -284,7 +327,7 @@ class Daemon:
                     except Exception as exc:
                         log.error("notifications kept the previous settings: %s", exc)
                 self.last_reload_ok = True
-                self.last_reload_success_at = time.time()
+                self.last_reload_success_at = wall_clock.now()
                 log.info("configuration reloaded from %s", self.config_path)
                 return True
             finally:
@@ -316,43 +359,32 @@ class Daemon:
             else:
                 runner = CollectorRunner(collector, self.store, previous.health if previous else None)
             try:
-                await collector.start()
+                # Bounded: a start stuck on a full default executor must not hold up a reload.
+                await asyncio.wait_for(collector.start(), COLLECTOR_START_BUDGET_S)
+            except asyncio.TimeoutError:
+                log.error(
+                    "collector %s did not start within %gs; its passes will say why",
+                    collector.name,
+                    COLLECTOR_START_BUDGET_S,
+                )
             except Exception as exc:
                 log.error("collector %s failed to start: %s", collector.name, exc)
             self._runners[collector.name] = runner
             self._add_job(runner)
 
     def _add_job(self, runner: CollectorRunner) -> None:
-        assert self._scheduler is not None
-        interval = runner.collector.interval_s
-        self._scheduler.add_job(
-            runner.tick,
-            "interval",
-            seconds=interval,
-            id=f"collector:{runner.name}",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=max(1, int(interval)),
-            next_run_time=_now_dt(),
+        self.scheduler.add(
+            f"collector:{runner.name}", runner.tick, runner.collector.interval_s, on_missed=runner.note_missed_tick
         )
 
     def _remove_job(self, name: str) -> None:
-        if self._scheduler is not None:
-            with contextlib.suppress(Exception):
-                self._scheduler.remove_job(f"collector:{name}")
+        self.scheduler.remove(f"collector:{name}")
 
     async def _close_runner(self, runner: CollectorRunner) -> None:
         try:
             await asyncio.wait_for(runner.collector.close(), STOP_BUDGET_S / 2)
         except Exception as exc:
             log.warning("collector %s did not close cleanly: %s", runner.name, exc)
-
-    def _on_missed(self, event: JobExecutionEvent) -> None:
-        job_id = getattr(event, "job_id", "")
-        if job_id.startswith("collector:"):
-            runner = self._runners.get(job_id.removeprefix("collector:"))
-            if runner is not None:
-                runner.note_missed_tick()
 
     async def _trim(self) -> None:
         self.store.trim()
@@ -385,12 +417,6 @@ class Daemon:
         down = [r.name for r in self._runners.values() if r.health.ever_ran and not r.health.up]
         base = f"serving on port {self.bound_port}; {len(self._runners)} collectors"
         return base + (f"; down: {', '.join(down)}" if down else "")
-
-
-def _now_dt() -> Any:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc)
 
 
 def build_collectors(daemon: Daemon, config: Config) -> list[Collector]:

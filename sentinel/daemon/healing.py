@@ -24,6 +24,9 @@ from sentinel.remediation.backend import LiveControl, WorkerBackend
 from sentinel.remediation.backends import build_backend
 from sentinel.remediation.engine import Remediator
 from sentinel.rules.manager import AlertEvent, RuleManager
+from sentinel.runtime.scheduler import Scheduler
+from sentinel.runtime.threads import WorkerThreads
+from sentinel.state.health import StateHealth
 from sentinel.store import Store
 
 __all__ = ["HealingStack"]
@@ -49,9 +52,19 @@ def _kill_supervised_child(name: str, backend: WorkerBackend) -> None:
 class HealingStack:
     """Notifier, remediator, worker backends and control token of one daemon."""
 
-    def __init__(self, store: Store, state_dir: Path) -> None:
+    def __init__(
+        self,
+        store: Store,
+        state_dir: Path,
+        scheduler: Scheduler | None = None,
+        health: StateHealth | None = None,
+    ) -> None:
         self.store = store
         self.state_dir = state_dir
+        self.scheduler = scheduler or Scheduler()
+        self.health = health if health is not None else StateHealth()
+        # The token file is read here, never in the default executor, which a hung query can fill.
+        self._files = WorkerThreads("healing-files", 1)
         self.notifications: Notifier | None = None
         self.remediator: Remediator | None = None
         self.backends: dict[str, WorkerBackend] = {}
@@ -76,10 +89,12 @@ class HealingStack:
             self.state_dir,
             notify=lambda report: self._report_action(report),
             live=live,
+            scheduler=self.scheduler,
+            health=self.health,
         )
         await self.remediator.start()
         self.token = ControlToken.from_config(config.control)
-        await self.token.reload()
+        await self.token.reload(threads=self._files)
         # Lambdas, not bound methods: a reload may swap the notifier or remediator.
         rules.subscribe(self._on_alert)
 
@@ -92,6 +107,8 @@ class HealingStack:
             config.rules.external_labels,
             config.rules.interval,
             active_alerts=rules.active_alerts,
+            scheduler=self.scheduler,
+            health=self.health,
         )
 
     def _on_alert(self, event: AlertEvent) -> None:
@@ -115,7 +132,7 @@ class HealingStack:
             )
         if self.remediator is not None:
             self.remediator.reconfigure(new.remediation)
-        await self.token.reload(new.control.token_file)
+        await self.token.reload(new.control.token_file, threads=self._files)
         if old is None or (old.notify, old.rules.external_labels, old.rules.interval) != (
             new.notify,
             new.rules.external_labels,

@@ -46,5 +46,3 @@ def setup_logging(fmt: str = "text", level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    # APScheduler logs every job run at INFO; that is noise at a 1 s interval.
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)

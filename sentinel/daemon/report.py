@@ -50,13 +50,20 @@ def format_report(
 
 
 async def print_reports(daemon: Daemon, interval_s: float, out: TextIO = sys.stdout, keep: int = 8) -> None:
-    """Print a report every `interval_s` until cancelled."""
+    """Print a report every `interval_s` (a job of the daemon's scheduler) until cancelled."""
     recent: deque[Event] = deque(maxlen=keep)
     daemon.bus.subscribe(recent.append)
     started = time.monotonic()
-    while True:
-        await asyncio.sleep(interval_s)
+
+    async def report() -> None:
         collectors = [r.health.as_json() for r in daemon.runners.values()]
         text = format_report(daemon.gpus_snapshot(), collectors, list(recent), time.monotonic() - started)
         print(text, file=out, flush=True)
         recent.clear()
+
+    job = daemon.scheduler.add("report", report, interval_s, first_run_in=interval_s)
+    try:
+        await asyncio.Event().wait()  # until cancelled
+    finally:
+        if daemon.scheduler.get(job.name) is job:
+            daemon.scheduler.remove(job.name)

@@ -33,6 +33,7 @@ from sentinel.gotemplate.values import (
     is_true,
     word_break_class,
 )
+from sentinel.runtime.durations import DurationError, parse_prom_duration
 
 __all__ = ["FUNCS", "PARAM_TYPES", "FuncEnv", "GoFunc", "ParamKind", "convert_to_float", "float_to_time"]
 
@@ -369,37 +370,12 @@ def humanize_timestamp(v: float) -> str:
     return str(float_to_time(v))
 
 
-_DURATION_UNITS = {"y": (1, 365 * 86400_000), "w": (2, 7 * 86400_000), "d": (3, 86400_000)}
-_DURATION_UNITS |= {"h": (4, 3600_000), "m": (5, 60_000), "s": (6, 1000), "ms": (7, 1)}
-
-
 def parse_duration(text: str) -> float:
     """model.ParseDuration in seconds: 1h2m10ms is 3720.01; units must shrink left to right."""
-    if text == "0":
-        return 0.0
-    if text == "":
-        raise GoFuncError("empty duration string")
-    invalid = GoFuncError(f"not a valid duration string: {go_quote(text)}")
-    total_ms, last, s = 0, 0, text
-    while s:
-        digits = len(s) - len(s.lstrip("0123456789"))
-        if digits == 0:
-            raise invalid
-        value, s = int(s[:digits]), s[digits:]
-        unit_len = next((i for i, ch in enumerate(s) if "0" <= ch <= "9"), len(s))
-        if unit_len == 0:
-            raise invalid
-        unit, s = s[:unit_len], s[unit_len:]
-        if unit not in _DURATION_UNITS:
-            raise GoFuncError(f"unknown unit {go_quote(unit)} in duration {go_quote(text)}")
-        order, ms = _DURATION_UNITS[unit]
-        if order <= last:
-            raise invalid
-        last = order
-        total_ms += value * ms
-        if total_ms * 1_000_000 > 2**63 - 1:
-            raise GoFuncError("duration out of range")
-    return total_ms * 1_000_000 / 1e9
+    try:
+        return parse_prom_duration(text) / 1000
+    except DurationError as exc:
+        raise GoFuncError(exc.describe(go_quote)) from None
 
 
 # --- Prometheus: strings -----------------------------------------------------------------------

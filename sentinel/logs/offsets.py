@@ -3,7 +3,7 @@
 A file is known by its identity (device, inode), not its name, so a rotated file is
 still recognised under its new name. The state file is replaced atomically (temp
 file, fsync, rename, fsync of the directory): a crash leaves the old or the new
-state, never a torn one. Writes are throttled to about one a second; `persist` at
+state, never a torn one (`sentinel.state.files.atomic_write`). Writes are throttled to about one a second; `persist` at
 close writes the last positions, so a clean restart neither loses nor repeats lines.
 """
 
@@ -13,13 +13,14 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from sentinel.state.files import atomic_write
 
 __all__ = ["FileOffset", "OffsetStore"]
 
@@ -165,7 +166,7 @@ class OffsetStore:
             self._dirty = False
             self._last_write = self._clock()
             try:
-                _write_atomically(self.path, json.dumps(data, indent=1).encode())
+                atomic_write(self.path, json.dumps(data, indent=1).encode())
             except OSError as exc:
                 self._dirty = True
                 if not self._write_failed:
@@ -176,24 +177,3 @@ class OffsetStore:
                 log.info("log offsets are saved to %s again", self.path)
             self._write_failed = False
             return True
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename is durable only once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

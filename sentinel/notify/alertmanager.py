@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -31,6 +30,7 @@ from sentinel.notify.settings import AlertmanagerReceiver
 from sentinel.notify.transport import SendResult, post
 from sentinel.rules.rulefile import Rule
 from sentinel.rules.state import RESOLVED_RETENTION_MS, Alert, AlertState
+from sentinel.runtime.clock import wall_clock, wall_time
 
 __all__ = ["ActiveAlerts", "AlertmanagerSink", "Resender", "push_payload", "target_names"]
 
@@ -58,8 +58,16 @@ def valid_for_s(eval_interval_s: float, resend_delay_s: float) -> float:
     return 4 * max(eval_interval_s, resend_delay_s)
 
 
-def push_payload(notices: Sequence[AlertNotice], now_ms: int, valid_for_ms: int) -> list[dict[str, Any]]:
-    """The body of `POST /api/v2/alerts`."""
+def push_payload(
+    notices: Sequence[AlertNotice], now_ms: int, valid_for_ms: int, shift_ms: int = 0
+) -> list[dict[str, Any]]:
+    """The body of `POST /api/v2/alerts`.
+
+    `shift_ms` moves Sentinel's timestamps onto the system clock, which Alertmanager's
+    host reads too: after a clock step they differ until Sentinel's clock has caught up
+    (`sentinel.runtime.clock`), and an `endsAt` an hour in Alertmanager's past would
+    resolve every alert at once.
+    """
     out = []
     for n in notices:
         ends = n.ends_at_ms if n.ends_at_ms is not None else now_ms + valid_for_ms
@@ -67,8 +75,8 @@ def push_payload(notices: Sequence[AlertNotice], now_ms: int, valid_for_ms: int)
             {
                 "labels": n.labels,
                 "annotations": n.annotations,
-                "startsAt": rfc3339(n.starts_at_ms),
-                "endsAt": rfc3339(ends),
+                "startsAt": rfc3339(n.starts_at_ms + shift_ms),
+                "endsAt": rfc3339(ends + shift_ms),
                 "generatorURL": n.generator_url,
             }
         )
@@ -90,7 +98,8 @@ class AlertmanagerSink:
         eval_interval_s: float,
         session: Callable[[], aiohttp.ClientSession],
         scrubber: Scrubber,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall_time,
+        clock_offset: Callable[[], float] = wall_clock.offset,
     ) -> None:
         self._name = name
         self._url = url.rstrip("/") + "/api/v2/alerts"
@@ -99,6 +108,7 @@ class AlertmanagerSink:
         self._session = session
         self._scrubber = scrubber
         self._clock = clock
+        self._clock_offset = clock_offset
 
     @property
     def name(self) -> str:
@@ -119,7 +129,8 @@ class AlertmanagerSink:
             notices = [n for n in (decode(r.payload) for r in rows) if isinstance(n, AlertNotice)]
         except ValueError as exc:
             return SendResult(False, error=str(exc), permanent=True)
-        body = json.dumps(push_payload(notices, int(self._clock() * 1000), self._valid_for_ms)).encode()
+        shift_ms = int(self._clock_offset() * 1000)
+        body = json.dumps(push_payload(notices, int(self._clock() * 1000), self._valid_for_ms, shift_ms)).encode()
         return await post(self._session(), self._url, body, {}, self._config.timeout, self._scrubber)
 
 

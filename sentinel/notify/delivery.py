@@ -1,6 +1,8 @@
 """The delivery loop of one receiver: take due rows from the outbox, send, delete or back off.
 
-One asyncio task per receiver. A failed try holds the *whole receiver* back (a dead
+One scheduler job per receiver (`sentinel.runtime.scheduler`): each run sends at most
+one batch and returns when the next run is due (at once after a delivery, the backoff
+left, or never until rows are enqueued, which wakes it). A failed try holds the *whole receiver* back (a dead
 Slack is dead for every row), for an exponential backoff with full jitter — a random
 delay between 0 and min(max_backoff, min_backoff · 2^(failures-1)) — or longer when the
 receiver sent Retry-After. Rows are deleted only once the receiver accepted them; a
@@ -11,10 +13,9 @@ payload cannot block the queue behind it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import math
 import random
-import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -24,6 +25,8 @@ from sentinel.notify.outbox import Outbox, Row
 from sentinel.notify.secrets import Scrubber
 from sentinel.notify.settings import OutboxConfig
 from sentinel.notify.transport import SendResult
+from sentinel.runtime.clock import wall_time
+from sentinel.runtime.scheduler import Job, Scheduler
 
 __all__ = ["Deliverer", "Sink", "backoff_delay"]
 
@@ -92,7 +95,8 @@ class Deliverer:
         scrubber: Scrubber,
         *,
         rng: random.Random | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall_time,
+        scheduler: Scheduler | None = None,
     ) -> None:
         self.sink = sink
         self._outbox = outbox
@@ -101,8 +105,8 @@ class Deliverer:
         self._scrubber = scrubber
         self._rng = rng or random.Random()
         self._clock = clock
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._scheduler = scheduler or Scheduler()
+        self._job: Job | None = None
         self.failures = 0  # consecutive failed tries
         self.blocked_until = 0.0
         self.last_error = ""
@@ -119,50 +123,40 @@ class Deliverer:
         if attempts:
             self.failures = attempts
             self.blocked_until = min(next_attempt, self._clock() + self._config.max_backoff)
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"notify:{self.name}")
+        self._job = self._scheduler.add(f"notify:{self.name}", self._run, ERROR_PAUSE_S)
 
     def wake(self) -> None:
         """New rows were enqueued."""
-        self._wake.set()
+        if self._job is not None:
+            self._job.wake()
 
     async def stop(self) -> None:
         """Cancel the loop; a request in flight is abandoned and its rows stay queued."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        job, self._job = self._job, None
+        if job is not None:
+            if self._scheduler.get(job.name) is job:
+                self._scheduler.remove(job.name)
+            await job.stop()
 
-    async def _run(self) -> None:
-        while True:
-            try:
-                await self._step()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a guard per tick: a sick disk must not end delivery for good
-                log.error("notify %s: delivery loop error: %s", self.name, self._scrubber.scrub(str(exc)))
-                await asyncio.sleep(ERROR_PAUSE_S)
+    async def _run(self) -> float:
+        try:
+            return await self._step()
+        except Exception as exc:  # a guard per run, scrubbed: a sick disk must not end delivery for good
+            log.error("notify %s: delivery loop error: %s", self.name, self._scrubber.scrub(str(exc)))
+            return ERROR_PAUSE_S
 
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep, but wake early when rows are enqueued."""
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), seconds)
-
-    async def _step(self) -> None:
-        self._wake.clear()
+    async def _step(self) -> float:
+        """Send what is due; returns the seconds until the next run (woken early by enqueues)."""
         now = self._clock()
         await self._expire(now)
         if self._outbox.length(self.name) == 0:
-            await self._wake.wait()
-            return
+            return math.inf
         ready_at = max(self.blocked_until, self._last_request + self.sink.min_interval)
         if ready_at > now:
-            await self._sleep(ready_at - now)
-            return
+            return ready_at - now
         rows = await self._outbox.due(self.name, FETCH_LIMIT)
         if not rows:  # the count ran ahead of the table; never spin on it
-            await self._sleep(ERROR_PAUSE_S)
-            return
+            return ERROR_PAUSE_S
         fresh = [r.created for r in rows if r.attempts == 0]
         if self.sink.group_wait > 0 and len(fresh) == len(rows):
             # Let alerts that fire together join one message.
@@ -171,8 +165,9 @@ class Deliverer:
                 await asyncio.sleep(gather_until - now)
                 rows = await self._outbox.due(self.name, FETCH_LIMIT)
                 if not rows:
-                    return
+                    return 0.0
         await self._deliver(self.sink.take(rows))
+        return 0.0
 
     async def _deliver(self, batch: list[Row]) -> None:
         self._last_request = self._clock()

@@ -16,11 +16,9 @@ resolves once its rows are on disk. Only firing and resolved transitions notify.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -39,6 +37,10 @@ from sentinel.notify.transport import USER_AGENT
 from sentinel.notify.webhook import WebhookSink
 from sentinel.rules.manager import AlertEvent
 from sentinel.rules.state import AlertState
+from sentinel.runtime.clock import wall_time
+from sentinel.runtime.scheduler import Job, Scheduler
+from sentinel.runtime.threads import WorkerThreads
+from sentinel.state.health import StateHealth
 from sentinel.store import Store
 
 __all__ = ["OUTBOX_FILE", "NotifyConfigError", "Notifier"]
@@ -85,8 +87,10 @@ class Notifier:
         *,
         active_alerts: ActiveAlerts | None = None,
         hostname: str | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = wall_time,
         rng: random.Random | None = None,
+        scheduler: Scheduler | None = None,
+        health: StateHealth | None = None,
     ) -> None:
         self.config = config
         self.external_url = external_url
@@ -94,8 +98,9 @@ class Notifier:
         self.eval_interval_s = eval_interval_s
         self.hostname = hostname or socket.gethostname()
         self.scrubber = Scrubber()
-        self.outbox = Outbox(state_dir / OUTBOX_FILE, config.outbox.max_length, clock=clock)
+        self.outbox = Outbox(state_dir / OUTBOX_FILE, config.outbox.max_length, clock=clock, health=health)
         self._clock = clock
+        self._scheduler = scheduler or Scheduler()
         self._rng = rng or random.Random()
         self._resenders = [
             Resender(am, self.external_labels, external_url, active_alerts) for am in config.alertmanager
@@ -108,29 +113,39 @@ class Notifier:
         self._flush_scheduled = False
         self._writes: set[asyncio.Task[None]] = set()
         self._overflowing: dict[str, int] = {}  # receiver -> rows dropped since the queue overflowed
-        self._ticker: asyncio.Task[None] | None = None
+        self._ticker: Job | None = None
         self._started = False
         self._closed = False
+        self._last_publish = float("-inf")
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Read the secrets, open the outbox and start delivering (including rows from before)."""
-        secrets = await asyncio.to_thread(self._read_secrets)
+        # Its own thread: the default executor may be full of hung queries (issue 15, F4).
+        secrets = await WorkerThreads("notify-secrets", 1).run(self._read_secrets)
         for logger in _FILTERED_LOGGERS:
             logging.getLogger(logger).addFilter(self.scrubber)
         await self.outbox.open()
         self._session = aiohttp.ClientSession(headers={"User-Agent": USER_AGENT}, trust_env=self.config.proxy_from_env)
         for sink in self._build_sinks(secrets):
             deliverer = Deliverer(
-                sink, self.outbox, self.metrics, self.config.outbox, self.scrubber, rng=self._rng, clock=self._clock
+                sink,
+                self.outbox,
+                self.metrics,
+                self.config.outbox,
+                self.scrubber,
+                rng=self._rng,
+                clock=self._clock,
+                scheduler=self._scheduler,
             )
             self._deliverers[sink.name] = deliverer
             await deliverer.start()
         self._report_orphans()
         self._started = True
         self.metrics.publish()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="notify:ticker")
+        step = min([max(self.eval_interval_s, 1.0), *(r.config.resend_delay for r in self._resenders)])
+        self._ticker = self._scheduler.add("notify:ticker", self._tick, step)
         if self._pending:
             self._schedule_flush()
 
@@ -140,9 +155,10 @@ class Notifier:
             return
         self._closed = True
         if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            ticker, self._ticker = self._ticker, None
+            if self._scheduler.get(ticker.name) is ticker:
+                self._scheduler.remove(ticker.name)
+            await ticker.stop()
         if self._started:
             await self.flush()
         await asyncio.gather(*(d.stop() for d in self._deliverers.values()))
@@ -365,19 +381,15 @@ class Notifier:
 
     async def _tick(self) -> None:
         """Re-send to Alertmanager as Prometheus does, and keep the metrics fresh in the store."""
-        step = min([max(self.eval_interval_s, 1.0), *(r.config.resend_delay for r in self._resenders)])
-        last_publish = 0.0
-        while True:
-            try:
-                now = self._clock()
-                self._resend(now)
-                self._check_overflow()
-                if now - last_publish >= PUBLISH_EVERY_S:
-                    self.metrics.publish()
-                    last_publish = now
-            except Exception as exc:  # a guard per tick: re-sends must go on
-                log.error("notify: periodic work failed: %s", self.scrubber.scrub(str(exc)))
-            await asyncio.sleep(step)
+        try:
+            now = self._clock()
+            self._resend(now)
+            self._check_overflow()
+            if now - self._last_publish >= PUBLISH_EVERY_S:
+                self.metrics.publish()
+                self._last_publish = now
+        except Exception as exc:  # a guard per tick, scrubbed: re-sends must go on
+            log.error("notify: periodic work failed: %s", self.scrubber.scrub(str(exc)))
 
     def _resend(self, now: float) -> None:
         """Queue the Alertmanager re-sends that are due, all in one transaction."""

@@ -11,27 +11,43 @@ latest state of an alert matters (Alertmanager).
 Each receiver's queue is bounded: beyond `max_length` the oldest rows are dropped and
 reported to the caller, never silently.
 
+A bad disk never stops notifications (issue 15, F7 and build item 6). The file is opened
+by `sentinel.state.sqlite`: a corrupt one is moved aside, an unopenable one replaced by
+an in-memory database. When a write fails at run time (disk full, I/O error), the rows
+it carried are *held in memory* (same dedup, coalescing and bound) and delivered from
+there; every later call tries to write them to the file again, in order. A row
+delivered but not yet deleted from the file is remembered, so it is not sent again
+every second while the disk is full. What is held is reported to `StateHealth`
+(`sentinel_state_unsaved{store="outbox"}`) and lost at a restart only.
+
 SQLite calls block, so they all run in one dedicated thread, which also serialises
 them (the connection belongs to that thread) and keeps enqueues in call order.
 """
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["EnqueueResult", "Item", "Outbox", "Row"]
+from sentinel.runtime.clock import wall_time
+from sentinel.runtime.threads import WorkerThreads
+from sentinel.state.health import StateHealth
+from sentinel.state.sqlite import Database, Schema, open_database
+
+__all__ = ["SCHEMA", "STORE", "EnqueueResult", "Item", "Outbox", "Row"]
 
 T = TypeVar("T")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS outbox (
+STORE = "outbox"
+
+SCHEMA = Schema(
+    store=STORE,
+    version=1,
+    create="""
+CREATE TABLE outbox (
     id           INTEGER PRIMARY KEY AUTOINCREMENT,
     receiver     TEXT    NOT NULL,
     dedup_key    TEXT    NOT NULL,
@@ -42,8 +58,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error   TEXT,
     UNIQUE (receiver, dedup_key)
 );
-CREATE INDEX IF NOT EXISTS outbox_receiver_id ON outbox (receiver, id);
-"""
+CREATE INDEX outbox_receiver_id ON outbox (receiver, id);
+""",
+    # Version 1 is the file of Sentinel 0.1, which had no user_version yet.
+    legacy_version=1,
+    synchronous="NORMAL",
+)
 
 _COLUMNS = "id, receiver, dedup_key, payload, created, attempts, next_attempt, last_error"
 
@@ -60,7 +80,7 @@ class Item:
 
 @dataclass(frozen=True)
 class Row:
-    """A queued notification."""
+    """A queued notification; a negative id is a row held in memory (module doc)."""
 
     id: int
     receiver: str
@@ -84,14 +104,28 @@ class EnqueueResult:
 class Outbox:
     """SQLite-backed queues, one per receiver name; every method is safe to await from the loop."""
 
-    def __init__(self, path: Path, max_length: int, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        max_length: int,
+        *,
+        clock: Callable[[], float] = wall_time,
+        health: StateHealth | None = None,
+    ) -> None:
         self.path = path
         self.max_length = max_length
         self._clock = clock
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="notify-outbox")
-        self._conn: sqlite3.Connection | None = None
+        self._health = health if health is not None else StateHealth()
+        self._threads = WorkerThreads("notify-outbox", 1)
+        self._db: Database | None = None
         # Kept by the outbox thread, read by the loop: a stale read of an int is harmless.
         self._lengths: dict[str, int] = {}
+        # Rows the file could not take (held in memory, negative ids, oldest first) ...
+        self._held: list[Row] = []
+        self._coalescing: set[int] = set()  # held ids that replace a queued row with their key
+        self._next_held_id = -1
+        self._moved: dict[int, int] = {}  # ... and where held rows went once written: held id -> row id
+        self._delivered: set[int] = set()  # row ids accepted by the receiver but not yet deleted
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -100,35 +134,35 @@ class Outbox:
         await self._run(self._open)
 
     async def close(self) -> None:
-        """Close the database; queued rows stay for the next start."""
-        if self._conn is not None:
+        """Close the database; queued rows stay for the next start (held ones are lost, and counted)."""
+        if self._db is not None:
             await self._run(self._close)
-        self._executor.shutdown(wait=False)
+        self._threads.shutdown(wait=False)
+
+    @property
+    def durable(self) -> bool:
+        return self._db is not None and self._db.durable
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # NORMAL for deletes and bookkeeping: losing one to a power cut only repeats a
-        # delivery. Enqueues switch to FULL (see _enqueue), which also syncs these.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(_SCHEMA)
-        self._lengths = dict(conn.execute("SELECT receiver, COUNT(*) FROM outbox GROUP BY receiver").fetchall())
-        self._conn = conn
+        db = open_database(self.path, SCHEMA, self._health)
+        self._lengths = dict(db.execute("SELECT receiver, COUNT(*) FROM outbox GROUP BY receiver").fetchall())
+        self._db = db
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._db is not None:
+            self._write_held()
+            if self._held:
+                self._health.lost(STORE, len(self._held), "notification(s) held in memory at shutdown")
+            self._db.close()
+            self._db = None
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._threads.run(fn, *args)
 
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
+    def _database(self) -> Database:
+        if self._db is None:
             raise RuntimeError("the outbox is not open")
-        return self._conn
+        return self._db
 
     # -- views --------------------------------------------------------------------------
 
@@ -138,57 +172,158 @@ class Outbox:
     def lengths(self) -> dict[str, int]:
         return dict(self._lengths)
 
+    @property
+    def held(self) -> int:
+        """Rows held in memory because the file could not take them."""
+        return len(self._held)
+
     # -- enqueue -----------------------------------------------------------------------
 
     async def enqueue(self, items: Sequence[Item]) -> EnqueueResult:
-        """Insert the items in one transaction; returns once they are on disk."""
+        """Insert the items in one transaction; returns once they are on disk (or held, module doc)."""
         return await self._run(self._enqueue, list(items))
 
     def _enqueue(self, items: list[Item]) -> EnqueueResult:
-        db = self._db()
         now = self._clock()
+        self._write_held()
+        if not self._held:
+            try:
+                result, delta = self._insert(items, now)
+            except sqlite3.Error as exc:
+                self._health.write_failed(STORE, f"{len(items)} notification(s) to {self.path}", exc)
+            else:
+                self._health.write_ok(STORE)
+                for receiver, change in delta.items():
+                    self._lengths[receiver] = self._lengths.get(receiver, 0) + change
+                return result
+        # The file cannot take them (or older rows still wait): hold them, in order.
+        result = self._hold(items, now)
+        self._health.set_unsaved(STORE, len(self._held))
+        return result
+
+    def _insert(self, items: list[Item], now: float) -> tuple[EnqueueResult, dict[str, int]]:
+        db = self._database()
         result = EnqueueResult()
         delta: dict[str, int] = {}
         # FULL: the WAL is fsynced at COMMIT, so a row is on disk, not only in the page
         # cache, when enqueue returns; a crash or power cut after that cannot lose it.
         db.execute("PRAGMA synchronous=FULL")
-        db.execute("BEGIN IMMEDIATE")
         try:
-            for item in items:
-                removed = 0
-                if item.coalesce:
-                    removed = db.execute(
-                        "DELETE FROM outbox WHERE receiver = ? AND dedup_key = ?", (item.receiver, item.dedup_key)
-                    ).rowcount
-                cur = db.execute(
-                    "INSERT INTO outbox (receiver, dedup_key, payload, created, next_attempt) VALUES (?, ?, ?, ?, ?)"
-                    " ON CONFLICT (receiver, dedup_key) DO NOTHING",
-                    (item.receiver, item.dedup_key, item.payload, now, now),
-                )
-                if cur.rowcount == 1:
-                    delta[item.receiver] = delta.get(item.receiver, 0) + 1 - removed
-                    if not removed:
-                        _add(result.inserted, item.receiver, 1)
-                else:
-                    _add(result.duplicates, item.receiver, 1)
-            for receiver, change in delta.items():
-                excess = self._lengths.get(receiver, 0) + change - self.max_length
-                if excess > 0:
-                    dropped = db.execute(
-                        "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE receiver = ? ORDER BY id LIMIT ?)",
-                        (receiver, excess),
-                    ).rowcount
-                    delta[receiver] = change - dropped
-                    result.dropped[receiver] = dropped
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+            with db.transaction():
+                for item in items:
+                    removed = 0
+                    if item.coalesce:
+                        removed = db.execute(
+                            "DELETE FROM outbox WHERE receiver = ? AND dedup_key = ?", (item.receiver, item.dedup_key)
+                        ).rowcount
+                    cur = db.execute(
+                        "INSERT INTO outbox (receiver, dedup_key, payload, created, next_attempt)"
+                        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (receiver, dedup_key) DO NOTHING",
+                        (item.receiver, item.dedup_key, item.payload, now, now),
+                    )
+                    if cur.rowcount == 1:
+                        delta[item.receiver] = delta.get(item.receiver, 0) + 1 - removed
+                        if not removed:
+                            _add(result.inserted, item.receiver, 1)
+                    else:
+                        _add(result.duplicates, item.receiver, 1)
+                for receiver, change in delta.items():
+                    excess = self._lengths.get(receiver, 0) + change - self.max_length
+                    if excess > 0:
+                        dropped = db.execute(
+                            "DELETE FROM outbox WHERE id IN"
+                            " (SELECT id FROM outbox WHERE receiver = ? ORDER BY id LIMIT ?)",
+                            (receiver, excess),
+                        ).rowcount
+                        delta[receiver] = change - dropped
+                        result.dropped[receiver] = dropped
         finally:
             db.execute("PRAGMA synchronous=NORMAL")
-        for receiver, change in delta.items():
-            self._lengths[receiver] = self._lengths.get(receiver, 0) + change
+        return result, delta
+
+    def _hold(self, items: list[Item], now: float) -> EnqueueResult:
+        result = EnqueueResult()
+        for item in items:
+            same = [r.id for r in self._held if r.receiver == item.receiver and r.dedup_key == item.dedup_key]
+            if same and not item.coalesce:
+                _add(result.duplicates, item.receiver, 1)
+                continue
+            if same:
+                self._drop_held(same)
+            else:
+                _add(result.inserted, item.receiver, 1)
+                self._lengths[item.receiver] = self._lengths.get(item.receiver, 0) + 1
+            row = Row(self._next_held_id, item.receiver, item.dedup_key, item.payload, now, 0, now, None)
+            self._next_held_id -= 1
+            self._held.append(row)
+            if item.coalesce:
+                self._coalescing.add(row.id)
+            excess = self._lengths.get(item.receiver, 0) - self.max_length
+            if excess > 0:
+                # Only held rows can be dropped while the file refuses writes.
+                oldest = [r.id for r in self._held if r.receiver == item.receiver][:excess]
+                self._drop_held(oldest)
+                self._lengths[item.receiver] -= len(oldest)
+                _add(result.dropped, item.receiver, len(oldest))
         return result
+
+    def _drop_held(self, ids: Sequence[int]) -> None:
+        gone = set(ids)
+        self._held = [r for r in self._held if r.id not in gone]
+        self._coalescing -= gone
+
+    def _write_held(self) -> None:
+        """Move held rows into the file, oldest first, in one transaction (kept held if it fails)."""
+        if self._db is None:
+            return
+        if self._delivered:
+            self._forget_delivered()
+        if not self._held:
+            return
+        db = self._db
+        moved: dict[int, int] = {}
+        duplicates: dict[str, int] = {}
+        try:
+            with db.transaction():
+                for row in self._held:
+                    if row.id in self._coalescing:
+                        db.execute(
+                            "DELETE FROM outbox WHERE receiver = ? AND dedup_key = ?", (row.receiver, row.dedup_key)
+                        )
+                    cur = db.execute(
+                        "INSERT INTO outbox (receiver, dedup_key, payload, created, attempts, next_attempt,"
+                        " last_error) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (receiver, dedup_key) DO NOTHING",
+                        (
+                            row.receiver,
+                            row.dedup_key,
+                            row.payload,
+                            row.created,
+                            row.attempts,
+                            row.next_attempt,
+                            row.last_error,
+                        ),
+                    )
+                    if cur.rowcount == 1 and cur.lastrowid is not None:
+                        moved[row.id] = cur.lastrowid
+                    else:
+                        _add(duplicates, row.receiver, 1)  # queued in the file already
+        except sqlite3.Error as exc:
+            self._health.write_failed(STORE, f"{len(self._held)} held notification(s) to {self.path}", exc)
+            return
+        self._moved.update(moved)
+        for receiver, n in duplicates.items():
+            self._lengths[receiver] = max(0, self._lengths.get(receiver, 0) - n)
+        self._held, self._coalescing = [], set()
+        self._health.write_ok(STORE)
+        self._health.set_unsaved(STORE, 0)
+
+    def _forget_delivered(self) -> None:
+        ids = sorted(self._delivered)
+        try:
+            self._database().execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(ids))})", ids)
+        except sqlite3.Error:
+            return
+        self._delivered.clear()
 
     # -- delivery side ---------------------------------------------------------------------
 
@@ -197,10 +332,14 @@ class Outbox:
         return await self._run(self._due, receiver, limit)
 
     def _due(self, receiver: str, limit: int) -> list[Row]:
-        rows = self._db().execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE receiver = ? ORDER BY id LIMIT ?", (receiver, limit)
+        self._write_held()
+        rows = self._database().execute(
+            f"SELECT {_COLUMNS} FROM outbox WHERE receiver = ? ORDER BY id LIMIT ?",
+            (receiver, limit + len(self._delivered)),
         )
-        return [Row(*r) for r in rows.fetchall()]
+        found = [Row(*r) for r in rows.fetchall() if r[0] not in self._delivered]
+        found += [r for r in self._held if r.receiver == receiver]
+        return found[:limit]
 
     async def backoff_state(self, receiver: str) -> tuple[int, float]:
         """(most failed tries of a queued row, latest next attempt): a restart resumes the backoff."""
@@ -208,7 +347,7 @@ class Outbox:
 
     def _backoff_state(self, receiver: str) -> tuple[int, float]:
         row = (
-            self._db()
+            self._database()
             .execute(
                 "SELECT MAX(attempts), MAX(next_attempt) FROM outbox WHERE receiver = ? AND attempts > 0", (receiver,)
             )
@@ -223,10 +362,23 @@ class Outbox:
         return await self._run(self._delete, receiver, list(ids))
 
     def _delete(self, receiver: str, ids: list[int]) -> int:
-        if not ids:
-            return 0
-        marks = ",".join("?" * len(ids))
-        removed = self._db().execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids).rowcount
+        held_ids = {i for i in ids if i < 0 and i not in self._moved}
+        removed = 0
+        if held_ids:
+            before = len(self._held)
+            self._drop_held(list(held_ids))
+            removed += before - len(self._held)
+            self._health.set_unsaved(STORE, len(self._held))
+        on_disk = [self._moved.pop(i, i) for i in ids if i not in held_ids]
+        if on_disk:
+            marks = ",".join("?" * len(on_disk))
+            try:
+                removed += self._database().execute(f"DELETE FROM outbox WHERE id IN ({marks})", on_disk).rowcount
+            except sqlite3.Error as exc:
+                # Delivered: never send them again, delete them once the file takes writes.
+                self._delivered.update(on_disk)
+                removed += len(on_disk)
+                self._health.write_failed(STORE, "the deletion of delivered notifications", exc)
         self._lengths[receiver] = max(0, self._lengths.get(receiver, 0) - removed)
         return removed
 
@@ -237,34 +389,56 @@ class Outbox:
     def _record_failure(self, ids: list[int], next_attempt: float, error: str) -> None:
         if not ids:
             return
-        marks = ",".join("?" * len(ids))
-        self._db().execute(
-            f"UPDATE outbox SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id IN ({marks})",
-            [next_attempt, error[:2000], *ids],
-        )
+        failed = set(ids)
+        self._held = [
+            replace(r, attempts=r.attempts + 1, next_attempt=next_attempt, last_error=error[:2000])
+            if r.id in failed
+            else r
+            for r in self._held
+        ]
+        on_disk = [self._moved.get(i, i) for i in ids if i >= 0 or i in self._moved]
+        if not on_disk:
+            return
+        marks = ",".join("?" * len(on_disk))
+        try:
+            self._database().execute(
+                f"UPDATE outbox SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id IN ({marks})",
+                [next_attempt, error[:2000], *on_disk],
+            )
+        except sqlite3.Error as exc:  # the delivery loop keeps its own backoff in memory
+            self._health.write_failed(STORE, "the backoff of notifications", exc)
 
     async def expire(self, receiver: str, created_before: float) -> int:
         """Delete rows of `receiver` created before the cutoff; returns how many."""
         return await self._run(self._expire, receiver, created_before)
 
     def _expire(self, receiver: str, created_before: float) -> int:
-        removed = (
-            self._db().execute("DELETE FROM outbox WHERE receiver = ? AND created < ?", (receiver, created_before))
-        ).rowcount
+        old = [r.id for r in self._held if r.receiver == receiver and r.created < created_before]
+        self._drop_held(old)
+        removed = len(old)
+        try:
+            removed += (
+                self._database().execute(
+                    "DELETE FROM outbox WHERE receiver = ? AND created < ?", (receiver, created_before)
+                )
+            ).rowcount
+        except sqlite3.Error as exc:
+            self._health.write_failed(STORE, "the expiry of old notifications", exc)
         if removed:
             self._lengths[receiver] = max(0, self._lengths.get(receiver, 0) - removed)
         return removed
 
     async def rows(self, receiver: str | None = None) -> list[Row]:
-        """Every queued row (of one receiver), oldest first: for inspection and tests."""
+        """Every queued row (of one receiver), oldest first, held ones last: for inspection and tests."""
         return await self._run(self._rows, receiver)
 
     def _rows(self, receiver: str | None) -> list[Row]:
         if receiver is None:
-            cur = self._db().execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id")
+            cur = self._database().execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id")
         else:
-            cur = self._db().execute(f"SELECT {_COLUMNS} FROM outbox WHERE receiver = ? ORDER BY id", (receiver,))
-        return [Row(*r) for r in cur.fetchall()]
+            cur = self._database().execute(f"SELECT {_COLUMNS} FROM outbox WHERE receiver = ? ORDER BY id", (receiver,))
+        found = [Row(*r) for r in cur.fetchall() if r[0] not in self._delivered]
+        return found + [r for r in self._held if receiver is None or r.receiver == receiver]
 
 
 def _add(counts: dict[str, int], key: str, n: int) -> None:

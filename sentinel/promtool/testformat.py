@@ -14,6 +14,7 @@ from typing import Final, Literal
 
 from sentinel.promql import syntax
 from sentinel.promql.model import PromQLError
+from sentinel.runtime.durations import parse_test_duration_ms as parse_duration_ms
 from sentinel.store import Labels, MatchOp
 
 __all__ = [
@@ -112,27 +113,6 @@ _LOAD = re.compile(r"^load(_with_nhcb)?\s+(\S+)$")
 _EXPECT = re.compile(r"^expect\s+(fail|warn|info|no_warn|no_info|ordered)(?:\s+(msg|regex)\s*:\s?(.*))?$")
 _RANGE_VECTOR = re.compile(r"^expect\s+range\s+vector\s+from\s+(\S+)\s+to\s+(\S+)\s+step\s+(\S+)$")
 _STRING = re.compile(r"^expect\s+string\s+(.*)$")
-_DURATION_PART = re.compile(r"(\d+)(ms|y|w|d|h|m|s)")
-_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000, "y": 31_536_000_000}
-
-
-def parse_duration_ms(text: str) -> int:
-    """`5m`, `1h30m`, `10s53ms`, `0`, or plain seconds (`100`, `1.5`)."""
-    text = text.strip()
-    try:
-        return round(float(text) * 1000)
-    except ValueError:
-        pass
-    pos = 0
-    total = 0
-    for m in _DURATION_PART.finditer(text):
-        if m.start() != pos:
-            break
-        total += int(m.group(1)) * _UNIT_MS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(f"invalid duration {text!r}")
-    return total
 
 
 def _strip(line: str) -> str:

@@ -1,37 +1,44 @@
 """The remediation engine: turns firing alerts into bounded, verified, journaled actions.
 
-`Remediator.on_alert` is a RuleManager subscriber. It runs on the event loop and
-decides at once, from in-memory state (see `policy` for the rules), so "one action
-in flight per worker" holds without locks. Each action then runs as its own task:
+An alert's path, top to bottom in this file:
 
-    journal row (write-ahead) -> [host-wide slot] -> backend verb or live batch limit
-    -> verification against the store -> journal finish, metrics, report
-    -> on failure, the next step of the escalation ladder
+    on_alert(event)          RuleManager subscriber, on the event loop: which worker, which actions
+      _handle(request, why)  policy.resolve() decides and says what follows; applied here, at once:
+                             a decision that finishes now (skip, would_act, needs_human, notify_only)
+                             is journaled and reported, the worker's state and deferrals updated,
+                             and an action to run becomes a task:
+      _carry_out(...)        1. journal    the write-ahead row (held in memory if the disk fails)
+                             2. admission  the gates: the host-wide slot, a fleet budget (gate.py)
+                             3. perform    the backend verb, the live batch limit or the command
+                             4. verify     until verify.judge() says healthy, or the deadline
+                             5. finish     the row's outcome and the worker's state
+                             6. report     metrics and the notification; a failure escalates
+                                           through _handle
 
-`tick()` (every `tick_interval` once started) watches the alerts that caused actions,
-steps workers back up after `stable_for`, and refreshes the exported series.
+Decisions are made on the event loop from in-memory state, so "one action in flight per
+worker" holds without locks. `tick()` (a scheduler job every `tick_interval`) notes the
+alerts that caused actions and still fire, retries requests deferred by a passing
+obstacle, steps workers back up after `stable_for`, retries held journal writes, and
+refreshes the exported series. Per-worker state lives in `WorkerRuntime` (worker.py).
 
-Times: `wall` (Unix seconds) for everything persisted or compared across restarts
-(cooldowns, budgets, stable_for, journal rows, sample timestamps); `clock`
-(monotonic) for the verification deadline and time-to-healthy.
+Clocks (`sentinel.runtime.clock`): durations (cooldowns, budgets, `stable_for`, the
+verification deadline) on the steady clock, which no wall-clock step moves (issue 15,
+F8); timestamps (journal rows, samples, reports) on Sentinel's wall clock. Times read
+back from the journal are converted with `elapsed_since`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import shlex
+import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from sentinel.config.base import parse_duration
 from sentinel.config.models import WorkerConfig
 from sentinel.notify.actions import OUTCOMES, ActionReport, Outcome
 from sentinel.remediation.backend import (
@@ -42,38 +49,43 @@ from sentinel.remediation.backend import (
     UnitState,
     WorkerBackend,
 )
-from sentinel.remediation.journal import ActionRow, Journal, WorkerRecord, episode_key
+from sentinel.remediation.backends.tracked import has_leftovers, settle_leftovers
+from sentinel.remediation.gate import ActionGate, Admission, Gates, HostSlots
+from sentinel.remediation.journal import ActionRow, Journal, WorkerRecord
+from sentinel.remediation.perform import perform
 from sentinel.remediation.policy import (
-    Decision,
     HistoryEntry,
     Plan,
     Request,
+    Resolution,
     Trigger,
-    WorkerSpec,
     WorkerState,
     circuit_open,
-    decide,
     forgiven,
     ladder_slots,
     note_trouble,
     recovery_step,
+    resolve,
     route_actions,
-    state_after,
 )
 from sentinel.remediation.settings import ACTIONS, RemediationConfig
+from sentinel.remediation.verify import HealthReading, Progress, judge
+from sentinel.remediation.worker import Why, WorkerRuntime
+from sentinel.remediation.writer import Entry, JournalWriter
 from sentinel.rules.manager import AlertEvent
 from sentinel.rules.state import AlertState
+from sentinel.runtime.clock import Clocks, Instant, SystemClocks, elapsed_since
+from sentinel.runtime.scheduler import Job, Scheduler
+from sentinel.runtime.threads import WorkerThreads
+from sentinel.state.health import StateHealth
 from sentinel.store import Appender, LabelMatcher, MatchOp, Sample, Store
 
 __all__ = ["Remediator", "UnknownWorker"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 Notify = Callable[[ActionReport], object]  # e.g. Notifier.report_action (its future is not awaited)
 
-EXEC_TIMEOUT_S = 60.0
 EPISODE_MEMORY_S = 30 * 86400.0  # how far back a repeated alert episode is recognised
 JOURNAL_RETENTION_S = 90 * 86400.0  # journal rows older than this are pruned
 PRUNE_EVERY_S = 3600.0
@@ -101,17 +113,6 @@ class UnknownWorker(KeyError):
     """A worker name that is not in the configuration."""
 
 
-@dataclass(frozen=True)
-class _Why:
-    """The alert (if any) behind an action: for the journal, the backend and the report."""
-
-    alertname: str = ""
-    fingerprint: str = ""
-    episode: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    active_at: float = 0.0  # when the alert became active (wall seconds)
-
-
 class Remediator:
     """Acts on firing alerts within the configured policy; see the module doc."""
 
@@ -125,53 +126,48 @@ class Remediator:
         *,
         notify: Notify | None = None,
         live: LiveControl | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        clocks: Clocks | None = None,
+        scheduler: Scheduler | None = None,
+        health: StateHealth | None = None,
+        gates: Sequence[ActionGate] = (),
         tick_interval: float = 5.0,
         startup_grace: float = 60.0,
         backend_timeout: float = 5.0,
     ) -> None:
         self.config = config
-        self._workers = {w.name: w for w in workers}
+        self._workers = {w.name: WorkerRuntime(w, backends.get(w.name)) for w in workers}
         self._gpu_owner = {gpu: w.name for w in workers for gpu in w.gpus}
-        self._backends = dict(backends)
         self._store = store
         self._state_dir = state_dir
         self._notify = notify
         self._live = live
-        self._clock = clock
-        self._wall = wall
+        self._clocks = clocks or SystemClocks()
+        self._scheduler = scheduler or Scheduler()
+        self._health = health if health is not None else StateHealth()
         self._tick_interval = tick_interval
         # Alerts restored after a restart show up in the store only after the first
         # evaluations: no stepping up before they had a chance to.
         self._startup_grace = startup_grace
         self._backend_timeout = backend_timeout
+        # The host-wide slot first; a fleet-wide disruption budget would come after it.
+        self._host_slots = HostSlots(config.max_concurrent)
+        self._gates = Gates([self._host_slots, *gates])
 
-        self._states: dict[str, WorkerState] = {}
         self._history: list[HistoryEntry] = []
-        self._episodes: dict[tuple[str, str], float] = {}  # (episode, action) -> when it acted
-        # Alert requests refused for a passing reason (cooldown, in flight): tried again on
-        # each tick while their alert still fires, so a crash during a cooldown is healed.
-        self._deferred: dict[tuple[str, str], tuple[Request, _Why]] = {}
-        self._healed_at: dict[str, float] = {}  # worker -> when an action last verified it healthy
-        self._pruned_at = 0.0
+        self._episodes: dict[tuple[str, str], float] = {}  # (episode, action) -> when it acted (steady)
+        self._counters: dict[tuple[str, str, str], float] = {}
         self._paused = False
         self._started_at = 0.0
-        self._in_flight_since: dict[str, float] = {}
-        self._phase: dict[str, str] = {}  # "acting" or "verifying", while in flight
-        self._trouble_saved: dict[str, float] = {}  # last_trouble_at as last persisted
-        self._units: dict[str, UnitState] = {}
-        self._last: dict[str, dict[str, Any]] = {}  # last finished decision per worker, for status
-        self._counters: dict[tuple[str, str, str], float] = {}
+        self._pruned_at = -math.inf
         self._circuit_was_open = False
         self._ready = False  # start() has loaded the journal
-
-        self._journal: Journal | None = None
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="remediation-journal")
-        self._pending: set[asyncio.Future[Any]] = set()
+        # Journal writes, commands and file work of remediation: never behind a hung query.
+        self._threads = WorkerThreads("remediation", 2)
+        self._journal_thread = WorkerThreads("remediation-journal", 1)
+        self._journal: JournalWriter | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._tick_task: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._pending: set[asyncio.Future[Any]] = set()  # journal writes handed over, not awaited
+        self._tick_job: Job | None = None
         for name, type_, help_ in _METRICS:
             store.set_meta(name, type_, help_)
 
@@ -179,13 +175,13 @@ class Remediator:
 
     async def start(self) -> None:
         """Open the journal, settle interrupted actions, start supervised workers and the tick."""
-        journal = await self._db(Journal.in_dir, self._state_dir)
-        self._journal = journal
-        now = self._wall()
-        self._started_at = now
-        interrupted = await self._db(journal.mark_interrupted, now, INTERRUPTED)
-        records = await self._db(journal.load_workers)
-        self._paused = (await self._db(journal.get_meta, "paused", "0")) == "1"
+        journal = await self._journal_thread.run(Journal.in_dir, self._state_dir, self._health)
+        writer = self._journal = JournalWriter(journal, self._journal_thread, self._health)
+        clocks = self._clocks
+        self._started_at = clocks.steady()
+        interrupted = await self._mark_interrupted(writer)
+        records = await writer.read(journal.load_workers)
+        self._paused = (await writer.read(journal.get_meta, "paused", "0")) == "1"
         # Every (worker, action, outcome) counter exists from the start at 0, as client
         # libraries advise: a Prometheus scraping /metrics never sees a counter born at 1,
         # so increase() works there too (CudaOOMAfterReduction reads these).
@@ -194,75 +190,82 @@ class Remediator:
                 for outcome in (*OUTCOMES, "interrupted"):
                     if outcome != "started":
                         self._counters.setdefault((name, action, outcome), 0.0)
-        horizon = max(self.config.budget.window, self.config.circuit_breaker.window, self.config.cooldown)
-        rows = await self._db(journal.acted_since, now - horizon)
-        self._history = [HistoryEntry(r.worker, r.action, r.started, r.mode) for r in rows]
-        self._episodes = await self._db(journal.acted_episodes, now - EPISODE_MEMORY_S)
-        for name in self._workers:
-            record = await self._reconcile(name, records.get(name))
-            self._states[name] = self._state_from(self._spec(name), record, now)
-            if record is not None and record.reverify:
-                self._begin(name, "verify", "verifying")
-            self._persist(name)
+        await self._load_history(writer, journal)
+        for rt in self._workers.values():
+            record = records.get(rt.name)
+            rt.restore(await self._reconcile(rt, record), clocks)
+            # A command a crashed Sentinel left running is waited for ("settling") before
+            # the worker is verified or acted on again.
+            leftover = await self._threads.run(has_leftovers, self._state_dir, rt.name)
+            reverify = (record is not None and record.reverify) or any(r.worker == rt.name for r in interrupted)
+            if reverify or leftover:
+                rt.begin("verify", "settling" if leftover else "verifying", clocks.steady())
+            self._persist(rt)
         for row in interrupted:
             self._count(row.worker, row.action, "interrupted")
             log.warning(
                 "%s on worker %s (started %s) was interrupted by a Sentinel restart; re-verifying the worker",
                 row.action,
                 row.worker,
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.started)),
+                _local_time(row.started),
             )
         await self._start_supervised()
-        for name in self._workers:
-            if self._states[name].in_flight == "verify":
+        for rt in self._workers.values():
+            if rt.state.in_flight == "verify":
                 # Rows interrupted by this start, or by a shutdown: both wait for a verdict.
-                rows_of = await self._db(journal.awaiting_reverify, name)
-                self._spawn(self._reverify(name, rows_of))
+                rows_of = await writer.read(journal.awaiting_reverify, rt.name)
+                self._spawn(self._reverify(rt, rows_of))
         await self._refresh_units()
         self.publish_metrics()
         self._ready = True
-        self._tick_task = asyncio.get_running_loop().create_task(self._tick_loop(), name="remediation-tick")
+        self._tick_job = self._scheduler.add(
+            "remediation", self._tick_job_run, self._tick_interval, first_run_in=self._tick_interval
+        )
         log.info(
-            "remediation started in %s mode for %d worker(s)%s",
+            "remediation started in %s mode for %d worker(s)%s%s",
             self.config.mode,
             len(self._workers),
             " (paused)" if self._paused else "",
+            "" if journal.durable else " with the journal in memory only",
         )
 
     async def close(self) -> None:
         """Stop acting; actions cut short are journaled as interrupted and re-verified next start.
 
-        The backends belong to whoever built them and are not closed here.
+        The backends belong to whoever built them and are not closed here. Nothing here
+        waits for a thread: a journal stuck on a dead disk cannot hold up the shutdown.
         """
-        if self._tick_task is not None:
-            self._tick_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._tick_task
-            self._tick_task = None
+        if self._tick_job is not None:
+            job, self._tick_job = self._tick_job, None
+            if self._scheduler.get(job.name) is job:
+                self._scheduler.remove(job.name)
+            await job.stop()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(*list(self._pending), return_exceptions=True)
         self._ready = False
-        if self._journal is not None:
-            journal, self._journal = self._journal, None
-            try:
-                left = await self._db(journal.mark_interrupted, self._wall(), INTERRUPTED)
-                if left:
-                    log.warning("%d action(s) cut short; re-verified at next start", len(left))
-            finally:
-                await self._db(journal.close)
-        self._executor.shutdown(wait=True)
+        try:
+            if self._journal is not None:
+                writer, self._journal = self._journal, None
+                try:
+                    left = await writer.read(writer.journal.mark_interrupted, self._clocks.wall(), INTERRUPTED)
+                    if left:
+                        log.warning("%d action(s) cut short; re-verified at next start", len(left))
+                except sqlite3.Error as exc:
+                    log.warning("cannot mark actions cut short as interrupted (the next start will): %s", exc)
+                finally:
+                    await self._journal_thread.run(writer.close)
+        finally:
+            self._journal_thread.shutdown(wait=False)
+            self._threads.shutdown(wait=False)
 
     def reconfigure(self, config: RemediationConfig) -> None:
         """Take a reloaded policy (mode, routes, limits, ladder); worker state and history stay.
 
         Workers and backends are fixed for the life of a Remediator: build a new one when they change.
         """
-        if config.max_concurrent != self.config.max_concurrent:
-            # Actions holding a slot of the old semaphore finish with it; new ones use the new size.
-            self._slots = asyncio.Semaphore(config.max_concurrent)
+        self._host_slots.resize(config.max_concurrent)
         if config.mode != self.config.mode:
             log.warning("remediation mode changed from %s to %s", self.config.mode, config.mode)
         self.config = config
@@ -273,39 +276,26 @@ class Remediator:
         while self._tasks or self._pending:
             await asyncio.gather(*list(self._tasks), *list(self._pending), return_exceptions=True)
 
-    # -- alerts ---------------------------------------------------------------------------
+    # -- an alert's path ----------------------------------------------------------------------
 
     def on_alert(self, event: AlertEvent) -> None:
-        """RuleManager subscriber: act on alerts that start firing."""
+        """RuleManager subscriber: act on alerts that start firing (module doc)."""
         if not self._ready:
             log.debug("remediation not started yet; ignoring %s", event.alert.labels.get("alertname"))
             return
         transition = event.transition
         if transition.current is not AlertState.FIRING or transition.previous is AlertState.FIRING:
             return
-        alert = transition.alert
-        labels = alert.labels
-        worker = self.worker_for(labels)
-        if worker is None:
+        name = self.worker_for(transition.alert.labels)
+        if name is None:
             return
-        alertname = labels.get("alertname", event.rule.name)
-        now = self._wall()
-        before = self._states[worker]
-        self._states[worker] = note_trouble(before, alertname, now)
-        if self._states[worker] != before:
-            self._persist(worker)
-        why = _Why(
-            alertname,
-            alert.fingerprint,
-            episode_key(alert.fingerprint, alert.active_at_ms),
-            labels,
-            alert.active_at_ms / 1000,
-        )
-        for action, params in route_actions(self.config.routes, labels):
+        rt, why = self._workers[name], Why.of(event)
+        self._note_trouble(rt, why.alertname, self._clocks.steady())
+        for action, params in route_actions(self.config.routes, why.labels):
             if why.episode and (why.episode, action) in self._episodes:
-                log.info("alert %s on %s: this episode already led to %s; not again", alertname, worker, action)
+                log.info("alert %s on %s: this episode already led to %s; not again", why.alertname, name, action)
                 continue
-            self._request(Request(worker, action, "alert", params), why)
+            self._handle(Request(name, action, "alert", params), why)
 
     def worker_for(self, labels: Mapping[str, str]) -> str | None:
         """The configured worker an alert is about: its `worker` label, else the owner of its `gpu`."""
@@ -317,34 +307,328 @@ class Remediator:
             return self._gpu_owner.get(int(gpu))
         return None
 
+    def _handle(self, request: Request, why: Why) -> None:
+        """Decide one request and apply everything that follows from it (policy.resolve)."""
+        rt, now = self._workers[request.worker], self._clocks.steady()
+        key = request.action or "escalate"
+        res = resolve(
+            self.config,
+            rt.spec(self._live),
+            rt.state,
+            self._history,
+            request,
+            now,
+            total_workers=len(self._workers),
+            globally_paused=self._paused,
+            deferred=key in rt.deferred,
+            alertname=why.alertname,
+        )
+        if res.decision.circuit_open:
+            self._note_circuit(True)
+        before, rt.state = rt.state, res.state
+        if res.defer:
+            rt.deferred[key] = (request, why)
+        elif res.defer is False:
+            rt.deferred.pop(key, None)
+        if res.counts:
+            plan = res.decision.plan
+            assert plan is not None
+            self._history.append(HistoryEntry(rt.name, plan.action, now, self.config.mode))
+            if why.episode and request.trigger == "alert":
+                self._episodes[(why.episode, plan.action)] = now
+        self._log_resolution(rt, request, why, res)
+        if res.persist:
+            self._persist(rt)
+        if res.record is not None:
+            self._record_now(rt, res, request.trigger, why, before)
+        if res.start is not None:
+            rt.begin(res.start.action, "acting", now)
+            self._spawn(self._carry_out(rt, res.start, request, why, res.decision.reason, before))
+        self.publish_metrics()
+
+    async def _carry_out(
+        self, rt: WorkerRuntime, plan: Plan, request: Request, why: Why, reason: str, before: WorkerState
+    ) -> None:
+        """journal -> admission -> perform -> verify -> finish -> report (module doc)."""
+        spec, trigger = rt.spec(self._live), request.trigger
+        target = spec.profile(plan.to_index)
+        entry = await self._journal_start(rt, plan, trigger, why)  # 1. journal (write-ahead)
+        self._report(self._action_report(entry.row, "started", reason + _unsaved(entry)))
+        ctx = ActionContext(
+            worker=rt.name,
+            action=plan.action,
+            alertname=why.alertname,
+            fingerprint=why.fingerprint,
+            profile=target.name,
+            previous_profile=spec.profile(plan.from_index).name,
+            labels=dict(why.labels),
+        )
+        started = self._clocks.steady()
+        healthy_after: float | None = None
+        async with self._gates.admit(Admission(rt.name, plan.action, plan.disruptive)) as refusal:  # 2. admission
+            error = refusal.reason if refusal is not None else await self._perform(rt, plan, ctx, target)  # 3.
+            if not error and refusal is None and plan.verify:
+                rt.enter("verifying", self._clocks.steady())
+                ok, detail = await self._verify(rt, self._clocks.wall())  # 4. verify
+                if ok:
+                    healthy_after = self._clocks.steady() - started
+                else:
+                    error = f"not healthy within {self.config.verify_timeout:g}s: {detail}"
+        if refusal is not None:
+            # It never ran: as if it had not been decided (no budget, cooldown or ladder step used).
+            rt.state = replace(before, in_flight=rt.state.in_flight)
+            self._forget_attempt(rt.name, plan.action, why)
+        elif error and plan.live:
+            # Nothing changed in the worker: keep believing the profile it still runs.
+            rt.state = replace(rt.state, profile_index=plan.from_index)
+        outcome: Outcome = "skipped" if refusal is not None else "failed" if error else "succeeded"
+        finished = await self._journal_finish(rt, entry, plan, outcome, error, healthy_after, why, trigger)  # 5.
+        self._count(rt.name, plan.action, outcome)  # 6. report
+        if outcome == "succeeded":
+            log.info(
+                "worker %s: %s succeeded%s",
+                rt.name,
+                plan.action,
+                f", healthy after {healthy_after:.1f}s" if healthy_after is not None else "",
+            )
+        else:
+            log.error("worker %s: %s %s: %s", rt.name, plan.action, outcome, error)
+        report = self._action_report(
+            finished,
+            outcome,
+            error or reason,
+            seconds_to_healthy=healthy_after,
+            severity="warning" if error else "info",
+        )
+        self._report(report)
+        self.publish_metrics()
+        if refusal is not None and refusal.transient and trigger == "alert":
+            rt.deferred[request.action or "escalate"] = (request, why)
+        elif error and refusal is None:
+            self._handle(Request(rt.name, None, "escalation"), why)
+
+    async def _journal_start(self, rt: WorkerRuntime, plan: Plan, trigger: Trigger, why: Why) -> Entry:
+        """The write-ahead row and the worker's new profile, on disk before anything happens."""
+        spec, writer = rt.spec(self._live), self._require_journal()
+        at = Instant.now(self._clocks)
+        row = ActionRow(
+            worker=rt.name,
+            action=plan.action,
+            mode="act",
+            trigger=trigger,
+            started=at.wall,
+            alertname=why.alertname,
+            fingerprint=why.fingerprint,
+            episode=why.episode if trigger == "alert" else "",
+            profile_before=spec.profile(plan.from_index).name,
+            profile_after=spec.profile(plan.to_index).name,
+            boot_id=at.boot,
+            started_steady=at.steady,
+        )
+        entry = await writer.begin(row)
+        await self._persist(rt)
+        return entry
+
+    async def _perform(self, rt: WorkerRuntime, plan: Plan, ctx: ActionContext, target: Any) -> str:
+        """Run the action; the error text, or "" when it went through."""
+        try:
+            await perform(
+                plan,
+                ctx,
+                target,
+                backend=rt.backend,
+                live=self._live,
+                state_dir=self._state_dir,
+                threads=self._threads,
+            )
+        except BackendError as exc:
+            return str(exc) or type(exc).__name__
+        except Exception as exc:
+            log.exception("worker %s: %s raised", rt.name, plan.action)
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
+    async def _journal_finish(
+        self,
+        rt: WorkerRuntime,
+        entry: Entry,
+        plan: Plan,
+        outcome: Outcome,
+        error: str,
+        healthy_after: float | None,
+        why: Why,
+        trigger: Trigger,
+    ) -> ActionRow:
+        """The row's outcome and the worker's state after the action; returns the finished row."""
+        now_wall = self._clocks.wall()
+        if outcome == "succeeded":
+            rt.healed_at = now_wall
+        profile_now = rt.spec(self._live).profile(rt.state.profile_index).name
+        await self._require_journal().finish(
+            entry, outcome, now_wall, error=error, profile_after=profile_now, seconds_to_healthy=healthy_after
+        )
+        rt.end()
+        if outcome == "succeeded" and plan.action == "stop":
+            # A worker Sentinel took out of service stays out until a person says otherwise.
+            reason = f"stopped by policy after {why.alertname or trigger}"
+            rt.state = replace(rt.state, needs_human=True, needs_human_reason=reason)
+        await self._persist(rt)
+        finished = replace(entry.row, id=entry.id, outcome=outcome, error=error, profile_after=profile_now)
+        self._remember(rt, finished, healthy_after)
+        return finished
+
+    async def _verify(self, rt: WorkerRuntime, since: float) -> tuple[bool, str]:
+        """Poll the store until `verify.judge` says healthy with samples newer than `since`, or time runs out."""
+        deadline = self._clocks.steady() + self.config.verify_timeout
+        baseline = self._latest(rt.name, "sentinel_endpoint_progress_total")
+        progress = Progress(baseline.value if baseline is not None else None)
+        since_ms = int(since * 1000)
+        while True:
+            reading = HealthReading.fresh_from(
+                lambda metric: self._latest(rt.name, metric), since_ms, bool(rt.config.endpoint)
+            )
+            if reading.needs_unit and rt.backend is not None:
+                reading = await self._with_unit(rt.backend, reading)
+            ok, detail, progress = judge(reading, progress)
+            if ok:
+                return True, ""
+            if self._clocks.steady() >= deadline:
+                return False, detail
+            await asyncio.sleep(self.config.verify_interval)
+
+    async def _with_unit(self, backend: WorkerBackend, reading: HealthReading) -> HealthReading:
+        try:
+            unit = await asyncio.wait_for(backend.state(), self._backend_timeout)
+        except Exception as exc:
+            return replace(reading, unit_error=str(exc) or type(exc).__name__)
+        return replace(reading, unit=unit)
+
+    async def _reverify(self, rt: WorkerRuntime, rows: Sequence[ActionRow]) -> None:
+        """After a restart: wait out what the crashed Sentinel left running, then verify the worker."""
+        leftovers = await settle_leftovers(self._state_dir, rt.name, self._threads, self._clocks)
+        rt.enter("verifying", self._clocks.steady())
+        ok, detail = await self._verify(rt, self._clocks.wall())
+        writer = self._require_journal()
+        for row in rows:
+            if row.id is not None:
+                await writer.set_verify(row.id, "passed" if ok else "failed")
+        rt.end()
+        await self._persist(rt)
+        last = rows[-1] if rows else None
+        why = Why(last.alertname, last.fingerprint, last.episode) if last else Why()
+        if last is not None:
+            message = f"{last.action} was interrupted by a Sentinel restart; "
+        else:
+            message = "a command of the previous Sentinel was still running; "
+        if leftovers:
+            message += "; ".join(left.describe() for left in leftovers) + "; "
+        if ok:
+            log.info("worker %s re-verified healthy after an interrupted action", rt.name)
+        else:
+            log.error("worker %s is not healthy after an interrupted action: %s", rt.name, detail)
+        if last is not None:
+            profile = rt.spec(self._live).profile(rt.state.profile_index).name
+            self._report(
+                self._action_report(
+                    replace(last, profile_after=profile),
+                    "succeeded" if ok else "failed",
+                    message + ("the worker is healthy" if ok else f"the worker is not healthy: {detail}"),
+                    severity="info" if ok else "warning",
+                )
+            )
+        self.publish_metrics()
+        if not ok and self.config.mode == "act":
+            self._handle(Request(rt.name, None, "escalation"), why)
+
+    # -- decisions that finish at once ----------------------------------------------------------
+
+    def _record_now(self, rt: WorkerRuntime, res: Resolution, trigger: Trigger, why: Why, before: WorkerState) -> None:
+        """Journal and report a decision that finishes at once (skip, would_act, needs_human, notify_only)."""
+        record = res.record
+        assert record is not None
+        spec, at = rt.spec(self._live), Instant.now(self._clocks)
+        row = ActionRow(
+            worker=rt.name,
+            action=record.action,
+            mode=self.config.mode,
+            trigger=trigger,
+            started=at.wall,
+            finished=at.wall,
+            outcome=record.outcome,
+            error=record.detail,
+            alertname=why.alertname,
+            fingerprint=why.fingerprint,
+            episode=why.episode if trigger == "alert" else "",
+            profile_before=spec.profile(before.profile_index).name,
+            profile_after=spec.profile(record.profile_after).name,
+            boot_id=at.boot,
+            started_steady=at.steady,
+        )
+        self._track(self._require_journal().record(row))
+        self._count(rt.name, record.action, record.outcome)
+        self._remember(rt, row, None)
+        self._report(self._action_report(row, record.outcome, record.detail, severity=record.severity))
+
+    def _forget_attempt(self, worker: str, action: str, why: Why) -> None:
+        for i in range(len(self._history) - 1, -1, -1):
+            if self._history[i].worker == worker and self._history[i].action == action:
+                del self._history[i]
+                break
+        self._episodes.pop((why.episode, action), None)
+
+    def _log_resolution(self, rt: WorkerRuntime, request: Request, why: Why, res: Resolution) -> None:
+        decision, asked = res.decision, request.action or "escalate"
+        if decision.verdict == "skip" and request.trigger == "recovery":
+            log.debug("worker %s: not stepping up now: %s", rt.name, decision.reason)
+        elif decision.verdict == "skip" and res.record is not None:
+            log.info("worker %s: not acting on %s (%s): %s", rt.name, why.alertname or "-", asked, decision.reason)
+        elif decision.verdict == "needs_human" and self.config.mode == "act":
+            log.error(
+                "worker %s needs a human; not acting on it until `sentinel resume %s`: %s",
+                rt.name,
+                rt.name,
+                decision.reason,
+            )
+        elif res.start is not None:
+            spec, plan = rt.spec(self._live), res.start
+            log.warning(
+                "worker %s: %s%s (%s -> %s): %s",
+                rt.name,
+                plan.action,
+                " (live)" if plan.live else "",
+                spec.profile(plan.from_index).name,
+                spec.profile(plan.to_index).name,
+                decision.reason,
+            )
+
     # -- operator controls ------------------------------------------------------------------
 
     async def pause(self, worker: str | None = None) -> None:
         """Stop starting actions on `worker` (or on every worker); running ones finish."""
         if worker is None:
             self._paused = True
-            await self._db(self._require_journal().set_meta, "paused", "1")
+            await self._require_journal().set_meta("paused", "1")
         else:
-            self._check_worker(worker)
-            self._states[worker] = replace(self._states[worker], paused=True)
-            await self._persist(worker)
+            rt = self._runtime(worker)
+            rt.state = replace(rt.state, paused=True)
+            await self._persist(rt)
         log.warning("remediation paused on %s by the operator", worker or "all workers")
         self.publish_metrics()
 
     async def resume(self, worker: str | None = None) -> None:
         """Act again on `worker` (or every worker); also clears needs_human and restarts the ladder."""
-        names = list(self._workers) if worker is None else [worker]
         if worker is None:
             self._paused = False
-            await self._db(self._require_journal().set_meta, "paused", "0")
+            await self._require_journal().set_meta("paused", "0")
+            runtimes = list(self._workers.values())
         else:
-            self._check_worker(worker)
-        for name in names:
-            state = self._states[name]
-            self._states[name] = replace(state, paused=False, needs_human=False, needs_human_reason="", escalation=0)
+            runtimes = [self._runtime(worker)]
+        for rt in runtimes:
+            state = rt.state
+            rt.state = replace(state, paused=False, needs_human=False, needs_human_reason="", escalation=0)
             if state.needs_human:
-                log.warning("worker %s: needs_human cleared by the operator", name)
-            await self._persist(name)
+                log.warning("worker %s: needs_human cleared by the operator", rt.name)
+            await self._persist(rt)
         log.warning("remediation resumed on %s by the operator", worker or "all workers")
         self.publish_metrics()
 
@@ -352,59 +636,22 @@ class Remediator:
 
     def workers_json(self) -> dict[str, Any]:
         """Mode, global pause, breaker and each worker's profile and state (GET /api/v1/workers)."""
-        now = self._wall()
-        out = []
-        for name in self._workers:
-            spec, state = self._spec(name), self._states.get(name)
-            if state is None:
-                state = WorkerState(profile_index=spec.home_index)
-            unit = self._units.get(name)
-            in_flight = None
-            if state.in_flight is not None:
-                since = self._in_flight_since.get(name, now)
-                in_flight = {
-                    "action": state.in_flight,
-                    "phase": self._phase.get(name, "acting"),
-                    "since": since,
-                    "seconds": round(now - since, 1),
-                }
-            out.append(
-                {
-                    "name": name,
-                    "state": self._state_word(name, state),
-                    "profile": spec.profile(state.profile_index).name,
-                    "profile_index": state.profile_index,
-                    "profiles": [p.name for p in spec.profiles],
-                    "home_profile": spec.profile(spec.home_index).name,
-                    "backend": type(self._backends[name]).__name__ if name in self._backends else None,
-                    "unit": unit.state if unit else None,
-                    "unit_detail": unit.detail if unit else None,
-                    "needs_human": state.needs_human,
-                    "needs_human_reason": state.needs_human_reason,
-                    "paused": state.paused,
-                    "in_flight": in_flight,
-                    "escalation": state.escalation,
-                    "trouble_alerts": sorted(state.trouble_alerts),
-                    "last_trouble_at": state.last_trouble_at or None,
-                    "last_action": self._last.get(name),
-                    "gpus": list(self._workers[name].gpus),
-                }
-            )
         return {
             "mode": self.config.mode,
             "paused": self._paused,
             "circuit_breaker_open": self._circuit_now(),
             "max_concurrent": self.config.max_concurrent,
             "ladder_steps": len(ladder_slots(self.config.ladder)),
-            "in_flight": sum(1 for s in self._states.values() if s.in_flight is not None),
-            "workers": out,
+            "in_flight": sum(1 for rt in self._workers.values() if rt.state.in_flight is not None),
+            "journal": self._health.store("journal").as_json(),
+            "workers": [rt.status_json(self._clocks, self._paused) for rt in self._workers.values()],
         }
 
     async def actions_json(self, limit: int = 50, worker: str | None = None) -> list[dict[str, Any]]:
         """The newest journal rows first (GET /api/v1/actions); empty before start()."""
         if self._journal is None:
             return []
-        rows = await self._db(self._journal.recent, limit, worker)
+        rows = await self._journal.read(self._journal.journal.recent, limit, worker)
         return [r.as_json() for r in rows]
 
     def known_worker(self, name: str) -> bool:
@@ -413,414 +660,155 @@ class Remediator:
     # -- periodic ---------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """One pass: trouble from firing alerts, recovery steps, unit states, exported series."""
-        now = self._wall()
-        self._scan_firing(now)
+        """One pass: trouble from firing alerts, deferred requests, recovery, held writes, series."""
+        now = self._clocks.steady()
+        firing = self._scan_firing(now)
+        self._retry_deferred(firing)
         if now - self._started_at >= self._startup_grace:
-            for name in self._workers:
-                self._recover(name, now)
+            for rt in self._workers.values():
+                self._recover(rt, now)
         horizon = max(self.config.budget.window, self.config.circuit_breaker.window, self.config.cooldown)
         self._history = [e for e in self._history if e.at > now - horizon]
+        writer = self._require_journal()
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self._pruned_at = now
             self._episodes = {k: t for k, t in self._episodes.items() if t > now - EPISODE_MEMORY_S}
-            self._submit(self._require_journal().prune, now - JOURNAL_RETENTION_S)
+            self._track(writer.prune(self._clocks.wall() - JOURNAL_RETENTION_S))
+        await writer.retry()
         await self._refresh_units()
         self._note_circuit(self._circuit_now())
         self.publish_metrics()
 
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick_interval)
-            try:
-                await self.tick()
-            except Exception:  # one bad pass must not end the loop
-                log.exception("remediation tick failed")
+    async def _tick_job_run(self) -> None:
+        await self.tick()
 
-    def _scan_firing(self, now: float) -> None:
+    def _scan_firing(self, now: float) -> set[tuple[str, str]]:
         # The store's ALERTS series also hold alerts restored after a restart, which
         # produce no transition: this is how they keep a worker from stepping up.
         matchers = [LabelMatcher("__name__", MatchOp.EQ, "ALERTS"), LabelMatcher("alertstate", MatchOp.EQ, "firing")]
         firing: set[tuple[str, str]] = set()
-        for sample in self._store.instant(matchers, int(now * 1000)):
+        for sample in self._store.instant(matchers, int(self._clocks.wall() * 1000)):
             labels = dict(sample.labels)
-            worker = self.worker_for(labels)
-            if worker is None:
+            name = self.worker_for(labels)
+            if name is None:
                 continue
-            firing.add((worker, labels.get("alertname", "")))
-            self._states[worker] = note_trouble(self._states[worker], labels.get("alertname", ""), now)
-        self._retry_deferred(firing)
-        for name, state in self._states.items():
-            # Once a minute is enough on disk: it only delays a step up after a restart.
-            if state.last_trouble_at - self._trouble_saved.get(name, 0.0) >= 60.0:
-                self._persist(name)
+            firing.add((name, labels.get("alertname", "")))
+            self._note_trouble(self._workers[name], labels.get("alertname", ""), now, quiet=True)
+        return firing
+
+    def _note_trouble(self, rt: WorkerRuntime, alertname: str, now: float, *, quiet: bool = False) -> None:
+        """A cause of earlier actions fires: its stable clock starts over (persisted at most once a minute)."""
+        before = rt.state
+        rt.state = note_trouble(before, alertname, now)
+        if rt.state == before:
+            return
+        # An alert arriving is worth a write; a rescan of firing alerts only delays a step
+        # up after a restart, so once a minute is enough on disk.
+        if not quiet or rt.state.last_trouble_at - rt.trouble_saved >= 60.0:
+            self._persist(rt)
 
     def _retry_deferred(self, firing: set[tuple[str, str]]) -> None:
-        for key, (request, why) in list(self._deferred.items()):
-            if (request.worker, why.alertname) not in firing:
-                del self._deferred[key]  # the alert is gone: nothing left to heal
-                continue
-            if why.episode and request.action and (why.episode, request.action) in self._episodes:
-                del self._deferred[key]  # this episode was acted on meanwhile
-                continue
-            if self._healed_at.get(request.worker, -1.0) >= why.active_at:
-                # Another action healed the worker after this alert began (the EngineDead
-                # that came with an OOM, say): acting again would only be a storm.
-                del self._deferred[key]
-                continue
-            self._request(request, why)
+        for rt in self._workers.values():
+            for key, (request, why) in list(rt.deferred.items()):
+                if (rt.name, why.alertname) not in firing:
+                    del rt.deferred[key]  # the alert is gone: nothing left to heal
+                elif why.episode and request.action and (why.episode, request.action) in self._episodes:
+                    del rt.deferred[key]  # this episode was acted on meanwhile
+                elif rt.healed_at >= why.active_at:
+                    # Another action healed the worker after this alert began (the EngineDead
+                    # that came with an OOM, say): acting again would only be a storm.
+                    del rt.deferred[key]
+                else:
+                    self._handle(request, why)
 
-    def _recover(self, name: str, now: float) -> None:
-        spec, state = self._spec(name), self._states[name]
-        step = recovery_step(self.config, spec, state, now)
+    def _recover(self, rt: WorkerRuntime, now: float) -> None:
+        step = recovery_step(self.config, rt.spec(self._live), rt.state, now)
         if step == "forgive":
-            self._states[name] = forgiven(state)
-            log.info("worker %s stable for %gs: escalation ladder starts over", name, self.config.stable_for)
-            self._persist(name)
-        elif step == "restore" and self.config.mode == "act" and not self._slots.locked():
-            self._request(Request(name, "restore", "recovery"), _Why())
+            rt.state = forgiven(rt.state)
+            log.info("worker %s stable for %gs: escalation ladder starts over", rt.name, self.config.stable_for)
+            self._persist(rt)
+        elif step == "restore" and self.config.mode == "act" and not self._host_slots.full:
+            self._handle(Request(rt.name, "restore", "recovery"), Why())
 
     async def _refresh_units(self) -> None:
-        async def one(name: str, backend: WorkerBackend) -> None:
+        async def one(rt: WorkerRuntime, backend: WorkerBackend) -> None:
             try:
-                self._units[name] = await asyncio.wait_for(backend.state(), self._backend_timeout)
+                rt.unit = await asyncio.wait_for(backend.state(), self._backend_timeout)
             except Exception as exc:
-                self._units[name] = UnitState("unknown", f"state unavailable: {exc or type(exc).__name__}")
+                rt.unit = UnitState("unknown", f"state unavailable: {exc or type(exc).__name__}")
 
-        await asyncio.gather(*(one(n, b) for n, b in self._backends.items() if n in self._workers))
+        await asyncio.gather(*(one(rt, rt.backend) for rt in self._workers.values() if rt.backend is not None))
 
-    # -- deciding -----------------------------------------------------------------------
+    # -- start-up ---------------------------------------------------------------------------
 
-    def _request(self, request: Request, why: _Why) -> None:
-        name = request.worker
-        now = self._wall()
-        spec, state = self._spec(name), self._states[name]
-        decision = decide(
-            self.config,
-            spec,
-            state,
-            self._history,
-            request,
-            now,
-            total_workers=len(self._workers),
-            globally_paused=self._paused,
-        )
-        if decision.circuit_open:
-            self._note_circuit(True)
-        asked = request.action or "escalate"
-        key = (name, request.action or "escalate")
-        if decision.verdict == "skip":
-            if request.trigger == "recovery":
-                log.debug("worker %s: not stepping up now: %s", name, decision.reason)
-                return
-            if request.trigger == "alert" and decision.transient:
-                if key in self._deferred:
-                    return  # still waiting: journaled once already
-                self._deferred[key] = (request, why)
-            log.info("worker %s: not acting on %s (%s): %s", name, why.alertname or "-", asked, decision.reason)
-            severity = "critical" if decision.circuit_open else "info"
-            self._record(name, asked, "skipped", request.trigger, why, decision.reason, state, state, severity=severity)
-            return
-        if decision.verdict == "needs_human":
-            self._needs_human(name, asked, request.trigger, why, decision, state, now)
-            return
-        self._deferred.pop(key, None)
-        plan = decision.plan
-        assert plan is not None
-        if why.episode and request.trigger == "alert":
-            self._episodes[(why.episode, plan.action)] = now
-        if plan.action == "notify_only":
-            self._record(name, plan.action, "succeeded", request.trigger, why, decision.reason, state, state)
-            return
-        self._history.append(HistoryEntry(name, plan.action, now, self.config.mode))
-        if self.config.mode == "observe":
-            after = replace(state, profile_index=plan.to_index)
-            self._record(name, plan.action, "would_act", request.trigger, why, decision.reason, state, after)
-            return
-        self._states[name] = state_after(state, decision, why.alertname, request.trigger, now)
-        self._in_flight_since[name] = now
-        self._phase[name] = "acting"
-        log.warning(
-            "worker %s: %s%s (%s -> %s): %s",
-            name,
-            plan.action,
-            " (live)" if plan.live else "",
-            spec.profile(plan.from_index).name,
-            spec.profile(plan.to_index).name,
-            decision.reason,
-        )
-        self._spawn(self._carry_out(name, plan, request.trigger, why, decision.reason, now))
-        self.publish_metrics()
-
-    def _needs_human(
-        self, name: str, asked: str, trigger: Trigger, why: _Why, decision: Decision, state: WorkerState, now: float
-    ) -> None:
-        if self.config.mode == "observe":
-            detail = decision.reason + " (would mark the worker needs_human)"
-            self._record(name, asked, "would_act", trigger, why, detail, state, state, severity="warning")
-            return
-        self._states[name] = state_after(state, decision, why.alertname, trigger, now)
-        self._persist(name)
-        log.error(
-            "worker %s needs a human; not acting on it until `sentinel resume %s`: %s", name, name, decision.reason
-        )
-        self._record(name, asked, "needs_human", trigger, why, decision.reason, state, state, severity="critical")
-        self.publish_metrics()
-
-    def _note_circuit(self, is_open: bool) -> None:
-        # The skips it causes are reported (critical) one by one; here only the state change is logged.
-        if is_open and not self._circuit_was_open:
-            breaker = self.config.circuit_breaker
-            log.error(
-                "remediation circuit breaker open: more than %.0f%% of workers remediated within %gs; not acting",
-                breaker.max_ratio * 100,
-                breaker.window,
-            )
-        elif not is_open and self._circuit_was_open:
-            log.warning("remediation circuit breaker closed again")
-        self._circuit_was_open = is_open
-
-    def _circuit_now(self) -> bool:
-        cfg = self.config
-        return circuit_open(self._history, cfg.circuit_breaker, cfg.mode, self._wall(), len(self._workers))
-
-    # -- acting -----------------------------------------------------------------------------
-
-    async def _carry_out(self, name: str, plan: Plan, trigger: Trigger, why: _Why, reason: str, at: float) -> None:
-        spec = self._spec(name)
-        before, after = spec.profile(plan.from_index), spec.profile(plan.to_index)
-        row = ActionRow(
-            worker=name,
-            action=plan.action,
-            mode="act",
-            trigger=trigger,
-            started=at,
-            alertname=why.alertname,
-            fingerprint=why.fingerprint,
-            episode=why.episode if trigger == "alert" else "",
-            profile_before=before.name,
-            profile_after=after.name,
-        )
-        journal = self._require_journal()
-        # Write-ahead: the row and the worker's new profile are on disk before anything happens.
-        row_id = await self._db(journal.insert, row)
-        await self._persist(name)
-        self._report(self._action_report(row, "started", reason))
-        error = ""
-        healthy_after: float | None = None
-        async with self._slots if plan.disruptive else contextlib.nullcontext():
-            started = self._clock()
-            ctx = ActionContext(
-                worker=name,
-                action=plan.action,
-                alertname=why.alertname,
-                fingerprint=why.fingerprint,
-                profile=after.name,
-                previous_profile=before.name,
-                labels=dict(why.labels),
-            )
-            try:
-                await self._execute(name, plan, ctx)
-            except BackendError as exc:
-                error = str(exc) or type(exc).__name__
-            except Exception as exc:
-                log.exception("worker %s: %s raised", name, plan.action)
-                error = f"{type(exc).__name__}: {exc}"
-            if error and plan.live:
-                # Nothing changed in the worker: keep believing the profile it still runs.
-                self._states[name] = replace(self._states[name], profile_index=plan.from_index)
-            if not error and plan.verify:
-                self._phase[name] = "verifying"
-                ok, detail = await self._verify(name, self._wall())
-                if ok:
-                    healthy_after = self._clock() - started
-                else:
-                    error = f"not healthy within {self.config.verify_timeout:g}s: {detail}"
-        outcome: Outcome = "failed" if error else "succeeded"
-        if not error:
-            self._healed_at[name] = self._wall()
-        profile_now = spec.profile(self._states[name].profile_index).name
-        await self._db(
-            journal.finish,
-            row_id,
-            outcome,
-            self._wall(),
-            error=error,
-            profile_after=profile_now,
-            seconds_to_healthy=healthy_after,
-        )
-        state = replace(self._states[name], in_flight=None)
-        if not error and plan.action == "stop":
-            # A worker Sentinel took out of service stays out until a person says otherwise.
-            reason = f"stopped by policy after {why.alertname or trigger}"
-            state = replace(state, needs_human=True, needs_human_reason=reason)
-        self._states[name] = state
-        self._in_flight_since.pop(name, None)
-        self._phase.pop(name, None)
-        await self._persist(name)
-        finished = replace(row, id=row_id, outcome=outcome, error=error, profile_after=profile_now)
-        self._remember(finished, healthy_after)
-        self._count(name, plan.action, outcome)
-        if error:
-            log.error("worker %s: %s failed: %s", name, plan.action, error)
-        else:
-            log.info(
-                "worker %s: %s succeeded%s",
-                name,
-                plan.action,
-                f", healthy after {healthy_after:.1f}s" if healthy_after is not None else "",
-            )
-        self._report(
-            self._action_report(
-                finished,
-                outcome,
-                error or reason,
-                seconds_to_healthy=healthy_after,
-                severity="warning" if error else "info",
-            )
-        )
-        self.publish_metrics()
-        if error:
-            self._request(Request(name, None, "escalation"), why)
-
-    async def _execute(self, name: str, plan: Plan, ctx: ActionContext) -> None:
-        profile = self._spec(name).profile(plan.to_index)
-        if plan.action == "exec":
-            await _run_exec(plan.params, ctx)
-            return
-        if plan.live:
-            assert self._live is not None and profile.batch_limit is not None
-            await self._live.set_batch_limit(name, profile.batch_limit)
-            return
-        backend = self._backends.get(name)
-        if backend is None:
-            raise BackendError(f"worker {name} has no backend")
-        if plan.action == "stop":
-            await backend.stop(ctx)
-        else:
-            await backend.restart(profile, ctx)
-
-    async def _verify(self, name: str, since: float) -> tuple[bool, str]:
-        """Poll the store until the worker is healthy with samples newer than `since`, or time runs out."""
-        deadline = self._clock() + self.config.verify_timeout
-        baseline = self._latest(name, "sentinel_endpoint_progress_total")
-        progress = _Progress(baseline.value if baseline is not None else None)
-        while True:
-            ok, detail = await self._healthy(name, int(since * 1000), progress)
-            if ok:
-                return True, ""
-            if self._clock() >= deadline:
-                return False, detail
-            await asyncio.sleep(self.config.verify_interval)
-
-    async def _healthy(self, name: str, since_ms: int, progress: _Progress) -> tuple[bool, str]:
-        """Endpoint up, not stalled, and progressing if requests run; without an endpoint, the process."""
-
-        def fresh(metric: str) -> Sample | None:
-            sample = self._latest(name, metric)
-            return sample if sample is not None and sample.timestamp_ms >= since_ms else None
-
-        if self._workers[name].endpoint:
-            up = fresh("sentinel_endpoint_up")
-            if up is None or up.value != 1:
-                return False, "endpoint not up" if up is not None else "no health probe since the action"
-            stalled = fresh("sentinel_endpoint_stalled")
-            if stalled is not None and stalled.value == 1:
-                return False, "engine stalled: requests running, no tokens generated"
-            running = fresh("sentinel_endpoint_requests_running")
-            if running is not None and running.value > 0:
-                counter = fresh("sentinel_endpoint_progress_total")
-                if counter is None or not progress.advanced(counter.value):
-                    return False, f"{running.value:g} requests running, no progress yet"
-            return True, ""
-        process = fresh("sentinel_worker_up")
-        if process is not None:
-            return (True, "") if process.value == 1 else (False, "no process of the worker found")
-        backend = self._backends.get(name)
-        if backend is None:
-            return True, ""  # nothing to ask: the action's own success is all we know
+    async def _mark_interrupted(self, writer: JournalWriter) -> list[ActionRow]:
+        """Rows left without a finish by the last run; on a disk that refuses writes, still known."""
+        journal = writer.journal
         try:
-            unit = await asyncio.wait_for(backend.state(), self._backend_timeout)
+            return await writer.read(journal.mark_interrupted, self._clocks.wall(), INTERRUPTED)
+        except sqlite3.Error as exc:
+            self._health.write_failed("journal", "the interrupted actions of the last run", exc)
+            rows = await writer.read(journal.unfinished)
+            for row in rows:
+                await writer.finish(Entry(row, row.id), "interrupted", self._clocks.wall(), error=INTERRUPTED)
+            return rows
+
+    async def _load_history(self, writer: JournalWriter, journal: Journal) -> None:
+        """Budgets, cooldowns and episodes from the journal, onto the steady clock."""
+        clocks = self._clocks
+        now, wall, boot = clocks.steady(), clocks.wall(), clocks.boot_id()
+        horizon = max(self.config.budget.window, self.config.circuit_breaker.window, self.config.cooldown)
+        for row in await writer.read(journal.acted_since, wall - horizon, boot):
+            age = elapsed_since(Instant(row.started, row.boot_id, row.started_steady), clocks)
+            if age < horizon:
+                self._history.append(HistoryEntry(row.worker, row.action, now - age, row.mode))
+        for key, at in (await writer.read(journal.acted_episodes, wall - EPISODE_MEMORY_S)).items():
+            self._episodes[key] = now - elapsed_since(Instant(at), clocks)
+
+    async def _reconcile(self, rt: WorkerRuntime, record: WorkerRecord | None) -> WorkerRecord | None:
+        """Check the journaled profile against the one the backend recorded (its env file)."""
+        backend = rt.backend
+        if not isinstance(backend, ProfileRecord):
+            return record
+        try:
+            applied = await asyncio.wait_for(backend.active_profile(), self._backend_timeout)
         except Exception as exc:
-            return False, f"backend state unavailable: {exc}"
-        return (True, "") if unit.running else (False, f"unit {unit.state}: {unit.detail}")
-
-    async def _reverify(self, name: str, rows: Sequence[ActionRow]) -> None:
-        ok, detail = await self._verify(name, self._started_at)
-        journal = self._require_journal()
-        for row in rows:
-            if row.id is not None:
-                await self._db(journal.set_verify, row.id, "passed" if ok else "failed")
-        self._states[name] = replace(self._states[name], in_flight=None)
-        self._in_flight_since.pop(name, None)
-        self._phase.pop(name, None)
-        await self._persist(name)
-        last = rows[-1] if rows else None
-        why = _Why(last.alertname, last.fingerprint, last.episode) if last else _Why()
-        message = f"{last.action if last else 'an action'} was interrupted by a Sentinel restart; "
-        if ok:
-            log.info("worker %s re-verified healthy after an interrupted action", name)
-        else:
-            log.error("worker %s is not healthy after an interrupted action: %s", name, detail)
-        if last is not None:
-            self._report(
-                self._action_report(
-                    replace(last, profile_after=self._spec(name).profile(self._states[name].profile_index).name),
-                    "succeeded" if ok else "failed",
-                    message + ("the worker is healthy" if ok else f"the worker is not healthy: {detail}"),
-                    severity="info" if ok else "warning",
-                )
+            log.warning("worker %s: cannot read the profile its backend recorded: %s", rt.name, exc)
+            return record
+        if applied is None or applied not in {p.name for p in rt.config.profiles}:
+            return record
+        if record is None:
+            # A fresh state directory: the backend knows where on the ladder the worker is.
+            return WorkerRecord(profile=applied)
+        if record.profile != applied and not rt.config.probe:
+            # A crash between the journal write and the env file write: the file is what the
+            # worker starts with. (With the probe a live batch change never touches the file.)
+            log.warning(
+                "worker %s: journal says profile %s, its backend applied %s; going by the backend",
+                rt.name,
+                record.profile,
+                applied,
             )
-        self.publish_metrics()
-        if not ok and self.config.mode == "act":
-            self._request(Request(name, None, "escalation"), why)
+            return replace(record, profile=applied)
+        return record
 
-    # -- bookkeeping --------------------------------------------------------------------
+    async def _start_supervised(self) -> None:
+        # A supervised child exists only if Sentinel starts it: with the journaled profile,
+        # so a step down survives a restart of Sentinel. Not remediation: observe mode too.
+        for rt in self._workers.values():
+            cfg = rt.config.backend
+            if rt.backend is None or cfg is None or cfg.type != "process":
+                continue
+            profile = rt.spec(self._live).profile(rt.state.profile_index)
+            try:
+                await rt.backend.start(profile, ActionContext(worker=rt.name, action="start", profile=profile.name))
+            except Exception as exc:
+                log.error("worker %s: cannot start it with profile %s: %s", rt.name, profile.name, exc)
 
-    def _begin(self, name: str, action: str, phase: str) -> None:
-        self._in_flight_since[name] = self._wall()
-        self._phase[name] = phase
-        self._states[name] = replace(self._states[name], in_flight=action)
+    # -- bookkeeping ------------------------------------------------------------------------
 
-    def _record(
-        self,
-        name: str,
-        action: str,
-        outcome: Outcome,
-        trigger: Trigger,
-        why: _Why,
-        detail: str,
-        before: WorkerState,
-        after: WorkerState,
-        *,
-        severity: str = "info",
-    ) -> None:
-        """Journal and report a decision that finishes at once (skip, would_act, needs_human, notify)."""
-        spec = self._spec(name)
-        now = self._wall()
-        row = ActionRow(
-            worker=name,
-            action=action,
-            mode=self.config.mode,
-            trigger=trigger,
-            started=now,
-            finished=now,
-            outcome=outcome,
-            error=detail,
-            alertname=why.alertname,
-            fingerprint=why.fingerprint,
-            episode=why.episode if trigger == "alert" else "",
-            profile_before=spec.profile(before.profile_index).name,
-            profile_after=spec.profile(after.profile_index).name,
-        )
-        self._submit(self._require_journal().insert, row)
-        self._count(name, action, outcome)
-        self._remember(row, None)
-        self._report(self._action_report(row, outcome, detail, severity=severity))
-        self.publish_metrics()
-
-    def _remember(self, row: ActionRow, seconds_to_healthy: float | None) -> None:
-        self._last[row.worker] = {
+    def _remember(self, rt: WorkerRuntime, row: ActionRow, seconds_to_healthy: float | None) -> None:
+        rt.last = {
             "action": row.action,
             "outcome": row.outcome,
             "at": row.finished if row.finished is not None else row.started,
@@ -831,7 +819,7 @@ class Remediator:
 
     def _count(self, worker: str, action: str, outcome: str) -> None:
         key = (worker, action, outcome)
-        ts = int(self._wall() * 1000)
+        ts = int(self._clocks.wall() * 1000)
         labels = {"worker": worker, "action": action, "outcome": outcome}
         if key not in self._counters:
             # A new counter starts at 0 just before its first increment, so increase()
@@ -853,7 +841,7 @@ class Remediator:
             worker=row.worker,
             action=row.action,
             outcome=outcome,
-            timestamp_ms=int(self._wall() * 1000),
+            timestamp_ms=int(self._clocks.wall() * 1000),
             from_profile=row.profile_before or None,
             to_profile=row.profile_after or None,
             alertname=row.alertname or None,
@@ -873,153 +861,45 @@ class Remediator:
 
     def publish_metrics(self) -> None:
         """Write every remediation series (one pass of the `remediation` source)."""
-        ts = int(self._wall() * 1000)
-        out = Appender(self._store, _METRICS_SOURCE, ts)
+        out = Appender(self._store, _METRICS_SOURCE, int(self._clocks.wall() * 1000))
         for (worker, action, outcome), value in self._counters.items():
             out.add("sentinel_remediation_actions_total", value, worker=worker, action=action, outcome=outcome)
         in_flight = 0
-        for name in self._workers:
-            spec = self._spec(name)
-            state = self._states.get(name) or WorkerState(profile_index=spec.home_index)
+        for rt in self._workers.values():
+            spec, state = rt.spec(None), rt.state
             for index, profile in enumerate(spec.profiles or (spec.profile(0),)):
                 active = 1.0 if index == state.profile_index else 0.0
-                out.add("sentinel_worker_profile", active, worker=name, profile=profile.name)
-            out.add("sentinel_worker_needs_human", 1.0 if state.needs_human else 0.0, worker=name)
-            out.add("sentinel_remediation_paused", 1.0 if state.paused or self._paused else 0.0, worker=name)
+                out.add("sentinel_worker_profile", active, worker=rt.name, profile=profile.name)
+            out.add("sentinel_worker_needs_human", 1.0 if state.needs_human else 0.0, worker=rt.name)
+            out.add("sentinel_remediation_paused", 1.0 if state.paused or self._paused else 0.0, worker=rt.name)
             in_flight += state.in_flight is not None
         out.add("sentinel_remediation_in_flight", float(in_flight))
         out.add("sentinel_remediation_circuit_breaker_open", 1.0 if self._circuit_now() else 0.0)
         out.commit()
 
-    # -- helpers ------------------------------------------------------------------------
-
-    def _spec(self, name: str) -> WorkerSpec:
-        worker = self._workers[name]
-        names = [p.name for p in worker.profiles]
-        home = names.index(worker.initial_profile) if worker.initial_profile in names else 0
-        # Asked each time: a probe may connect (or vanish) after Sentinel started.
-        live = bool(worker.probe and self._live is not None and self._live.supports_live_batch_limit(name))
-        return WorkerSpec(name, worker.profiles, home, name in self._backends, live)
-
-    def _state_from(self, spec: WorkerSpec, record: WorkerRecord | None, now: float) -> WorkerState:
-        if record is None:
-            return WorkerState(profile_index=spec.home_index)
-        names = [p.name for p in spec.profiles]
-        if record.profile in names:
-            index = names.index(record.profile)
-        else:
-            if record.profile and spec.profiles:
-                log.warning(
-                    "worker %s: journaled profile %r is no longer configured; using %s",
-                    spec.name,
-                    record.profile,
-                    spec.profile(spec.home_index).name,
-                )
-            index = spec.home_index
-        trouble_at = record.last_trouble_at
-        if index != spec.home_index and not trouble_at:
-            trouble_at = now  # stepped down at an unknown time: wait a full stable_for
-        return WorkerState(
-            profile_index=index,
-            escalation=record.escalation,
-            needs_human=record.needs_human,
-            needs_human_reason=record.needs_human_reason,
-            paused=record.paused,
-            trouble_alerts=frozenset(record.trouble_alerts),
-            last_trouble_at=trouble_at,
-        )
-
-    async def _reconcile(self, name: str, record: WorkerRecord | None) -> WorkerRecord | None:
-        """Check the journaled profile against the one the backend recorded (its env file)."""
-        backend = self._backends.get(name)
-        if not isinstance(backend, ProfileRecord):
-            return record
-        try:
-            applied = await asyncio.wait_for(backend.active_profile(), self._backend_timeout)
-        except Exception as exc:
-            log.warning("worker %s: cannot read the profile its backend recorded: %s", name, exc)
-            return record
-        worker = self._workers[name]
-        if applied is None or applied not in {p.name for p in worker.profiles}:
-            return record
-        if record is None:
-            # A fresh state directory: the backend knows where on the ladder the worker is.
-            return WorkerRecord(profile=applied)
-        if record.profile != applied and not worker.probe:
-            # A crash between the journal write and the env file write: the file is what the
-            # worker starts with. (With the probe a live batch change never touches the file.)
-            log.warning(
-                "worker %s: journal says profile %s, its backend applied %s; going by the backend",
-                name,
-                record.profile,
-                applied,
+    def _note_circuit(self, is_open: bool) -> None:
+        # The skips it causes are reported (critical) one by one; here only the state change is logged.
+        if is_open and not self._circuit_was_open:
+            breaker = self.config.circuit_breaker
+            log.error(
+                "remediation circuit breaker open: more than %.0f%% of workers remediated within %gs; not acting",
+                breaker.max_ratio * 100,
+                breaker.window,
             )
-            return replace(record, profile=applied)
-        return record
+        elif not is_open and self._circuit_was_open:
+            log.warning("remediation circuit breaker closed again")
+        self._circuit_was_open = is_open
 
-    def _record_of(self, name: str) -> WorkerRecord:
-        state, spec = self._states[name], self._spec(name)
-        return WorkerRecord(
-            profile=spec.profile(state.profile_index).name,
-            escalation=state.escalation,
-            needs_human=state.needs_human,
-            needs_human_reason=state.needs_human_reason,
-            paused=state.paused,
-            trouble_alerts=tuple(sorted(state.trouble_alerts)),
-            last_trouble_at=state.last_trouble_at,
-            reverify=state.in_flight == "verify",
-        )
+    def _circuit_now(self) -> bool:
+        cfg = self.config
+        return circuit_open(self._history, cfg.circuit_breaker, cfg.mode, self._clocks.steady(), len(self._workers))
 
-    def _persist(self, name: str) -> asyncio.Future[None]:
+    def _persist(self, rt: WorkerRuntime) -> asyncio.Future[None]:
         """Queue the worker's state for the journal (awaitable; writes stay in call order)."""
-        self._trouble_saved[name] = self._states[name].last_trouble_at
-        return self._submit(self._require_journal().save_worker, name, self._record_of(name))
+        rt.trouble_saved = rt.state.last_trouble_at
+        return self._track(self._require_journal().save_worker(rt.name, rt.record(self._clocks)))
 
-    def _state_word(self, name: str, state: WorkerState) -> str:
-        if state.needs_human:
-            return "needs_human"
-        if state.paused or self._paused:
-            return "paused"
-        if state.in_flight is not None:
-            return self._phase.get(name, "acting")
-        if state.profile_index != self._spec(name).home_index:
-            return "degraded"
-        return "ok"
-
-    def _latest(self, name: str, metric: str) -> Sample | None:
-        matchers = [LabelMatcher("__name__", MatchOp.EQ, metric), LabelMatcher("worker", MatchOp.EQ, name)]
-        samples = self._store.instant(matchers, int(self._wall() * 1000))
-        return max(samples, key=lambda s: s.timestamp_ms, default=None)
-
-    def _check_worker(self, name: str) -> None:
-        if name not in self._workers:
-            raise UnknownWorker(name)
-
-    def _require_journal(self) -> Journal:
-        if self._journal is None:
-            raise RuntimeError("the remediator is not started")
-        return self._journal
-
-    async def _start_supervised(self) -> None:
-        # A supervised child exists only if Sentinel starts it: with the journaled profile,
-        # so a step down survives a restart of Sentinel. Not remediation: observe mode too.
-        for name, worker in self._workers.items():
-            backend = self._backends.get(name)
-            if backend is None or worker.backend is None or worker.backend.type != "process":
-                continue
-            profile = self._spec(name).profile(self._states[name].profile_index)
-            try:
-                await backend.start(profile, ActionContext(worker=name, action="start", profile=profile.name))
-            except Exception as exc:
-                log.error("worker %s: cannot start it with profile %s: %s", name, profile.name, exc)
-
-    def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-        return self._submit(fn, *args, **kwargs)
-
-    def _submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> asyncio.Future[T]:
-        # run_in_executor submits now, to a single thread: journal writes keep call order.
-        call = partial(fn, *args, **kwargs)
-        future: asyncio.Future[T] = asyncio.get_running_loop().run_in_executor(self._executor, call)
+    def _track(self, future: asyncio.Future[None]) -> asyncio.Future[None]:
         self._pending.add(future)
         future.add_done_callback(self._settled)
         return future
@@ -1028,6 +908,21 @@ class Remediator:
         self._pending.discard(future)
         if not future.cancelled() and future.exception() is not None:
             log.error("remediation journal write failed: %s", future.exception())
+
+    def _latest(self, name: str, metric: str) -> Sample | None:
+        matchers = [LabelMatcher("__name__", MatchOp.EQ, metric), LabelMatcher("worker", MatchOp.EQ, name)]
+        samples = self._store.instant(matchers, int(self._clocks.wall() * 1000))
+        return max(samples, key=lambda s: s.timestamp_ms, default=None)
+
+    def _runtime(self, name: str) -> WorkerRuntime:
+        if name not in self._workers:
+            raise UnknownWorker(name)
+        return self._workers[name]
+
+    def _require_journal(self) -> JournalWriter:
+        if self._journal is None:
+            raise RuntimeError("the remediator is not started")
+        return self._journal
 
     def _spawn(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -1040,41 +935,9 @@ class Remediator:
             log.error("remediation task failed", exc_info=task.exception())
 
 
-class _Progress:
-    """Has the engine's progress counter moved past where it stood when verification began?"""
-
-    def __init__(self, baseline: float | None) -> None:
-        self.baseline = baseline
-
-    def advanced(self, value: float) -> bool:
-        if self.baseline is None:
-            # No reading from before: the first one is the baseline, a later rise is progress.
-            self.baseline = value
-            return False
-        return value > self.baseline
+def _unsaved(entry: Entry) -> str:
+    return "" if entry.on_disk else " (not journaled yet: the state directory refuses writes; see the log)"
 
 
-async def _run_exec(params: Mapping[str, str], ctx: ActionContext) -> None:
-    """The operator's command, never through a shell; alert context in SENTINEL_* variables."""
-    argv = shlex.split(params["argv"])
-    timeout = parse_duration(params["timeout"]) if "timeout" in params else EXEC_TIMEOUT_S
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env={**os.environ, **ctx.environment()},
-            start_new_session=True,
-        )
-    except OSError as exc:
-        raise BackendError(f"cannot run {argv[0]!r}: {exc}") from exc
-    try:
-        output, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise BackendError(f"{argv[0]} did not finish within {timeout:g}s") from None
-    if proc.returncode != 0:
-        tail = output.decode(errors="replace").strip()[-300:]
-        raise BackendError(f"{argv[0]} exited with status {proc.returncode}" + (f": {tail}" if tail else ""))
+def _local_time(wall: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall))

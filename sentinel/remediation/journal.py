@@ -7,26 +7,39 @@ in the middle of an action leaves a row without a finish. On the next start
 re-verification, and the row's episode key (alert fingerprint + activeAt) keeps the
 same alert episode from triggering the same action again.
 
-Every method is short and synchronous; the engine calls them from one worker thread.
+Times that feed durations (when an action started: cooldowns and budgets; when a
+worker last had trouble: `stable_for`) are kept as an `Instant`: the wall time plus the
+boot id and the steady clock's reading, so a restart within one boot reads them back
+exactly whatever the wall clock did (see `sentinel.runtime.clock`).
+
+Schema versions (`sentinel.state.sqlite`): 1, Sentinel 0.1; 2 adds `boot_id` and the
+steady readings (`started_steady`, `last_trouble_steady`).
+
+Every method is short and synchronous; the engine calls them from one worker thread,
+through `JournalWriter` (`writer.py`) for everything it writes while running.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FILENAME", "ActionRow", "Journal", "WorkerRecord", "episode_key"]
+from sentinel.state.health import StateHealth
+from sentinel.state.sqlite import Database, Schema, open_database
+
+__all__ = ["FILENAME", "SCHEMA", "STORE", "ActionRow", "Journal", "WorkerRecord", "episode_key"]
 
 FILENAME = "remediation.sqlite"
-SCHEMA_VERSION = 1
+STORE = "journal"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS actions (
+SCHEMA = Schema(
+    store=STORE,
+    version=2,
+    create="""
+CREATE TABLE actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     worker TEXT NOT NULL,
     action TEXT NOT NULL,
@@ -42,12 +55,14 @@ CREATE TABLE IF NOT EXISTS actions (
     profile_before TEXT NOT NULL DEFAULT '',
     profile_after TEXT NOT NULL DEFAULT '',
     seconds_to_healthy REAL,
-    verify TEXT NOT NULL DEFAULT ''
+    verify TEXT NOT NULL DEFAULT '',
+    boot_id TEXT NOT NULL DEFAULT '',
+    started_steady REAL
 );
-CREATE INDEX IF NOT EXISTS actions_started ON actions (started);
-CREATE INDEX IF NOT EXISTS actions_episode ON actions (episode, action);
-CREATE INDEX IF NOT EXISTS actions_open ON actions (outcome) WHERE outcome IS NULL;
-CREATE TABLE IF NOT EXISTS workers (
+CREATE INDEX actions_started ON actions (started);
+CREATE INDEX actions_episode ON actions (episode, action);
+CREATE INDEX actions_open ON actions (outcome) WHERE outcome IS NULL;
+CREATE TABLE workers (
     name TEXT PRIMARY KEY,
     profile TEXT NOT NULL DEFAULT '',
     escalation INTEGER NOT NULL DEFAULT 0,
@@ -56,13 +71,28 @@ CREATE TABLE IF NOT EXISTS workers (
     paused INTEGER NOT NULL DEFAULT 0,
     trouble_alerts TEXT NOT NULL DEFAULT '[]',
     last_trouble_at REAL NOT NULL DEFAULT 0,
-    reverify INTEGER NOT NULL DEFAULT 0
+    reverify INTEGER NOT NULL DEFAULT 0,
+    boot_id TEXT NOT NULL DEFAULT '',
+    last_trouble_steady REAL
 );
-CREATE TABLE IF NOT EXISTS meta (
+CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"""
+""",
+    migrations={
+        2: """
+ALTER TABLE actions ADD COLUMN boot_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE actions ADD COLUMN started_steady REAL;
+ALTER TABLE workers ADD COLUMN boot_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE workers ADD COLUMN last_trouble_steady REAL;
+""",
+    },
+    legacy_version=1,
+    # FULL: a committed "action started" row must survive a power cut too, or a reboot
+    # could repeat the action for the same episode.
+    synchronous="FULL",
+)
 
 # Outcomes that are not an action having run: they never block an episode or use a budget.
 NOT_ACTED = ("skipped",)
@@ -92,11 +122,15 @@ class ActionRow:
     profile_after: str = ""
     seconds_to_healthy: float | None = None
     verify: str = ""  # re-verification after an interruption: "passed" or "failed"
+    boot_id: str = ""  # the boot `started_steady` belongs to ("": unknown, use `started`)
+    started_steady: float | None = None
     id: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The row as the API shows it."""
-        return asdict(self)
+        data = asdict(self)
+        del data["boot_id"], data["started_steady"]
+        return data
 
 
 @dataclass(frozen=True)
@@ -111,6 +145,8 @@ class WorkerRecord:
     trouble_alerts: tuple[str, ...] = ()
     last_trouble_at: float = 0.0
     reverify: bool = False
+    boot_id: str = ""  # the boot `last_trouble_steady` belongs to
+    last_trouble_steady: float | None = None
 
 
 _ROW_FIELDS = (
@@ -129,8 +165,22 @@ _ROW_FIELDS = (
     "profile_after",
     "seconds_to_healthy",
     "verify",
+    "boot_id",
+    "started_steady",
 )
 _SELECT = "SELECT id, " + ", ".join(_ROW_FIELDS) + " FROM actions"
+_WORKER_FIELDS = (
+    "profile",
+    "escalation",
+    "needs_human",
+    "needs_human_reason",
+    "paused",
+    "trouble_alerts",
+    "last_trouble_at",
+    "reverify",
+    "boot_id",
+    "last_trouble_steady",
+)
 
 
 def _row(values: tuple[Any, ...]) -> ActionRow:
@@ -139,36 +189,29 @@ def _row(values: tuple[Any, ...]) -> ActionRow:
 
 @dataclass
 class Journal:
-    """The SQLite file; safe to call from any one thread at a time (a lock guards it)."""
+    """The SQLite file; safe to call from any one thread at a time (a lock guards it).
+
+    Opening never fails for a bad file: a corrupt one (or one from a newer Sentinel) is
+    moved aside, and one that cannot be opened at all is replaced by an in-memory
+    database (`durable` False); `health` is told either way.
+    """
 
     path: Path
-    _db: sqlite3.Connection = field(init=False, repr=False)
+    health: StateHealth | None = None
+    _db: Database = field(init=False, repr=False)
     _lock: threading.Lock = field(init=False, repr=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a committed "action started" row must survive a power cut too, or a
-            # reboot could repeat the action for the same episode.
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA busy_timeout=2000")
-            version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(
-                    f"{self.path} was written by a newer Sentinel (schema {version}, this one knows {SCHEMA_VERSION})"
-                )
-            self._db.executescript(SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except sqlite3.Error:
-            self._db.close()  # e.g. "file is not a database": no half-open connection
-            raise
+        self._db = open_database(self.path, SCHEMA, self.health)
 
     @classmethod
-    def in_dir(cls, state_dir: Path) -> Journal:
+    def in_dir(cls, state_dir: Path, health: StateHealth | None = None) -> Journal:
         """The journal of a state directory (created if needed)."""
-        state_dir.mkdir(parents=True, exist_ok=True)
-        return cls(state_dir / FILENAME)
+        return cls(state_dir / FILENAME, health)
+
+    @property
+    def durable(self) -> bool:
+        return self._db.durable
 
     def close(self) -> None:
         with self._lock:
@@ -229,13 +272,17 @@ class Journal:
                 ).fetchall()
         return [_row(r) for r in rows]
 
-    def acted_since(self, since: float) -> list[ActionRow]:
-        """Rows of actions that ran (or would have) after `since`, oldest first: budgets and cooldowns."""
+    def acted_since(self, since: float, boot_id: str = "") -> list[ActionRow]:
+        """Rows of actions that ran (or would have) after `since` or in boot `boot_id`, oldest first.
+
+        For budgets and cooldowns; rows of this boot are all returned, because only their
+        steady readings say how old they are (the wall clock may have stepped since).
+        """
         with self._lock:
             rows = self._db.execute(
-                _SELECT + " WHERE started > ? AND (outcome IS NULL OR outcome NOT IN (?, 'needs_human'))"
-                " ORDER BY started",
-                (since, *NOT_ACTED),
+                _SELECT + " WHERE (started > ? OR (boot_id != '' AND boot_id = ?))"
+                " AND (outcome IS NULL OR outcome NOT IN (?, 'needs_human')) ORDER BY started",
+                (since, boot_id, *NOT_ACTED),
             ).fetchall()
         return [_row(r) for r in rows]
 
@@ -251,22 +298,22 @@ class Journal:
 
     def mark_interrupted(self, now: float, error: str) -> list[ActionRow]:
         """Finish every unfinished row as `interrupted` and flag its worker for re-verification."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = [_row(r) for r in self._db.execute(_SELECT + " WHERE outcome IS NULL").fetchall()]
-                for row in rows:
-                    self._db.execute(
-                        "UPDATE actions SET outcome = 'interrupted', finished = ?, error = ? WHERE id = ?",
-                        (now, error, row.id),
-                    )
-                    self._db.execute("INSERT OR IGNORE INTO workers (name) VALUES (?)", (row.worker,))
-                    self._db.execute("UPDATE workers SET reverify = 1 WHERE name = ?", (row.worker,))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._lock, self._db.transaction() as db:
+            rows = [_row(r) for r in db.execute(_SELECT + " WHERE outcome IS NULL").fetchall()]
+            for row in rows:
+                db.execute(
+                    "UPDATE actions SET outcome = 'interrupted', finished = ?, error = ? WHERE id = ?",
+                    (now, error, row.id),
+                )
+                db.execute("INSERT OR IGNORE INTO workers (name) VALUES (?)", (row.worker,))
+                db.execute("UPDATE workers SET reverify = 1 WHERE name = ?", (row.worker,))
         return rows
+
+    def unfinished(self) -> list[ActionRow]:
+        """Rows without an outcome (actions that were running when Sentinel stopped), oldest first."""
+        with self._lock:
+            rows = self._db.execute(_SELECT + " WHERE outcome IS NULL ORDER BY id").fetchall()
+        return [_row(r) for r in rows]
 
     def awaiting_reverify(self, worker: str) -> list[ActionRow]:
         """Interrupted rows of `worker` whose re-verification has not been recorded yet, oldest first."""
@@ -286,12 +333,9 @@ class Journal:
 
     def load_workers(self) -> dict[str, WorkerRecord]:
         with self._lock:
-            rows = self._db.execute(
-                "SELECT name, profile, escalation, needs_human, needs_human_reason, paused, trouble_alerts,"
-                " last_trouble_at, reverify FROM workers"
-            ).fetchall()
+            rows = self._db.execute("SELECT name, " + ", ".join(_WORKER_FIELDS) + " FROM workers").fetchall()
         out = {}
-        for name, profile, escalation, needs, reason, paused, alerts, trouble_at, reverify in rows:
+        for name, profile, escalation, needs, reason, paused, alerts, trouble_at, reverify, boot, steady in rows:
             out[name] = WorkerRecord(
                 profile=profile,
                 escalation=int(escalation),
@@ -301,34 +345,31 @@ class Journal:
                 trouble_alerts=tuple(json.loads(alerts)),
                 last_trouble_at=float(trouble_at),
                 reverify=bool(reverify),
+                boot_id=boot,
+                last_trouble_steady=None if steady is None else float(steady),
             )
         return out
 
     def save_worker(self, name: str, record: WorkerRecord) -> None:
+        values = (
+            record.profile,
+            record.escalation,
+            int(record.needs_human),
+            record.needs_human_reason,
+            int(record.paused),
+            json.dumps(sorted(record.trouble_alerts)),
+            record.last_trouble_at,
+            int(record.reverify),
+            record.boot_id,
+            record.last_trouble_steady,
+        )
+        updates = ", ".join(f"{f} = excluded.{f}" for f in _WORKER_FIELDS)
         with self._lock:
             self._db.execute(
-                "INSERT INTO workers (name, profile, escalation, needs_human, needs_human_reason, paused,"
-                " trouble_alerts, last_trouble_at, reverify) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (name) DO UPDATE SET profile = excluded.profile, escalation = excluded.escalation,"
-                " needs_human = excluded.needs_human, needs_human_reason = excluded.needs_human_reason,"
-                " paused = excluded.paused, trouble_alerts = excluded.trouble_alerts,"
-                " last_trouble_at = excluded.last_trouble_at, reverify = excluded.reverify",
-                (
-                    name,
-                    record.profile,
-                    record.escalation,
-                    int(record.needs_human),
-                    record.needs_human_reason,
-                    int(record.paused),
-                    json.dumps(sorted(record.trouble_alerts)),
-                    record.last_trouble_at,
-                    int(record.reverify),
-                ),
+                f"INSERT INTO workers (name, {', '.join(_WORKER_FIELDS)}) VALUES ({', '.join('?' * 11)})"
+                f" ON CONFLICT (name) DO UPDATE SET {updates}",
+                (name, *values),
             )
-
-    def save_workers(self, records: Iterable[tuple[str, WorkerRecord]]) -> None:
-        for name, record in records:
-            self.save_worker(name, record)
 
     # -- meta ---------------------------------------------------------------------------
 

@@ -1,6 +1,10 @@
 """The remediation policy: pure decisions over worker state, action history and time.
 
-Nothing here does I/O or reads a clock; the engine passes `now` (Unix seconds) in.
+Nothing here does I/O or reads a clock; the engine passes `now` in, on its steady clock
+(seconds that no wall-clock step moves; see `sentinel.runtime.clock`), and every time
+in `WorkerState` and `HistoryEntry` is on that clock. `resolve` is the one entry point
+the engine uses for a request: it decides, and says what follows (what to journal, the
+worker's new state, what to carry out).
 
 How one decision is made (`decide`), in order:
 
@@ -47,7 +51,9 @@ __all__ = [
     "Decision",
     "HistoryEntry",
     "Plan",
+    "Record",
     "Request",
+    "Resolution",
     "Trigger",
     "WorkerSpec",
     "WorkerState",
@@ -61,6 +67,7 @@ __all__ = [
     "plan_action",
     "recovery_step",
     "remediated_workers",
+    "resolve",
     "route_actions",
     "route_matches",
     "state_after",
@@ -107,7 +114,7 @@ class WorkerState:
     needs_human_reason: str = ""
     paused: bool = False
     trouble_alerts: frozenset[str] = frozenset()  # alertnames that led to actions
-    last_trouble_at: float = 0.0  # last action, or last time one of trouble_alerts fired
+    last_trouble_at: float = float("-inf")  # last action, or last time one of trouble_alerts fired
     in_flight: str | None = None  # the action being carried out (not persisted)
 
 
@@ -143,7 +150,6 @@ class Plan:
     to_index: int
     params: Mapping[str, str] = field(default_factory=dict)
     live: bool = False  # batch limit changed through the probe: no restart
-    escalated: bool = False
 
     @property
     def disruptive(self) -> bool:
@@ -379,7 +385,7 @@ def _escalate(
             passed.append(f"{action}: budget spent")
             continue
         reason = f"{because}; escalating to {action} (ladder step {position + 1} of {len(slots)})"
-        return Decision("act", reason, replace(planned, escalated=True), position + 1)
+        return Decision("act", reason, planned, position + 1)
     detail = f"{because}; escalation ladder exhausted"
     if passed:
         detail += " (" + "; ".join(dict.fromkeys(passed)) + ")"
@@ -435,3 +441,83 @@ def recovery_step(
 def forgiven(state: WorkerState) -> WorkerState:
     """The worker is home and stable: its ladder starts over."""
     return replace(state, escalation=0, trouble_alerts=frozenset())
+
+
+# -- one request, resolved --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decision that finishes at once: journaled and reported as it is."""
+
+    action: str
+    outcome: Literal["skipped", "needs_human", "would_act", "succeeded"]
+    detail: str
+    severity: Literal["info", "warning", "critical"] = "info"
+    profile_after: int = 0  # the profile the report names as "to" (a would_act names its target)
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """Everything that follows from one request, for the engine to apply in one place."""
+
+    decision: Decision
+    state: WorkerState  # the worker's state from now on
+    record: Record | None = None  # journal and report this now
+    start: Plan | None = None  # carry this action out now
+    defer: bool | None = None  # True: retry while the alert fires; False: forget a deferral; None: unchanged
+    counts: bool = False  # enters the history: budgets, cooldowns, the breaker, the episode
+    persist: bool = False  # the state changed in a way the journal must keep
+
+
+def resolve(
+    config: RemediationConfig,
+    spec: WorkerSpec,
+    state: WorkerState,
+    history: Sequence[HistoryEntry],
+    request: Request,
+    now: float,
+    *,
+    total_workers: int,
+    globally_paused: bool = False,
+    deferred: bool = False,
+    alertname: str = "",
+) -> Resolution:
+    """Decide `request` and say what follows: what to journal, the new state, what to run.
+
+    `deferred`: this request already waits for a passing obstacle (it was journaled
+    then, and is not again). A skipped step up (recovery) is not journaled at all; a
+    skipped alert whose obstacle passes (cooldown, in flight, breaker) is deferred.
+    Observe mode journals what it would do and changes nothing.
+    """
+    decision = decide(
+        config, spec, state, history, request, now, total_workers=total_workers, globally_paused=globally_paused
+    )
+    asked = request.action or "escalate"
+    here = state.profile_index
+    if decision.verdict == "skip":
+        if request.trigger == "recovery":
+            return Resolution(decision, state)
+        defer = request.trigger == "alert" and decision.transient
+        if defer and deferred:
+            return Resolution(decision, state)
+        severity: Literal["info", "critical"] = "critical" if decision.circuit_open else "info"
+        record = Record(asked, "skipped", decision.reason, severity, here)
+        return Resolution(decision, state, record, defer=True if defer else None)
+    if decision.verdict == "needs_human":
+        if config.mode == "observe":
+            detail = decision.reason + " (would mark the worker needs_human)"
+            return Resolution(decision, state, Record(asked, "would_act", detail, "warning", here))
+        after = state_after(state, decision, alertname, request.trigger, now)
+        return Resolution(
+            decision, after, Record(asked, "needs_human", decision.reason, "critical", here), persist=True
+        )
+    plan = decision.plan
+    assert plan is not None
+    if plan.action == "notify_only":
+        return Resolution(decision, state, Record(plan.action, "succeeded", decision.reason, "info", here), defer=False)
+    if config.mode == "observe":
+        record = Record(plan.action, "would_act", decision.reason, "info", plan.to_index)
+        return Resolution(decision, state, record, defer=False, counts=True)
+    after = state_after(state, decision, alertname, request.trigger, now)
+    return Resolution(decision, after, start=plan, defer=False, counts=True)

@@ -1,30 +1,34 @@
 """Runs the rule groups: on their interval, and at once when an event touches them.
 
-Each group has an asyncio task that wakes on its interval or when an event names a
-metric the group reads (at most one extra evaluation per `event_min_interval`).
-Evaluation itself (PromQL is CPU work) runs in one dedicated thread, which also owns
-the groups' alert state and writes it to SQLite; transitions come back to the loop
-and go to subscribers (remediation, notifiers).
+Each group is a job of the daemon's scheduler (`sentinel.runtime.scheduler`): it runs
+on its interval, and early when an event names a metric the group reads (at most one
+extra evaluation per `event_min_interval`), with the scheduler's missed-tick counting
+and guard. Evaluation itself (PromQL is CPU work) runs in one dedicated thread, which
+also owns the groups' alert state and writes it to SQLite; transitions come back to
+the loop and go to subscribers (remediation, notifiers).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import sqlite3
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sentinel.config.models import RulesConfig
 from sentinel.promql import metric_names, reads_any_metric
 from sentinel.rules.group import GroupEvaluator, QueryFn
+from sentinel.rules.persist import FILENAME as STATE_FILE
 from sentinel.rules.persist import AlertStateDB
 from sentinel.rules.rulefile import Rule, RuleGroup
 from sentinel.rules.state import Alert, AlertState, Transition, restore_active_at
+from sentinel.runtime.scheduler import Job, Scheduler
+from sentinel.runtime.threads import WorkerThreads
+from sentinel.state.health import StateHealth
 from sentinel.store import Store, labels_from, now_ms
 from sentinel.store.events import Event, EventBus
 
@@ -60,11 +64,12 @@ class _GroupRunner:
         self.metrics: set[str] = set()
         for rule in evaluator.group.rules:
             self.metrics |= metric_names(rule.expr)
-        self.wake = asyncio.Event()
-        self.last_event_eval = 0.0
-        self.task: asyncio.Task[None] | None = None
-        self.event_evaluations_total = 0
+        self.job: Job | None = None
         self.last_persist_ms = 0
+
+    @property
+    def event_evaluations_total(self) -> int:
+        return self.job.early_runs_total if self.job is not None else 0
 
     def reads(self, metrics: Sequence[str]) -> bool:
         return self.reads_all or any(m in self.metrics for m in metrics)
@@ -81,22 +86,25 @@ class RuleManager:
         config: RulesConfig,
         state_dir: Path | None,
         external_url: str,
+        *,
+        scheduler: Scheduler | None = None,
+        health: StateHealth | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
         self.query = query
         self.config = config
         self.external_url = external_url
+        self._scheduler = scheduler or Scheduler()
+        self._health = health if health is not None else StateHealth()
         self._db: AlertStateDB | None = None
         if state_dir is not None:
-            try:
-                self._db = AlertStateDB(state_dir / "alerts.sqlite")
-            except (sqlite3.Error, OSError) as exc:
-                # Alerting without restart safety beats no alerting at all.
-                log.error("cannot open alert state in %s; alerts will not survive a restart: %s", state_dir, exc)
+            # Never raises for a bad file: a corrupt one is moved aside, an unopenable one
+            # kept in memory (alerting without restart safety beats no alerting at all).
+            self._db = AlertStateDB(state_dir / STATE_FILE, health=self._health)
         self._runners: list[_GroupRunner] = []
         self._subscribers: list[TransitionSubscriber] = []
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="rule-eval")
+        self._executor = WorkerThreads("rule-eval", 1)
         self._unsubscribe: Callable[[], None] | None = None
         self._restored = False
         self._closed = False
@@ -133,8 +141,7 @@ class RuleManager:
         self._loop = loop
         old = {r.evaluator.key: r for r in self._runners}
         for runner in self._runners:
-            if runner.task is not None:
-                runner.task.cancel()
+            self._stop_job(runner)
         new_runners = [
             _GroupRunner(
                 GroupEvaluator(
@@ -156,7 +163,12 @@ class RuleManager:
         if self._unsubscribe is None:
             self._unsubscribe = self.bus.subscribe(self._on_event)
         for runner in self._runners:
-            runner.task = asyncio.get_running_loop().create_task(self._run_group(runner))
+            runner.job = self._scheduler.add(
+                f"rules:{runner.evaluator.key}",
+                functools.partial(self._tick, runner),
+                runner.evaluator.interval_ms / 1000,
+                min_gap=self.config.event_min_interval,
+            )
 
     def _hand_over(self, old: dict[str, _GroupRunner], new_runners: Sequence[_GroupRunner]) -> None:
         for runner in new_runners:
@@ -179,8 +191,7 @@ class RuleManager:
             self._unsubscribe()
             self._unsubscribe = None
         for runner in self._runners:
-            if runner.task is not None:
-                runner.task.cancel()
+            self._stop_job(runner)
         try:
             # Queued after any evaluation in flight, which must not see the database closed.
             await asyncio.wait_for(
@@ -206,41 +217,21 @@ class RuleManager:
         if not event.metrics:
             return
         for runner in self._runners:
-            if runner.reads(event.metrics):
-                runner.wake.set()
+            if runner.job is not None and runner.reads(event.metrics):
+                runner.job.wake()
 
-    async def _run_group(self, runner: _GroupRunner) -> None:
-        interval_s = runner.evaluator.interval_ms / 1000
-        loop = asyncio.get_running_loop()
-        # Align ticks to multiples of the interval, as Prometheus spreads groups by hash.
-        next_tick = time.monotonic()
-        min_gap = self.config.event_min_interval
-        while True:
-            timeout = max(0.0, next_tick - time.monotonic())
-            try:
-                await asyncio.wait_for(runner.wake.wait(), timeout)
-                triggered = True
-            except asyncio.TimeoutError:
-                triggered = False
-            if triggered:
-                runner.wake.clear()
-                since = time.monotonic() - runner.last_event_eval
-                if since < min_gap:
-                    await asyncio.sleep(min_gap - since)
-                    runner.wake.clear()
-                runner.last_event_eval = time.monotonic()
-                runner.event_evaluations_total += 1
+    async def _tick(self, runner: _GroupRunner) -> None:
+        """One evaluation of a group (a scheduler job: on its interval, or woken by an event)."""
+        if self._closed:
+            return
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._evaluate, runner)
+
+    def _stop_job(self, runner: _GroupRunner) -> None:
+        if runner.job is not None:
+            if self._scheduler.get(runner.job.name) is runner.job:
+                self._scheduler.remove(runner.job.name)
             else:
-                next_tick += interval_s
-                if next_tick < time.monotonic():  # fell behind: skip missed ticks, don't burst
-                    next_tick = time.monotonic() + interval_s
-            try:
-                await loop.run_in_executor(self._executor, self._evaluate, runner)
-            except Exception:
-                if self._closed:  # the executor was shut down by close()
-                    return
-                # A bug in one evaluation must not end the group's schedule.
-                log.exception("evaluation of rule group %s failed", runner.evaluator.key)
+                runner.job.cancel()
 
     def _evaluate(self, runner: _GroupRunner) -> None:
         evaluator = runner.evaluator
@@ -280,9 +271,11 @@ class RuleManager:
             ]
             try:
                 self._db.save_group(evaluator.key, ts, alerts)
+            except Exception as exc:  # a full disk must not stop alerting; said once, counted
+                self._health.write_failed("alert_state", f"the alert state of group {evaluator.key}", exc)
+            else:
                 runner.last_persist_ms = ts
-            except Exception as exc:  # a full disk must not stop alerting
-                log.error("cannot persist alert state of %s: %s", evaluator.key, exc)
+                self._health.write_ok("alert_state")
 
     def _restore(self, runners: Sequence[_GroupRunner]) -> None:
         """Bring back alerts from before a restart, as Prometheus restores `for` state."""

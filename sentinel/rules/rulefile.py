@@ -22,6 +22,7 @@ from sentinel.config.yamlpos import Position, YamlError, load_with_positions
 from sentinel.gotemplate import TemplateError
 from sentinel.gotemplate import parse as parse_template
 from sentinel.promql import PromQLError, guard
+from sentinel.runtime.durations import parse_prom_duration
 
 __all__ = [
     "Rule",
@@ -35,23 +36,9 @@ __all__ = [
 
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
-_PROM_DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
-_DURATION_UNITS_MS = (365 * 86400_000, 7 * 86400_000, 86400_000, 3600_000, 60_000, 1000, 1)
 
 GROUP_KEYS = {"name", "interval", "query_offset", "limit", "labels", "rules"}
 RULE_KEYS = {"record", "alert", "expr", "for", "keep_firing_for", "labels", "annotations"}
-
-
-def parse_prom_duration(text: object) -> int:
-    """Milliseconds from a Prometheus duration (`1m`, `1h30m`, `500ms`); no fractions."""
-    if not isinstance(text, str) or not text:
-        raise ValueError(f"not a valid duration string: {text!r}")
-    if text == "0":
-        return 0
-    m = _PROM_DURATION.match(text)
-    if not m or not any(m.groups()):
-        raise ValueError(f"not a valid duration string: {text!r}")
-    return sum(int(g) * unit for g, unit in zip(m.groups(), _DURATION_UNITS_MS, strict=True) if g)
 
 
 @dataclass(frozen=True)

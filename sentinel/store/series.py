@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import struct
 import threading
-import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from sentinel.goregex import LabelRegex
+from sentinel.runtime.clock import wall_clock as _wall_clock
 
 __all__ = [
     "DEFAULT_LOOKBACK_MS",
@@ -67,8 +67,8 @@ def is_stale_marker(value: float) -> bool:
 
 
 def now_ms() -> int:
-    """Wall-clock time in Prometheus's millisecond timestamps."""
-    return int(time.time() * 1000)
+    """Sentinel's wall-clock time in Prometheus's millisecond timestamps; it never steps back."""
+    return _wall_clock.now_ms()
 
 
 Labels = tuple[tuple[str, str], ...]

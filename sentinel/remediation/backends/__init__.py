@@ -6,7 +6,9 @@
 
 `build_backend` picks one from a worker's configuration. Every backend also implements
 `ProfileRecord.active_profile()`: the profile last applied, read back from disk after a
-restart of Sentinel. `envfile` is the one writer and reader of those profile files.
+restart of Sentinel. `envfile` is the one writer and reader of those profile files;
+`tracked` runs commands for an action so that a restarted Sentinel finds and waits for
+one a crash left running; `children` holds what the process-running backends share.
 """
 
 from __future__ import annotations

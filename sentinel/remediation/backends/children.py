@@ -7,8 +7,17 @@ import contextlib
 import os
 import signal
 from collections.abc import Mapping
+from pathlib import Path
 
-__all__ = ["SERVICE_MANAGER_VARIABLES", "child_environ", "describe_exit", "group_alive", "signal_group", "wait_group"]
+__all__ = [
+    "SERVICE_MANAGER_VARIABLES",
+    "child_environ",
+    "describe_exit",
+    "group_alive",
+    "process_identity",
+    "signal_group",
+    "wait_group",
+]
 
 # These describe Sentinel's own systemd service. A child that inherited NOTIFY_SOCKET
 # could report READY/WATCHDOG on Sentinel's behalf; LISTEN_* would make it think it
@@ -73,3 +82,20 @@ async def wait_group(pgid: int, timeout: float) -> bool:
             return False
         await asyncio.sleep(_POLL_S)
     return True
+
+
+def process_identity(pid: int, proc_root: Path = Path("/proc")) -> tuple[int, int] | None:
+    """(session id, start time in clock ticks) of `pid`, from /proc; None when it is gone.
+
+    The start time tells a process from a later one that reused its pid.
+    """
+    try:
+        data = (proc_root / str(pid) / "stat").read_bytes()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    try:
+        return int(fields[3]), int(fields[19])
+    except (IndexError, ValueError):
+        return None

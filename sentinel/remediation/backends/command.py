@@ -11,8 +11,11 @@ environment only: os.environ, then the profile's `env`, then
 
 A command succeeds with exit status 0. Any other status, or running past `timeout`, is
 a `BackendError` quoting the end of its output; on timeout its whole process group
-(it runs in its own session) is killed. Output goes to a temporary file rather than a
-pipe, so a command that leaves a daemon behind holding its stdout cannot hang the verb.
+(it runs in its own session) is killed. Commands run through `tracked.run_tracked`:
+while one runs it is recorded under `<state_dir>/running/`, so a Sentinel restarted
+after a crash waits for it (or kills it at its deadline) before it verifies the worker
+or acts again (issue 15, C4). Blocking file work runs on the backend's own threads,
+never on the default executor that queries share.
 
 Verbs:
 - `start`, `stop`: their argv; not configured is a `BackendError`.
@@ -30,27 +33,22 @@ format as the other backends), so `active_profile()` survives a restart of Senti
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import os
-import signal
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
 
 from sentinel.remediation.backend import ActionContext, BackendError, UnitState
-from sentinel.remediation.backends.children import child_environ, describe_exit, signal_group
+from sentinel.remediation.backends.children import child_environ, describe_exit
 from sentinel.remediation.backends.envfile import PROFILE_KEY, read_profile_name, write_profile
+from sentinel.remediation.backends.tracked import quote_output, record_path, run_tracked
 from sentinel.remediation.settings import CommandBackendConfig, Profile
+from sentinel.runtime.threads import WorkerThreads
 
 __all__ = ["CommandBackend"]
 
 log = logging.getLogger(__name__)
 
-_OUTPUT_TAIL = 2000  # bytes of a failed command's output quoted in the error
-_KILL_WAIT_S = 5.0
 _STATUS_TIMEOUT_S = 30.0
 _LSB_STATES = {0: "active", 1: "failed", 2: "failed", 3: "inactive"}
 
@@ -70,6 +68,7 @@ class CommandBackend:
         status: Sequence[str] | None = None,
         timeout: float = 120.0,
         cwd: str | None = None,
+        threads: WorkerThreads | None = None,
     ) -> None:
         self.worker = worker
         self.commands: dict[str, tuple[str, ...]] = {
@@ -85,7 +84,9 @@ class CommandBackend:
         }
         self.timeout = timeout
         self.cwd = cwd
+        self.state_dir = state_dir
         self.record_file = state_dir / "workers" / f"{worker}.env"
+        self._threads = threads or WorkerThreads(f"backend-{worker}", 2)
 
     @classmethod
     def from_config(cls, worker: str, cfg: CommandBackendConfig, state_dir: Path) -> CommandBackend:
@@ -131,7 +132,15 @@ class CommandBackend:
             return UnitState("unknown", "the command backend has no status command")
         env = child_environ({"SENTINEL_WORKER": self.worker, "SENTINEL_VERB": "status"})
         try:
-            code, _output = await self._exec("status", argv, env, min(self.timeout, _STATUS_TIMEOUT_S))
+            code, _output = await run_tracked(
+                argv,
+                env=env,
+                timeout=min(self.timeout, _STATUS_TIMEOUT_S),
+                what="status command",
+                record=None,  # observes only: nothing to wait for after a crash
+                threads=self._threads,
+                cwd=self.cwd,
+            )
         except BackendError as exc:
             return UnitState("unknown", str(exc))
         return UnitState(_LSB_STATES.get(code, "unknown"), f"status command {describe_exit(code)}")
@@ -139,7 +148,7 @@ class CommandBackend:
     async def active_profile(self) -> str | None:
         """The profile last applied successfully by this backend; None if never."""
         try:
-            return await asyncio.to_thread(read_profile_name, self.record_file)
+            return await self._threads.run(read_profile_name, self.record_file)
         except OSError as exc:
             log.warning("worker %s: cannot read %s: %s", self.worker, self.record_file, exc)
             return None
@@ -169,65 +178,27 @@ class CommandBackend:
         if argv is None:
             raise BackendError(f"worker {self.worker}: no {verb} command configured")
         started = time.monotonic()
-        code, output = await self._exec(verb, argv, env, self.timeout)
+        try:
+            code, output = await run_tracked(
+                argv,
+                env=env,
+                timeout=self.timeout,
+                what=f"{verb} command",
+                record=record_path(self.state_dir, self.worker, verb),
+                threads=self._threads,
+                cwd=self.cwd,
+            )
+        except BackendError as exc:
+            raise BackendError(f"worker {self.worker}: {exc}") from None
         if code != 0:
-            raise BackendError(f"worker {self.worker}: {verb} command {describe_exit(code)}{_quote_output(output)}")
+            raise BackendError(f"worker {self.worker}: {verb} command {describe_exit(code)}{quote_output(output)}")
         log.info("worker %s: %s command done in %.1fs", self.worker, verb, time.monotonic() - started)
         if output:
             log.debug("worker %s: %s command output: %s", self.worker, verb, output)
 
-    async def _exec(self, verb: str, argv: Sequence[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
-        out = await asyncio.to_thread(tempfile.TemporaryFile)
-        try:
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out.fileno(),
-                    stderr=asyncio.subprocess.STDOUT,
-                    env=env,
-                    cwd=self.cwd,
-                    start_new_session=True,  # its own group: a timeout kills what it spawned too
-                )
-            except (OSError, ValueError) as exc:
-                raise BackendError(f"worker {self.worker}: cannot run {verb} command {argv[0]!r}: {exc}") from exc
-            try:
-                code = await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
-                await self._kill(proc)
-                output = await asyncio.to_thread(_tail, out)
-                raise BackendError(
-                    f"worker {self.worker}: {verb} command did not finish within {timeout:g}s; "
-                    f"killed its process group{_quote_output(output)}"
-                ) from None
-            except asyncio.CancelledError:
-                # The caller gave up: do not leave the command acting on the worker behind its back.
-                await self._kill(proc)
-                raise
-            return code, await asyncio.to_thread(_tail, out)
-        finally:
-            out.close()
-
-    async def _kill(self, proc: asyncio.subprocess.Process) -> None:
-        signal_group(proc.pid, signal.SIGKILL)
-        try:
-            await asyncio.wait_for(proc.wait(), _KILL_WAIT_S)
-        except asyncio.TimeoutError:
-            log.error("worker %s: command pid %d survived SIGKILL for %gs", self.worker, proc.pid, _KILL_WAIT_S)
-
     async def _record(self, profile: Profile) -> None:
         try:
-            await asyncio.to_thread(write_profile, self.record_file, profile)
+            await self._threads.run(write_profile, self.record_file, profile)
         except (OSError, ValueError) as exc:
             # The verb itself succeeded; only the memory of it is lost.
             log.warning("worker %s: cannot record profile in %s: %s", self.worker, self.record_file, exc)
-
-
-def _tail(f: IO[bytes]) -> str:
-    size = os.fstat(f.fileno()).st_size
-    f.seek(max(0, size - _OUTPUT_TAIL))
-    return f.read().decode("utf-8", errors="replace").strip()
-
-
-def _quote_output(output: str) -> str:
-    return f"; output: {output}" if output else ""

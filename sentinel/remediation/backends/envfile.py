@@ -12,26 +12,22 @@ and this module's reader all agree, so the operator can also source the file by 
 Newlines and NUL cannot be expressed (systemd would join or cut the value) and are
 refused.
 
-Writes are atomic: a temporary file in the same directory, fsync, rename over the old
-file, fsync of the directory. A reader (systemd starting the unit, a concurrent Sentinel
-call) sees the old file or the new one, never a mix, and a power cut after the rename
-cannot leave an empty file behind.
+Writes are atomic (`sentinel.state.files.atomic_write`): a reader (systemd starting the
+unit, a concurrent Sentinel call) sees the old file or the new one, never a mix, and a
+power cut after the rename cannot leave an empty file behind.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from sentinel.remediation.settings import Profile
+from sentinel.state.files import atomic_write
 
 __all__ = [
     "PROFILE_KEY",
-    "atomic_write",
     "format_env",
     "parse_env",
     "read_env_file",
@@ -44,7 +40,6 @@ PROFILE_KEY = "SENTINEL_PROFILE"
 _HEADER = "# Written by Sentinel: the worker's active launch profile. Edits are overwritten.\n"
 _ESCAPED = '\\"$`'
 _WHITESPACE = " \t"
-_NEWLINE = "\n\r"  # systemd ends a line at either
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -76,132 +71,45 @@ def format_env(env: Mapping[str, str], profile: str | None = None) -> str:
 
 
 def parse_env(text: str) -> dict[str, str]:
-    """Variables in `text`, read the way systemd (v252 `parse_env_file`) reads an `EnvironmentFile=`.
+    """Variables in a profile file: what `format_env` writes, and simple hand-written lines.
 
-    Comments start with `#` or `;`. Right after `=`, blanks are skipped and a value may
-    open single quotes (literal up to the next `'`) or double quotes (backslash escapes
-    only `\\ " $` and backquote, and is kept before any other character); a bare value
-    runs to the end of the line, a backslash escapes the next character and trailing
-    blanks are dropped. A backslash before a newline continues the line. Lines without
-    `=` or with an invalid name are skipped, as systemd skips them; a later assignment wins.
+    Sentinel reads these files back only for what it wrote itself (above all
+    `SENTINEL_PROFILE`), so this reads one assignment per line: blank lines and lines
+    starting with `#` or `;` are skipped, as are lines without `=` or with an invalid
+    name; in a value in double quotes a backslash escapes a backslash, a double quote, a
+    dollar or a backquote (before anything else it stays, as in systemd and the shell), one in single quotes is
+    literal, a bare value runs to the end of the line, trimmed. A later assignment wins.
+    systemd's rarer forms (a backslash continuing a line, adjacent quoted parts) are not
+    read: Sentinel never writes them.
     """
     result: dict[str, str] = {}
-    state = "pre_key"
-    key: list[str] = []
-    value: list[str] = []
-    solid = 0  # length of `value` up to its last character that is not a trailing blank
-
-    def push() -> None:
-        name = "".join(key).rstrip(_WHITESPACE)
-        if _valid_key(name):
-            result[name] = "".join(value[:solid])
-
-    for c in text:
-        if state == "pre_key":
-            if c in "#;":
-                state = "comment"
-            elif c not in _WHITESPACE + _NEWLINE:
-                key, value, solid = [c], [], 0
-                state = "key"
-        elif state == "key":
-            if c in _NEWLINE:
-                state = "pre_key"  # no '=': not an assignment
-            elif c == "=":
-                state = "pre_value"
-            else:
-                key.append(c)
-        elif state == "pre_value":
-            # Quotes open only here; after a closing quote the parser comes back here.
-            if c in _NEWLINE:
-                push()
-                state = "pre_key"
-            elif c == "'":
-                state = "single"
-            elif c == '"':
-                state = "double"
-            elif c == "\\":
-                state = "value_escape"
-            elif c not in _WHITESPACE:
-                value.append(c)
-                solid = len(value)
-                state = "value"
-        elif state == "value":
-            if c in _NEWLINE:
-                push()
-                state = "pre_key"
-            elif c == "\\":
-                state = "value_escape"
-            else:
-                value.append(c)
-                if c not in _WHITESPACE:
-                    solid = len(value)
-        elif state == "value_escape":
-            state = "value"
-            if c not in _NEWLINE:  # backslash-newline: the value goes on on the next line
-                value.append(c)
-                solid = len(value)
-        elif state == "single":
-            if c == "'":
-                state = "pre_value"
-            else:
-                value.append(c)
-                solid = len(value)
-        elif state == "double":
-            if c == '"':
-                state = "pre_value"
-            elif c == "\\":
-                state = "double_escape"
-            else:
-                value.append(c)
-                solid = len(value)
-        elif state == "double_escape":
-            state = "double"
-            if c in _ESCAPED:
-                value.append(c)
-            elif c != "\n":
-                value.extend(("\\", c))  # like the shell: other backslashes stay
-            solid = len(value)
-        elif state == "comment":
-            if c == "\\":
-                state = "comment_escape"
-            elif c in _NEWLINE:
-                state = "pre_key"
-        elif state == "comment_escape":
-            state = "comment"
-    if state not in ("pre_key", "key", "comment", "comment_escape"):
-        push()  # the last line had no newline
+    for line in text.split("\n"):
+        line = line.lstrip(_WHITESPACE)
+        if not line or line[0] in "#;" or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.rstrip(_WHITESPACE)
+        if _valid_key(key):
+            result[key] = _value(value.lstrip(_WHITESPACE))
     return result
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace `path` with `data` so that no reader ever sees a partial file.
-
-    A new file gets `mode`; an existing one keeps its mode. Blocking: call it from a
-    thread in async code.
-    """
-    directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        mode = path.stat().st_mode & 0o7777
-    # Same directory: rename(2) is atomic only within one filesystem.
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    # The rename lives in the directory: without this fsync a crash can undo it.
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def _value(text: str) -> str:
+    if text.startswith("'"):
+        return text[1:].split("'", 1)[0]
+    if not text.startswith('"'):
+        return text.rstrip(_WHITESPACE + "\r")
+    out: list[str] = []
+    chars = iter(text[1:])
+    for c in chars:
+        if c == '"':
+            break
+        if c == "\\":
+            escaped = next(chars, "")
+            out.append(escaped if escaped in _ESCAPED else "\\" + escaped)
+        else:
+            out.append(c)
+    return "".join(out)
 
 
 def write_profile(path: Path, profile: Profile, extra: Mapping[str, str] | None = None) -> None:

@@ -35,9 +35,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sentinel.remediation.backend import ActionContext, BackendError, UnitState
-from sentinel.remediation.backends.children import child_environ, describe_exit, signal_group, wait_group
-from sentinel.remediation.backends.envfile import PROFILE_KEY, atomic_write, read_profile_name, write_profile
+from sentinel.remediation.backends.children import (
+    child_environ,
+    describe_exit,
+    process_identity,
+    signal_group,
+    wait_group,
+)
+from sentinel.remediation.backends.envfile import PROFILE_KEY, read_profile_name, write_profile
 from sentinel.remediation.settings import ProcessBackendConfig, Profile
+from sentinel.runtime.threads import WorkerThreads
+from sentinel.state.files import atomic_write
 
 __all__ = ["ProcessBackend", "worker_files"]
 
@@ -50,20 +58,6 @@ def worker_files(state_dir: Path, worker: str) -> tuple[Path, Path, Path]:
     """The default (log, env, pid) files of `worker` under `state_dir`/workers."""
     base = state_dir / "workers"
     return base / f"{worker}.log", base / f"{worker}.env", base / f"{worker}.pid"
-
-
-def _proc_starttime(pid: int, proc_root: Path) -> tuple[int, int] | None:
-    """(session id, start time in clock ticks) of `pid`, from /proc; None when it is gone."""
-    try:
-        data = (proc_root / str(pid) / "stat").read_bytes()
-    except OSError:
-        return None
-    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    fields = data[data.rfind(b")") + 2 :].split()
-    try:
-        return int(fields[3]), int(fields[19])
-    except (IndexError, ValueError):
-        return None
 
 
 class ProcessBackend:
@@ -93,6 +87,8 @@ class ProcessBackend:
         self.stop_timeout = stop_timeout
         self.stop_on_exit = stop_on_exit
         self._proc_root = proc_root
+        # Its own threads for pid and env files: never behind a hung query in the default executor.
+        self._threads = WorkerThreads(f"backend-{worker}", 2)
         self._lock = asyncio.Lock()
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[int] | None = None
@@ -168,7 +164,7 @@ class ProcessBackend:
         """The profile of the running (or last) child, else the one in `<name>.env`; None if never."""
         if self._profile is not None:
             return self._profile
-        return await asyncio.to_thread(read_profile_name, self.env_file)
+        return await self._threads.run(read_profile_name, self.env_file)
 
     async def close(self) -> None:
         """Stop the worker when `stop_on_exit`; otherwise leave it running for the next Sentinel."""
@@ -188,8 +184,8 @@ class ProcessBackend:
     async def _spawn(self, profile: Profile) -> None:
         env = child_environ(self.env, profile.env, {PROFILE_KEY: profile.name, "SENTINEL_WORKER": self.worker})
         try:
-            await asyncio.to_thread(write_profile, self.env_file, profile)
-            fd = await asyncio.to_thread(self._open_log)
+            await self._threads.run(write_profile, self.env_file, profile)
+            fd = await self._threads.run(self._open_log)
         except (OSError, ValueError) as exc:
             raise BackendError(f"worker {self.worker}: cannot prepare profile {profile.name!r}: {exc}") from exc
         try:
@@ -209,10 +205,10 @@ class ProcessBackend:
         self._proc, self._profile = proc, profile.name
         self._stopping = self._killed = False
         self._watch = asyncio.create_task(self._watch_exit(proc), name=f"worker-{self.worker}-exit")
-        started = await asyncio.to_thread(_proc_starttime, proc.pid, self._proc_root)
+        started = await self._threads.run(process_identity, proc.pid, self._proc_root)
         record = f"{proc.pid} {started[1]}\n" if started else f"{proc.pid}\n"
         try:
-            await asyncio.to_thread(atomic_write, self.pid_file, record.encode(), 0o644)
+            await self._threads.run(atomic_write, self.pid_file, record.encode(), 0o644)
         except OSError as exc:
             log.warning("worker %s: cannot write pid file %s: %s", self.worker, self.pid_file, exc)
         log.info("worker %s: started pid %d with profile %s", self.worker, proc.pid, profile.name)
@@ -225,7 +221,7 @@ class ProcessBackend:
         code = await proc.wait()
         self._exit = code
         with contextlib.suppress(OSError):
-            await asyncio.to_thread(self.pid_file.unlink, missing_ok=True)
+            await self._threads.run(self.pid_file.unlink, missing_ok=True)
         if not self._stopping:
             # Not restarted here: a crash-looping worker is the policy's to judge, within budget.
             log.warning("worker %s: pid %d %s", self.worker, proc.pid, describe_exit(code))
@@ -252,7 +248,7 @@ class ProcessBackend:
         if adopted is not None:
             await self._terminate(adopted, None)
             with contextlib.suppress(OSError):
-                await asyncio.to_thread(self.pid_file.unlink, missing_ok=True)
+                await self._threads.run(self.pid_file.unlink, missing_ok=True)
             log.info("worker %s: stopped adopted pid %d", self.worker, adopted)
 
     async def _terminate(self, pgid: int, leader: asyncio.Task[int] | None) -> bool:
@@ -282,7 +278,7 @@ class ProcessBackend:
     async def _adopted(self) -> int | None:
         """Pid of a child left running by an earlier Sentinel (see the module doc), if any."""
         try:
-            text = await asyncio.to_thread(self.pid_file.read_text)
+            text = await self._threads.run(self.pid_file.read_text)
         except (OSError, UnicodeDecodeError):
             return None
         parts = text.split()
@@ -290,7 +286,7 @@ class ProcessBackend:
             pid, started = int(parts[0]), int(parts[1])
         except (IndexError, ValueError):
             return None
-        now = await asyncio.to_thread(_proc_starttime, pid, self._proc_root)
+        now = await self._threads.run(process_identity, pid, self._proc_root)
         # Same start time: the same process, not a reused pid; its own session: ours to stop.
         if now is None or now != (pid, started):
             return None

@@ -31,6 +31,7 @@ from dbus_fast.aio import MessageBus
 from sentinel.remediation.backend import ActionContext, BackendError, UnitState
 from sentinel.remediation.backends.envfile import read_profile_name, write_profile
 from sentinel.remediation.settings import Profile, SystemdBackendConfig
+from sentinel.runtime.threads import WorkerThreads
 
 __all__ = ["MANAGER_INTERFACE", "MANAGER_PATH", "SYSTEMD_BUS_NAME", "UNIT_INTERFACE", "SystemdBackend"]
 
@@ -70,6 +71,8 @@ class SystemdBackend:
         self._bus_type = BusType.SYSTEM if bus == "system" else BusType.SESSION
         self._bus_address = bus_address
         self._job_timeout = job_timeout
+        # Its own threads for the env file: never behind a hung query in the default executor.
+        self._threads = WorkerThreads(f"backend-{worker}", 1)
         self._bus: MessageBus | None = None
         self._disconnected: asyncio.Future[Any] | None = None
         # One verb at a time: the env file and the restart that reads it belong together.
@@ -119,7 +122,7 @@ class SystemdBackend:
     async def active_profile(self) -> str | None:
         """The profile named in the unit's env file; None when the file says none."""
         try:
-            return await asyncio.to_thread(read_profile_name, self.env_file)
+            return await self._threads.run(read_profile_name, self.env_file)
         except OSError as exc:
             log.warning("worker %s: cannot read %s: %s", self.worker, self.env_file, exc)
             return None
@@ -138,7 +141,7 @@ class SystemdBackend:
 
     async def _write_profile(self, profile: Profile) -> None:
         try:
-            await asyncio.to_thread(write_profile, self.env_file, profile)
+            await self._threads.run(write_profile, self.env_file, profile)
         except (OSError, ValueError) as exc:
             raise BackendError(f"cannot write profile {profile.name!r} to {self.env_file}: {exc}") from exc
 
