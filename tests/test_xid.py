@@ -16,11 +16,10 @@ from sentinel.collectors.xid import (
     KernelLogReader,
     KernelXid,
     XidDeduplicator,
-    XidPolicy,
-    XidPolicyError,
     normalise_pci_bus_id,
     parse_nvrm_line,
 )
+from sentinel.collectors.xid_policy import XidPolicy, XidPolicyError
 from sentinel.config.models import XidOverride
 
 XID_79 = "NVRM: Xid (PCI:0000:3b:00): 79, pid=1234, name=python3, GPU has fallen off the bus."

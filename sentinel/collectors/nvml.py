@@ -46,9 +46,9 @@ from sentinel.collectors.xid import (
     KernelLogReader,
     KernelXid,
     XidDeduplicator,
-    XidPolicy,
     normalise_pci_bus_id,
 )
+from sentinel.collectors.xid_policy import XidPolicy
 from sentinel.config.models import NvmlCollectorConfig
 from sentinel.store import Appender, Store
 from sentinel.store.events import Event, EventBus
