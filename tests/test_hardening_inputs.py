@@ -101,3 +101,16 @@ def test_an_oversized_control_token_file_disables_the_api_with_the_reason(tmp_pa
     token.load()
     assert not token.enabled
     assert token.refusal("Bearer x") == (403, f"the control API is disabled: {path} is larger than 4096 bytes")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("!!python/object:os.system x\n", "could not determine a constructor"),  # found by tests/test_fuzz_config.py
+        ("? [a, b]: 1\n", "a mapping key must be a plain value"),  # was TypeError: unhashable type
+        ("? ? a: \n", "a mapping key must be a plain value"),
+    ],
+)
+def test_yaml_the_safe_loader_refuses_is_a_config_error_not_a_traceback(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text)

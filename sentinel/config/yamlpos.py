@@ -66,6 +66,13 @@ def load_with_positions(text: str, file: str = "<string>") -> tuple[Any, dict[Pa
         data = _build(node, (), positions, loader, file)
     except RecursionError:
         raise YamlError(file, None, None, "nested too deeply") from None
+    except yaml.MarkedYAMLError as exc:  # e.g. a tag no safe constructor knows (!!python/object)
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        col = mark.column + 1 if mark is not None else None
+        raise YamlError(file, line, col, str(exc.problem or exc)) from None
+    except yaml.YAMLError as exc:
+        raise YamlError(file, None, None, str(exc)) from None
     finally:
         loader.dispose()
     return data, positions
@@ -83,6 +90,13 @@ def _build(node: yaml.Node, path: Path, positions: dict[Path, Position], loader:
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlError(
+                    file,
+                    key_node.start_mark.line + 1,
+                    key_node.start_mark.column + 1,
+                    "a mapping key must be a plain value, not a list or a mapping",
+                )
             key = loader.construct_object(key_node, deep=True)
             if key == "<<":
                 raise YamlError(
