@@ -98,7 +98,7 @@ def healthy_within(base: str, seconds: float) -> float:
 
 
 def test_healthy_answers_within_a_second_under_1100_idle_and_slow_connections(daemon: DaemonProcess) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < ATTACK_CONNECTIONS + 200:
         pytest.skip(f"this machine allows {hard} descriptors per process; the attack needs {ATTACK_CONNECTIONS + 200}")
     with soft_fd_limit(hard):
@@ -235,9 +235,11 @@ async def test_at_the_cap_idle_connections_make_room_and_busy_ones_are_kept() ->
         for reader, writer in first:
             assert await asyncio.wait_for(reader.read(), 5) == b""  # evicted
             writer.close()
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as other:
-            async with other.get(f"http://127.0.0.1:{port}/-/healthy") as resp:
-                assert resp.status == 200
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as other,
+            other.get(f"http://127.0.0.1:{port}/-/healthy") as healthy,
+        ):
+            assert healthy.status == 200
         for resp in await asyncio.gather(*busy):
             assert resp.status == 200 and await resp.text() == "done"
         for _, writer in later:

@@ -14,23 +14,28 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from sentinel.collectors.http import SharedHttpSession
 from sentinel.collectors.promtext import LimitError, ScrapeLimits, TextParser
 from sentinel.store import Store
+from tests import test_endpoint_collector as endpoint_tests
 from tests.daemon_process import DaemonProcess
 from tests.test_endpoint_collector import FakeEngine, make, value
-from tests.test_endpoint_collector import engine, session  # noqa: F401 (fixtures)
+
+# The endpoint tests' fixtures: a fake engine on port 0 and the shared HTTP session.
+engine = endpoint_tests.engine
+session = endpoint_tests.session
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class _Worker(BaseHTTPRequestHandler):
-    bodies: list[bytes] = []
+    bodies: ClassVar[list[bytes]] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         body = b"" if self.path == "/health" else self.bodies[min(len(self.bodies) - 1, _Worker.scrapes)]
         if self.path == "/metrics":
             _Worker.scrapes += 1
