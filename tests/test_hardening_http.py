@@ -263,3 +263,37 @@ def test_host_names_parse_with_ports_and_ipv6() -> None:
     assert guard.host_allowed("10.0.0.7:9847") and guard.host_allowed("sentinel.example") and guard.host_allowed(None)
     assert not guard.host_allowed("evil.example:9847") and not guard.host_allowed("gpu-7.evil.example")
     assert RequestGuard(["*"], machine_names=frozenset()).host_allowed("anything.example")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status"),
+    [
+        ("GET", "/api/v1/actions?limit=" + "9" * 30, None, {}, 400),
+        ("GET", "/api/v1/actions?limit=" + "9" * 5000, None, {}, 400),  # past Python's int digits limit
+        ("GET", "/api/v1/actions?limit=-1", None, {}, 400),
+        ("GET", "/api/v1/actions?worker=" + "w" * 5000, None, {}, 200),
+        ("POST", "/api/v1/workers/" + "x" * 2000 + "/pause", None, {"Authorization": f"Bearer {TOKEN}"}, 404),
+        ("POST", "/api/v1/pause", b"x" * (2 * 1024 * 1024), {"Authorization": f"Bearer {TOKEN}"}, 413),
+        ("POST", "/api/v1/probe/report", b"[" * 100_000, {"Content-Type": "application/json"}, 403),  # TCP off
+        ("GET", "/api/v1/gpus", None, {"X-Big": "h" * 20_000}, 400),  # header line over aiohttp's 8 KiB
+    ],
+)
+def test_hostile_requests_to_non_query_endpoints_get_a_4xx_never_a_500(
+    daemon: DaemonProcess, method: str, path: str, body: bytes | None, headers: dict[str, str], status: int
+) -> None:
+    got, _, text = daemon.request(method, path, body, headers)
+    assert got == status, text[:300]
+    assert "Traceback" not in "".join(daemon.lines)
+
+
+def test_a_flood_of_malformed_requests_logs_one_line_not_a_traceback_each(daemon: DaemonProcess) -> None:
+    # C7: a flood of bad requests wrote 68 MB of tracebacks in 30 s.
+    for _ in range(200):
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
+            s.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"h" * 20_000 + b"\r\n\r\n")
+            with contextlib.suppress(OSError):
+                s.recv(1024)
+    assert healthy_within(daemon.base, 5.0) < 5.0
+    malformed = [line for line in daemon.lines if "malformed HTTP request" in line]
+    assert 1 <= len(malformed) <= 2, malformed
+    assert "Traceback" not in "".join(daemon.lines)

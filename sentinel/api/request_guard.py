@@ -21,19 +21,29 @@ history and `Referer` headers.
 Request bodies are read here, before any handler, within `body_timeout` and
 `max_body_bytes` (aiohttp's `client_max_size`): a client that trickles a body cannot
 hold a handler forever, and handlers find the body already read.
+
+Malformed requests (a header line over 8 KiB, garbage instead of HTTP) are answered
+400 by aiohttp, which also logs each with a full traceback: a flood of them wrote
+68 MB of tracebacks in 30 s. `QuietProtocolErrors` turns those into one line a minute
+with a count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-__all__ = ["RequestGuard", "host_names_of_this_machine"]
+__all__ = ["QuietProtocolErrors", "RequestGuard", "host_names_of_this_machine"]
+
+_QUIET_EVERY_S = 60.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -49,6 +59,38 @@ def host_names_of_this_machine() -> frozenset[str]:
         if name:
             names.add(name.lower().rstrip("."))
     return frozenset(names)
+
+
+class QuietProtocolErrors(logging.Filter):
+    """On aiohttp's server logger: a malformed request is one line a minute, never a traceback."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.suppressed = 0
+        self._last = -_QUIET_EVERY_S
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        now = time.monotonic()
+        if now - self._last < _QUIET_EVERY_S:
+            self.suppressed += 1
+            return False
+        self._last = now
+        record.msg = "malformed HTTP request answered 400 (%s: %s; %d more since the last such line)"
+        record.args = (type(exc).__name__, str(exc)[:200], self.suppressed)
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info = record.exc_text = None
+        self.suppressed = 0
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        """Attach one filter to aiohttp's server logger (idempotent)."""
+        logger = logging.getLogger("aiohttp.server")
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:

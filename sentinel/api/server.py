@@ -19,7 +19,7 @@ from aiohttp import web
 from sentinel import __version__
 from sentinel.api.exporter import render_metrics
 from sentinel.api.guard import ConnectionGuard, GuardedSite
-from sentinel.api.request_guard import RequestGuard
+from sentinel.api.request_guard import QuietProtocolErrors, RequestGuard
 from sentinel.api.settings import HttpConfig
 from sentinel.store import Store
 
@@ -119,6 +119,7 @@ async def start_server(ctx: ServerContext, host: str, port: int) -> tuple[web.Ap
     """Start serving; returns the runner and the bound port (port 0 picks one)."""
     app = build_app(ctx)
     assert ctx.guards is not None
+    QuietProtocolErrors.install()
     # aiohttp's keep-alive timer also runs from the moment a connection opens, and closes
     # one still waiting for a complete request head: that is our header timeout.
     runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=ctx.http.header_timeout)
