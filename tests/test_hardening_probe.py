@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import stat
 import tempfile
 import time
@@ -253,6 +254,7 @@ async def test_a_report_for_a_worker_bound_to_another_token_is_refused_over_tcp(
         reply = await asyncio.to_thread(post_json, parse_target(d.tcp_url, token=OTHER_TOKEN), report("w1", 1, 0), 5.0)
         assert reply == {"batch_limit": None}
         assert d.value("sentinel_probe_up", worker="w1") == 1 and d.value("sentinel_probe_up", worker="w0") is None
+        assert [e.labels["worker"] for e in d.events] == ["w1"]  # no event at all for the refused w0 report
 
 
 async def test_a_worker_without_a_token_cannot_report_over_tcp() -> None:
@@ -369,3 +371,26 @@ async def test_set_batch_limit_without_a_probe_still_fails_cleanly() -> None:
     registry = ProbeRegistry(Store(), EventBus())
     with pytest.raises(BackendError, match="no live probe"):
         await registry.set_batch_limit("w0", 4)
+
+
+def test_a_reload_reads_rotated_probe_tokens(tmp_path: Path, short_dir: Path) -> None:
+    token_file = tmp_path / "w0.token"
+    token_file.write_text(VICTIM_TOKEN)
+    config = tmp_path / "sentinel.yaml"
+    config.write_text(
+        "collectors: {nvml: {enabled: false}, host: {enabled: false}, logs: {enabled: false}}\n"
+        f"workers: [{{name: w0, probe: true, probe_token_file: {token_file}}}]\n"
+        f"probe: {{socket: {short_dir / 'probe.sock'}}}\n"
+    )
+    daemon = DaemonProcess("-c", str(config), state_dir=tmp_path / "state")
+    try:
+        daemon.wait_for_log(r"probe reports on unix socket", timeout=30)
+        unix = f"unix:{short_dir / 'probe.sock'}"
+        assert post_json(parse_target(unix, token=VICTIM_TOKEN), report("w0", 1, 0), 5.0) == {"batch_limit": None}
+        token_file.write_text(OTHER_TOKEN)
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_for_log(r"configuration reloaded")
+        assert "wrong probe token" in refused(unix, report("w0", 2, 0), VICTIM_TOKEN)
+        assert post_json(parse_target(unix, token=OTHER_TOKEN), report("w0", 3, 0), 5.0) == {"batch_limit": None}
+    finally:
+        daemon.stop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sentinel.store import LabelMatcher, MatchOp, Store, labels_from
 
 
@@ -22,7 +24,7 @@ def test_a_series_never_holds_much_more_than_its_retention() -> None:
     assert worst <= 1.25 * 135 + 16  # live window (120 s + one trim period), a quarter more
 
 
-def test_a_limited_source_that_churns_names_keeps_its_budget() -> None:
+def test_a_limited_source_that_churns_names_keeps_its_budget(caplog: pytest.LogCaptureFixture) -> None:
     store = Store()
     store.limit_source("endpoint:w0", 100)
     for t in range(50):
@@ -35,6 +37,8 @@ def test_a_limited_source_that_churns_names_keeps_its_budget() -> None:
     # The live pass is whole: only ended series were evicted.
     live = store.instant([LabelMatcher("__name__", MatchOp.EQ, "vllm:fresh")], 1_049)
     assert len(live) == 30
+    # 1,400 evictions, one log line (at most one a minute per source).
+    assert len([r for r in caplog.records if "endpoint:w0 holds 100 series" in r.getMessage()]) == 1
 
 
 def test_a_pass_larger_than_the_budget_is_cut_and_counted() -> None:

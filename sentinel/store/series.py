@@ -579,20 +579,23 @@ class Store:
             self._remove(labels, version)
             self._version = version
             self.series_evicted[source] += 1
+            self._log_limit(source, limit)
             return True
         self.series_refused[source] += 1
         self._log_limit(source, limit)
         return False
 
     def _log_limit(self, source: str, limit: int) -> None:
+        # Churn runs at thousands of series a second: one line a minute per source.
         now = time.monotonic()
         if now - self._limit_logged.get(source, -_LIMIT_LOG_EVERY_S) >= _LIMIT_LOG_EVERY_S:
             self._limit_logged[source] = now
             log.warning(
-                "%s holds %d series, its limit: new series are refused (%d so far; "
-                "sentinel_store_series_refused_total)",
+                "%s holds %d series, its limit: %d ended series removed early, %d new ones refused so far "
+                "(sentinel_store_series_evicted_total, sentinel_store_series_refused_total)",
                 source,
                 limit,
+                self.series_evicted[source],
                 self.series_refused[source],
             )
 
