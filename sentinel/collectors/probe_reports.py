@@ -68,8 +68,9 @@ from typing import Any
 from aiohttp import web
 
 from sentinel.api.guard import ConnectionGuard, GuardedSite
-from sentinel.collectors.probe_access import TCP_OFF, ProbeAccess, Transport
+from sentinel.collectors.probe_access import TCP_OFF, ProbeAccess, Refusal, Transport
 from sentinel.collectors.probe_schema import (
+    MAX_LABEL,
     REPORT_VERSION,
     GpuReport,
     HotExpert,
@@ -160,6 +161,7 @@ PROBE_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 _UNIX_MAX_CONNECTIONS = 64
+_INLINE_REPORT_BYTES = 64 * 1024  # larger reports are decoded and validated in a thread
 _REJECT_LOG_EVERY_S = 60.0
 _WATCHDOG_PERIOD_S = 0.5
 
@@ -317,14 +319,19 @@ class ProbeRegistry:
             return self._refuse("too_large", 413, f"a report is at most {limit} bytes (probe.max_report_bytes)")
         if len(raw) > limit:
             return self._refuse("too_large", 413, f"a report is at most {limit} bytes (probe.max_report_bytes)")
+        authorization = request.headers.get("Authorization")
         try:
-            report = parse_report(_decode_json(raw))
+            # A large body is decoded and validated off the event loop; either way the
+            # claimed worker's credentials are checked before the (costlier) validation.
+            if len(raw) > _INLINE_REPORT_BYTES:
+                report = await asyncio.to_thread(self._checked_report, raw, transport, authorization)
+            else:
+                report = self._checked_report(raw, transport, authorization)
         except ReportError as exc:
             return self._refuse("invalid", 400, str(exc))
-        refusal = self.access.refusal(report.worker, transport, request.headers.get("Authorization"))
-        if refusal is not None:
-            reason = "unauthorized" if refusal.status == 401 else "forbidden"
-            return self._refuse(reason, refusal.status, refusal.message)
+        except _Refused as refused:
+            reason = "unauthorized" if refused.refusal.status == 401 else "forbidden"
+            return self._refuse(reason, refused.refusal.status, refused.refusal.message)
         series = self.series_of(report)
         if series > self.limits.max_series_per_report:
             return self._refuse(
@@ -334,6 +341,15 @@ class ProbeRegistry:
                 "per report (probe.max_series_per_report)",
             )
         return web.json_response(self.ingest(report))
+
+    def _checked_report(self, raw: bytes, transport: Transport, authorization: str | None) -> ProbeReport:
+        decoded = _decode_json(raw)
+        claimed = decoded.get("worker") if isinstance(decoded, dict) else None
+        if isinstance(claimed, str) and 0 < len(claimed) <= MAX_LABEL:
+            refusal = self.access.refusal(claimed, transport, authorization)
+            if refusal is not None:
+                raise _Refused(refusal)
+        return parse_report(decoded)  # a report without a valid worker name is refused here
 
     def series_of(self, report: ProbeReport) -> int:
         """How many series a report writes (the per-report bound is checked before any is)."""
@@ -355,8 +371,8 @@ class ProbeRegistry:
     def ingest(self, report: ProbeReport) -> dict[str, Any]:
         """Record one report; returns the reply for the probe."""
         self.reports_total += 1
-        if report.worker not in self._workers:
-            self.store.limit_source(_source(report.worker), self.limits.max_series_per_worker)
+        # Every time, not only at first sight: a reload may have changed the limit.
+        self.store.limit_source(_source(report.worker), self.limits.max_series_per_worker)
         worker = self._workers.setdefault(report.worker, _Worker())
         probe = worker.probe
         first_look = probe is None or probe.probe_id != report.probe_id
@@ -626,6 +642,12 @@ class ProbeRegistry:
                 }
             )
         return out
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
 
 
 def _source(worker: str) -> str:
