@@ -67,7 +67,13 @@ class DaemonProcess:
         raise AssertionError(f"no log line matching {regex.pattern!r}; got:\n{''.join(self.lines)}")
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
-        req = urllib.request.Request(self.base + path, headers=headers or {})
+        return self.request("GET", path, headers=headers)
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, str, str]:
+        """One request; returns (status, Content-Type, body text), HTTP errors included."""
+        req = urllib.request.Request(self.base + path, data=body, method=method, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:  # a loaded machine answers slowly
                 return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()

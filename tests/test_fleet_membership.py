@@ -113,6 +113,7 @@ async def test_a_leader_cut_off_from_etcd_stops_leading_by_its_own_clock(etcd1: 
             await wait_for(a.is_leader, 10, "a leads")
             a.subscribe(events.append)
             async with coordinators([other]) as (b,):
+                fence = a.election.fence()  # the guard of a's tenure as leader, taken while it leads
                 proxy.stall()  # a black hole: nothing is refused, nothing answers
                 stalled = time.monotonic()
                 took = await wait_for(lambda: not a.is_leader(), TTL + 2, "a to stop leading")
@@ -124,7 +125,7 @@ async def test_a_leader_cut_off_from_etcd_stops_leading_by_its_own_clock(etcd1: 
                 assert time.monotonic() - stalled < TTL + 10
                 proxy.heal()
                 await wait_for(lambda: a.up, 20, "a back in the fleet")
-                fence = a.election.fence()
+                # (a may already campaign again under a new lease: the old tenure's guard must not pass)
                 result = await b.client.txn([fence], [PutOp(f"/sentinel/{fleet_name}/probe", b"x")])
                 assert not result.succeeded  # a's old election key is gone with its old lease
                 assert b.is_leader() and not a.is_leader()

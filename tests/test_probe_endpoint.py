@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from sentinel.collectors.probe_access import ProbeAccess
 from sentinel.collectors.probe_reports import (
     EVENT_DOWN,
     EVENT_OOM,
@@ -77,8 +78,15 @@ def oom_report(seq: int, num_ooms: int, **overrides: Any) -> dict[str, Any]:
     )
 
 
-async def post(daemon: Daemon, body: object, path: str = REPORT_PATH) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.post(daemon.url + path, json=body) as resp:
+async def post(
+    daemon: Daemon, body: object, path: str = REPORT_PATH, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """POST a report over the daemon's unix socket, as the probe does by default."""
+    connector = aiohttp.UnixConnector(path=daemon.socket)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post("http://localhost" + path, json=body, headers=headers) as resp,
+    ):
         return resp.status, await resp.json()
 
 
@@ -224,8 +232,10 @@ async def test_malformed_report_is_refused_with_the_field_named(change: dict[str
 async def test_body_that_is_not_json_is_refused() -> None:
     async with (
         serve_registry() as d,
-        aiohttp.ClientSession() as session,
-        session.post(d.url + REPORT_PATH, data=b"{not json") as resp,
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=d.socket)) as session,
+        session.post(
+            "http://localhost" + REPORT_PATH, data=b"{not json", headers={"Content-Type": "application/json"}
+        ) as resp,
     ):
         assert resp.status == 400
 
@@ -233,15 +243,15 @@ async def test_body_that_is_not_json_is_refused() -> None:
 def test_parse_report_accepts_the_documented_shape() -> None:
     parsed = parse_report(report())
     assert parsed.worker == "w0" and [layer.layer for layer in parsed.layers] == [0, 1]
-    assert parsed.gpus[1].num_ooms is None
+    assert parsed.gpus["1"].num_ooms is None
     with pytest.raises(ReportError):
         parse_report([])
 
 
 async def test_unconfigured_worker_is_refused() -> None:
-    async with serve_registry(allowed_workers=lambda: {"w1"}) as d:
+    async with serve_registry(access=ProbeAccess.with_tokens({"w1": None})) as d:
         status, reply = await post(d, report())
-        assert status == 403 and "w0" in reply["error"]
+        assert status == 403 and "'w0' is not configured" in reply["error"]
         assert d.store.latest("sentinel_probe_up") == []
 
 
@@ -312,17 +322,11 @@ async def test_a_newer_limit_supersedes_a_pending_one() -> None:
         assert reply == {"batch_limit": None}
 
 
-async def test_reports_arrive_over_the_unix_socket_site(tmp_path: Path) -> None:
-    sock = tmp_path / "probe.sock"
+async def test_reports_arrive_over_the_unix_socket_site() -> None:
     async with serve_registry() as d:
-        await d.registry.start_unix_site(str(sock))
-        assert sock.stat().st_mode & 0o777 == 0o660
-        connector = aiohttp.UnixConnector(path=str(sock))
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.post("http://localhost" + REPORT_PATH, json=report()) as resp,
-        ):
-            assert resp.status == 200
+        assert os.stat(d.socket).st_mode & 0o777 == 0o660
+        status, _ = await post(d, report())
+        assert status == 200
         assert d.value("sentinel_probe_up", worker="w0") == 1
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -34,14 +37,25 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0, step
     return predicate()
 
 
+PROBED_WORKERS = ("w0", "w1", "fair", "hot")
+"""Workers the test daemon accepts reports for (over its unix socket, without tokens)."""
+
+
 @dataclass
 class Daemon:
-    """The daemon side of the probe, served for real by aiohttp on 127.0.0.1, port 0."""
+    """The daemon side of the probe, served for real by aiohttp on a unix socket.
+
+    `url` is what a probe attaches to (`unix:/...`), as the probe's docs recommend;
+    `tcp_url` is the HTTP server's base URL, whose report route answers only when the
+    registry's access allows TCP.
+    """
 
     store: Store
     bus: EventBus
     registry: ProbeRegistry
     url: str
+    tcp_url: str
+    socket: str
     events: list[Event]
 
     def value(self, name: str, **labels: str) -> float | None:
@@ -61,16 +75,18 @@ def series_labels(name: str, **labels: str) -> Labels:
 
 @contextlib.asynccontextmanager
 async def serve_registry(**registry_kwargs: Any) -> AsyncIterator[Daemon]:
-    """A ProbeRegistry behind a real HTTP server, its watchdog running."""
+    """A ProbeRegistry behind a real unix socket and a real TCP server, its watchdog running."""
     # Imported here: the CUDA tests use this module on machines without the daemon's
     # dependencies (pydantic), and need only `require_module`.
     from aiohttp import web
 
+    from sentinel.collectors.probe_access import ProbeAccess
     from sentinel.collectors.probe_reports import ProbeRegistry
 
     store, bus = Store(), EventBus()
     events: list[Event] = []
     bus.subscribe(events.append)
+    registry_kwargs.setdefault("access", ProbeAccess.with_tokens(dict.fromkeys(PROBED_WORKERS), tcp=False))
     registry = ProbeRegistry(store, bus, **registry_kwargs)
     app = web.Application()
     app.add_routes(registry.routes())
@@ -79,12 +95,17 @@ async def serve_registry(**registry_kwargs: Any) -> AsyncIterator[Daemon]:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = runner.addresses[0][1]
+    # A short directory: a unix socket path has at most 107 bytes.
+    directory = tempfile.mkdtemp(prefix="sp-", dir="/tmp")
+    sock = os.path.join(directory, "probe.sock")
     await registry.start()
     try:
-        yield Daemon(store, bus, registry, f"http://127.0.0.1:{port}", events)
+        await registry.start_unix_site(sock)
+        yield Daemon(store, bus, registry, f"unix:{sock}", f"http://127.0.0.1:{port}", sock, events)
     finally:
         await registry.close()
         await runner.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- tests of the helpers --------------------------------------------------------------

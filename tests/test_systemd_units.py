@@ -123,6 +123,32 @@ def test_sentinel_sandbox_keeps_the_nvidia_devices_the_journal_and_dbus() -> Non
     assert d["ProtectKernelLogs"] == ["yes"]  # the kernel log comes from the journal
 
 
+def test_sentinel_unit_bounds_memory_tasks_and_descriptors_and_dies_before_a_worker() -> None:
+    from sentinel.api.settings import HttpConfig
+
+    d = directives(SENTINEL_UNIT)
+
+    def size(value: str) -> int:
+        units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+        return int(value[:-1]) * units[value[-1]] if value[-1] in units else int(value)
+
+    assert 0 < size(d["MemoryHigh"][0]) < size(d["MemoryMax"][0])
+    assert size(d["MemoryHigh"][0]) >= 512 * 1024**2  # well above the 107 MiB measured under attack
+    assert int(d["TasksMax"][0]) >= 64
+    # The connection cap and the probe socket's 64 must fit, with room for everything else.
+    assert int(d["LimitNOFILE"][0]) >= 2 * (HttpConfig().max_connections + 64)
+    # Higher than a worker's default 0: the OOM killer picks Sentinel first.
+    assert int(d["OOMScoreAdjust"][0]) > 0
+    assert "OOMScoreAdjust" not in directives(WORKER_UNIT)
+
+
+def test_the_probe_socket_directory_is_reachable_by_the_workers_group_only(tmp_path: Path) -> None:
+    d = directives(SENTINEL_UNIT)
+    assert d["RuntimeDirectory"] == ["sentinel"] and d["RuntimeDirectoryMode"] == ["0750"]
+    tmpfiles = (SYSTEMD / "sentinel.tmpfiles").read_text()
+    assert "d /run/sentinel             0750 sentinel sentinel -" in tmpfiles
+
+
 def test_worker_unit_reads_the_profile_sentinel_writes() -> None:
     d = directives(WORKER_UNIT)
     profile_file = "-/var/lib/sentinel/profiles/%i.env"

@@ -15,12 +15,11 @@ import pytest
 from sentinel.collectors.xid import (
     KernelXid,
     XidDeduplicator,
-    XidPolicy,
-    XidPolicyError,
     kernel_xids,
     normalise_pci_bus_id,
     parse_nvrm_line,
 )
+from sentinel.collectors.xid_policy import XidPolicy, XidPolicyError
 from sentinel.config.models import XidOverride
 from sentinel.logs import Catalogue, LogMatcher
 from sentinel.logs.kernel import KernelLog, KernelSourceSpec

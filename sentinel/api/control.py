@@ -43,6 +43,7 @@ __all__ = ["MIN_TOKEN_LENGTH", "ControlToken", "protected", "remediation_routes"
 log = logging.getLogger(__name__)
 
 MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_FILE_BYTES = 4096
 MAX_ACTIONS = 1000
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -84,6 +85,10 @@ class ControlToken:
             return
         try:
             info = os.stat(self.path)
+            if info.st_size > MAX_TOKEN_FILE_BYTES:
+                self._problem = f"the control API is disabled: {self.path} is larger than {MAX_TOKEN_FILE_BYTES} bytes"
+                log.error("control API disabled: token file %s is too large to be a token", self.path)
+                return
             token = Path(self.path).read_bytes().strip()
         except OSError as exc:
             self._problem = f"the control API is disabled: cannot read the token file {self.path} ({exc.strerror})"

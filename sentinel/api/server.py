@@ -1,7 +1,11 @@
 """HTTP server: `/metrics`, health endpoints and the JSON API.
 
 Reads are open; nothing here mutates state (the control endpoints come with the
-remediation API and need a bearer token).
+remediation API and need a bearer token). Every request passes the request guard
+(Host and Origin checks, no tokens in URLs, bodies read within a deadline; see
+`request_guard`) and every connection the connection guard (a cap that closes the
+longest-idle connection first; see `guard`), so `/-/healthy` answers while idle or
+slow sockets pile up. The bounds come from `http:` in the config (`HttpConfig`).
 """
 
 from __future__ import annotations
@@ -14,9 +18,26 @@ from aiohttp import web
 
 from sentinel import __version__
 from sentinel.api.exporter import render_metrics
+from sentinel.api.guard import ConnectionGuard, GuardedSite
+from sentinel.api.request_guard import QuietProtocolErrors, RequestGuard
+from sentinel.api.settings import HttpConfig
 from sentinel.store import Store
 
-__all__ = ["ServerContext", "build_app", "start_server"]
+__all__ = ["ServerContext", "ServerGuards", "build_app", "start_server"]
+
+
+@dataclass
+class ServerGuards:
+    """The guards of one server, kept for their counters (`sentinel_http_*`)."""
+
+    connections: ConnectionGuard
+    requests: RequestGuard
+
+    @classmethod
+    def from_config(cls, http: HttpConfig) -> ServerGuards:
+        return cls(
+            ConnectionGuard(http.max_connections), RequestGuard(http.allowed_hosts, body_timeout_s=http.body_timeout)
+        )
 
 
 @dataclass
@@ -28,6 +49,8 @@ class ServerContext:
     gpus: Callable[[], list[dict[str, Any]]]
     collectors: Callable[[], list[dict[str, Any]]]
     extra_routes: list[web.RouteDef] = field(default_factory=list)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    guards: ServerGuards | None = None
 
 
 CONTEXT = web.AppKey("sentinel_context", ServerContext)
@@ -71,7 +94,12 @@ async def api_buildinfo(request: web.Request) -> web.Response:
 
 
 def build_app(ctx: ServerContext) -> web.Application:
-    app = web.Application()
+    if ctx.guards is None:
+        ctx.guards = ServerGuards.from_config(ctx.http)
+    app = web.Application(
+        middlewares=[ctx.guards.connections.middleware, ctx.guards.requests.middleware],
+        client_max_size=ctx.http.max_body_bytes,
+    )
     app[CONTEXT] = ctx
     app.add_routes(
         [
@@ -89,12 +117,15 @@ def build_app(ctx: ServerContext) -> web.Application:
 
 async def start_server(ctx: ServerContext, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start serving; returns the runner and the bound port (port 0 picks one)."""
-    runner = web.AppRunner(build_app(ctx), access_log=None, handle_signals=False)
+    app = build_app(ctx)
+    assert ctx.guards is not None
+    QuietProtocolErrors.install()
+    # aiohttp's keep-alive timer also runs from the moment a connection opens, and closes
+    # one still waiting for a complete request head: that is our header timeout.
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=ctx.http.header_timeout)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = GuardedSite(runner, ctx.guards.connections, host=host, port=port)
     await site.start()
-    bound = port
-    server: Any = site._server  # aiohttp exposes no public accessor for the bound sockets
-    if server is not None and getattr(server, "sockets", None):
-        bound = int(server.sockets[0].getsockname()[1])
+    addresses = runner.addresses
+    bound = int(addresses[0][1]) if addresses else port
     return runner, bound

@@ -34,8 +34,10 @@ from sentinel.collectors.engine_progress import (
 )
 from sentinel.collectors.http import SharedHttpSession
 from sentinel.collectors.promtext import (
+    LimitError,
     ParsedMetrics,
     ParseError,
+    ScrapeLimits,
     TextParser,
     is_openmetrics,
     parse_openmetrics,
@@ -64,7 +66,16 @@ log = logging.getLogger(__name__)
 ENGINE_HEALTH_PATHS: Mapping[str, str] = {"vllm": "/health", "sglang": "/health", "generic": "/health"}
 DEFAULT_METRICS_PATH = "/metrics"
 
-SCRAPE_ERROR_REASONS = ("timeout", "connection", "http_status", "too_large", "encoding", "parse")
+SCRAPE_ERROR_REASONS = (
+    "timeout",
+    "connection",
+    "http_status",
+    "too_large",
+    "encoding",
+    "parse",
+    "sample_limit",
+    "label_limit",
+)
 """Every `reason` of `sentinel_endpoint_scrape_errors_total` (all exported from the start)."""
 
 VLLM_RENAMED: tuple[tuple[str, str], ...] = (
@@ -74,6 +85,7 @@ VLLM_RENAMED: tuple[tuple[str, str], ...] = (
 """(old family, new family) pairs of vLLM metrics renamed between versions."""
 
 _FAMILY_SUFFIXES = ("", "_bucket", "_sum", "_count", "_created")
+_DUPLICATE_LOG_EVERY_S = 60.0
 _HEALTH_BODY_MAX = 64 * 1024
 _CHUNK_BYTES = 64 * 1024
 # Bodies above this (and OpenMetrics ones, whose parser is slow) are parsed in a thread
@@ -112,6 +124,11 @@ def declare_endpoint_metrics(store: Store) -> None:
         ),
         ("sentinel_endpoint_scrape_samples", "gauge", "Samples in the last /metrics body; 0 when the scrape failed."),
         ("sentinel_endpoint_scrape_errors_total", "counter", "Failed /metrics scrapes of the worker, by reason."),
+        (
+            "sentinel_endpoint_scrape_duplicate_samples_total",
+            "counter",
+            "Samples of a series the /metrics body had already given (dropped, as Prometheus does).",
+        ),
         (
             "sentinel_endpoint_requests_running",
             "gauge",
@@ -200,7 +217,17 @@ class EndpointCollector:
         self._bus = bus
         self._clock = clock
         self._target = {"worker": worker.name}
-        self._parser = TextParser(self._target, watch=PROGRESS_WATCH)
+        self._limits = ScrapeLimits(
+            sample_limit=config.sample_limit,
+            label_limit=config.label_limit,
+            label_name_length_limit=config.label_name_length_limit,
+            label_value_length_limit=config.label_value_length_limit,
+        )
+        self._parser = TextParser(self._target, watch=PROGRESS_WATCH, limits=self._limits)
+        self._duplicates_total = 0
+        self._duplicates_logged = -_DUPLICATE_LOG_EVERY_S
+        # The series this worker's scrapes may hold, churning names included (Store.limit_source).
+        store.limit_source(self.name, config.series_limit)
         self._progress = ProgressTracker()
         self._balancedness = BalancednessTracker()
         self._errors = dict.fromkeys(SCRAPE_ERROR_REASONS, 0)
@@ -233,6 +260,9 @@ class EndpointCollector:
         out.add("sentinel_endpoint_scrape_samples", 0.0 if parsed is None else float(len(parsed.samples)), target)
         for reason, count in self._errors.items():
             out.add("sentinel_endpoint_scrape_errors_total", float(count), target, reason=reason)
+        if parsed is not None and parsed.duplicates:
+            self._note_duplicates(parsed.duplicates)
+        out.add("sentinel_endpoint_scrape_duplicate_samples_total", float(self._duplicates_total), target)
         self._note_scrape(scrape)
 
         if parsed is not None:
@@ -338,10 +368,25 @@ class EndpointCollector:
             raise ScrapeError("encoding", f"body is not UTF-8 ({exc.reason} at byte {exc.start})") from None
         try:
             if is_openmetrics(content_type):
-                return parse_openmetrics(text, self._target, PROGRESS_WATCH)
+                return parse_openmetrics(text, self._target, PROGRESS_WATCH, self._limits)
             return self._parser.parse(text)
+        except LimitError as exc:
+            raise ScrapeError(exc.reason, str(exc)) from None
         except ParseError as exc:
             raise ScrapeError("parse", str(exc)) from None
+
+    def _note_duplicates(self, count: int) -> None:
+        self._duplicates_total += count
+        now = time.monotonic()
+        if now - self._duplicates_logged >= _DUPLICATE_LOG_EVERY_S:
+            self._duplicates_logged = now
+            log.warning(
+                "worker %s metrics %s give %d series twice; the first samples are kept "
+                "(sentinel_endpoint_scrape_duplicate_samples_total)",
+                self.worker,
+                self.metrics_url,
+                count,
+            )
 
     def _note_scrape(self, scrape: ScrapeResult) -> None:
         state = scrape.reason or "ok"

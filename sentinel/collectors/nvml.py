@@ -44,10 +44,10 @@ from sentinel.collectors.xid import (
     DEFAULT_KMSG_PATH,
     KernelXid,
     XidDeduplicator,
-    XidPolicy,
     kernel_xids,
     normalise_pci_bus_id,
 )
+from sentinel.collectors.xid_policy import XidPolicy
 from sentinel.config.models import NvmlCollectorConfig
 from sentinel.logs.kernel import KernelLog, KernelSourceSpec
 from sentinel.logs.matcher import LogMatcher, Match

@@ -8,17 +8,24 @@ opinion"). It never imports torch: it is the half the daemon loads.
 
 The daemon wires it like this:
 
-    registry = ProbeRegistry(store, bus)
-    ctx = ServerContext(..., extra_routes=registry.routes())     # POST /api/v1/probe/report
+    access = await asyncio.to_thread(ProbeAccess.load, config.workers, tcp=config.probe.tcp)
+    registry = ProbeRegistry(store, bus, access=access, limits=config.probe)
+    ctx = ServerContext(..., extra_routes=registry.routes())     # POST /api/v1/probe/report (TCP)
     await registry.start()                                       # the staleness watchdog
-    await registry.start_unix_site("/run/sentinel/probe.sock")   # optional, see below
+    await registry.start_unix_site("/run/sentinel/probe.sock")   # the recommended transport
     ...                                                          # pass `registry` as LiveControl
+    registry.access = ...                                        # on reload: tokens re-read
     await registry.close()
 
-The unix socket is the recommended transport: its file mode (0660 by default, owner
-Sentinel, group shared with the workers; systemd's `RuntimeDirectory=sentinel` makes
-/run/sentinel) says who may post reports and so who may read batch limits, where the
-TCP route is open to every local process. The worker then attaches with
+Who may report for which worker is `ProbeAccess`'s decision (see `probe_access`): the
+unix socket, whose mode (0660) and group decide who may connect, is on by default;
+the TCP route answers 403 unless `probe.tcp` is on, and then needs the claimed
+worker's bearer token. A report must be `Content-Type: application/json` (a browser's
+cross-origin "simple" POST cannot be), at most `probe.max_report_bytes`, and may
+write at most `probe.max_series_per_report` series; a worker's probe holds at most
+`probe.max_series_per_worker` series in the store (`Store.limit_source`). Refused
+reports are counted in `sentinel_probe_reports_rejected_total{reason}` and logged at
+most once a minute per reason. The probe attaches with
 `sentinel="unix:/run/sentinel/probe.sock"`.
 
 Series (source `probe:<worker>`; a worker's series go stale together when its probe
@@ -51,18 +58,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-import math
-import os
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from sentinel.api.guard import ConnectionGuard, GuardedSite
+from sentinel.collectors.probe_access import TCP_OFF, ProbeAccess, Refusal, Transport
+from sentinel.collectors.probe_schema import (
+    MAX_LABEL,
+    REPORT_VERSION,
+    GpuReport,
+    HotExpert,
+    LayerReport,
+    ProbeReport,
+    ReportError,
+    parse_report,
+)
+from sentinel.collectors.probe_settings import ProbeConfig
+from sentinel.collectors.probe_socket import BoundSocket, bind_probe_socket, remove_probe_socket
 from sentinel.remediation.backend import BackendError
-from sentinel.store import Store, now_ms
+from sentinel.store import Store, labels_from, now_ms
 from sentinel.store.events import Event, EventBus
 
 __all__ = [
@@ -71,6 +91,7 @@ __all__ = [
     "EVENT_REPORT",
     "HOT_EXPERTS_MAX",
     "PROBE_METRICS",
+    "REJECT_REASONS",
     "REPORT_PATH",
     "REPORT_VERSION",
     "STALE_AFTER_INTERVALS",
@@ -87,7 +108,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REPORT_PATH = "/api/v1/probe/report"
-REPORT_VERSION = 1
 STALE_AFTER_INTERVALS = 3
 """A probe silent for this many of its intervals is down (`sentinel_probe_up` 0)."""
 HOT_EXPERTS_MAX = 4
@@ -110,6 +130,10 @@ _RETRIES = "sentinel_probe_alloc_retries_total"
 _ALLOCATED = "sentinel_probe_memory_allocated_bytes"
 _RESERVED = "sentinel_probe_memory_reserved_bytes"
 _FRAGMENTATION = "sentinel_probe_memory_fragmentation_ratio"
+_REJECTED = "sentinel_probe_reports_rejected_total"
+
+REJECT_REASONS = ("content_type", "too_large", "invalid", "unauthorized", "forbidden", "too_many_series")
+"""Every `reason` of `sentinel_probe_reports_rejected_total` (all exported from the start)."""
 
 PROBE_METRICS: tuple[tuple[str, str, str], ...] = (
     (_UP, "gauge", "1 while the worker's in-worker probe reports; 0 after 3 intervals without a report."),
@@ -133,12 +157,12 @@ PROBE_METRICS: tuple[tuple[str, str, str], ...] = (
     (_ALLOCATED, "gauge", "Bytes allocated by the worker's CUDA caching allocator on the GPU."),
     (_RESERVED, "gauge", "Bytes reserved (allocated plus cached) by the worker's CUDA caching allocator on the GPU."),
     (_FRAGMENTATION, "gauge", "Reserved but unallocated share of the allocator's memory: 1 - allocated / reserved."),
+    (_REJECTED, "counter", "Probe reports refused, by reason (see the Security section of docs/operations.md)."),
 )
 
-_MAX_LAYERS = 4096
-_MAX_GPUS = 256
-_MAX_LABEL = 128
-_MAX_MESSAGE = 1000
+_UNIX_MAX_CONNECTIONS = 64
+_INLINE_REPORT_BYTES = 64 * 1024  # larger reports are decoded and validated in a thread
+_REJECT_LOG_EVERY_S = 60.0
 _WATCHDOG_PERIOD_S = 0.5
 
 
@@ -146,164 +170,6 @@ def declare_probe_metrics(store: Store) -> None:
     """Declare type and help of every series the probe endpoint writes."""
     for name, type_, help_ in PROBE_METRICS:
         store.set_meta(name, type_, help_)
-
-
-# -- the report ------------------------------------------------------------------------
-
-
-class ReportError(ValueError):
-    """A report that does not have the documented shape; the message names the field."""
-
-
-@dataclass(frozen=True)
-class HotExpert:
-    expert: int
-    tokens: int
-    tokens_total: int
-
-
-@dataclass(frozen=True)
-class LayerReport:
-    layer: int
-    tokens: int
-    balancedness: float | None
-    hot_experts: tuple[HotExpert, ...]
-
-
-@dataclass(frozen=True)
-class GpuReport:
-    gpu: str
-    tokens_total: int | None = None  # absent for a GPU that holds no experts
-    num_ooms: int | None = None
-    num_alloc_retries: int | None = None
-    allocated_bytes: int | None = None
-    reserved_bytes: int | None = None
-
-
-@dataclass(frozen=True)
-class ProbeReport:
-    """One validated report (see `sentinel.probe.report` for the wire shape)."""
-
-    kind: str
-    worker: str
-    probe_id: str
-    seq: int
-    interval_s: float
-    batch_limit: int | None
-    report_failures_total: int
-    hook_errors_total: int
-    layers: tuple[LayerReport, ...]
-    gpus: tuple[GpuReport, ...]
-    oom_gpu: str | None = None
-    oom_message: str = ""
-
-
-def _int(obj: Mapping[str, Any], key: str, where: str, *, optional: bool = False) -> int | None:
-    value = obj.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ReportError(f"{where}.{key}: expected a non-negative integer, got {value!r}")
-    return value
-
-
-def _req_int(obj: Mapping[str, Any], key: str, where: str) -> int:
-    value = _int(obj, key, where)
-    assert value is not None  # optional=False never returns None
-    return value
-
-
-def _label(value: object, where: str) -> str:
-    if not isinstance(value, str) or not value or len(value) > _MAX_LABEL:
-        raise ReportError(f"{where}: expected a non-empty string of at most {_MAX_LABEL} characters, got {value!r}")
-    return value
-
-
-def _object(value: object, where: str) -> Mapping[str, Any]:
-    if not isinstance(value, dict):
-        raise ReportError(f"{where}: expected an object, got {type(value).__name__}")
-    return value
-
-
-def _list(value: object, where: str, limit: int) -> list[Any]:
-    if not isinstance(value, list):
-        raise ReportError(f"{where}: expected a list, got {type(value).__name__}")
-    if len(value) > limit:
-        raise ReportError(f"{where}: {len(value)} entries, at most {limit} accepted")
-    return value
-
-
-def _layer(obj: object, where: str) -> LayerReport:
-    entry = _object(obj, where)
-    bal = entry.get("balancedness")
-    if bal is not None and (
-        not isinstance(bal, (int, float)) or isinstance(bal, bool) or not math.isfinite(bal) or not 0.0 <= bal <= 1.0
-    ):
-        raise ReportError(f"{where}.balancedness: expected a number in [0, 1] or null, got {bal!r}")
-    hot = []
-    for j, h in enumerate(_list(entry.get("hot_experts", []), f"{where}.hot_experts", 1024)):
-        he = _object(h, f"{where}.hot_experts[{j}]")
-        w = f"{where}.hot_experts[{j}]"
-        hot.append(HotExpert(_req_int(he, "expert", w), _req_int(he, "tokens", w), _req_int(he, "tokens_total", w)))
-    return LayerReport(
-        layer=_req_int(entry, "layer", where),
-        tokens=_req_int(entry, "tokens", where),
-        balancedness=None if bal is None else float(bal),
-        hot_experts=tuple(hot),
-    )
-
-
-def _gpu(name: object, obj: object) -> GpuReport:
-    where = f"gpus[{name!r}]"
-    gpu = _label(name, where)
-    entry = _object(obj, where)
-    return GpuReport(
-        gpu=gpu,
-        tokens_total=_int(entry, "tokens_total", where, optional=True),
-        num_ooms=_int(entry, "num_ooms", where, optional=True),
-        num_alloc_retries=_int(entry, "num_alloc_retries", where, optional=True),
-        allocated_bytes=_int(entry, "allocated_bytes", where, optional=True),
-        reserved_bytes=_int(entry, "reserved_bytes", where, optional=True),
-    )
-
-
-def parse_report(obj: object) -> ProbeReport:
-    """Validate a decoded JSON report; raises `ReportError` naming the first bad field."""
-    body = _object(obj, "report")
-    if body.get("version") != REPORT_VERSION:
-        raise ReportError(f"report.version: expected {REPORT_VERSION}, got {body.get('version')!r}")
-    kind = body.get("kind")
-    if kind not in ("interval", "oom"):
-        raise ReportError(f"report.kind: expected 'interval' or 'oom', got {kind!r}")
-    interval = body.get("interval_s")
-    if not isinstance(interval, (int, float)) or isinstance(interval, bool) or not 0 < interval <= 3600:
-        raise ReportError(f"report.interval_s: expected seconds in (0, 3600], got {interval!r}")
-    limit = _int(body, "batch_limit", "report", optional=True)
-    gpus = _object(body.get("gpus", {}), "report.gpus")
-    if len(gpus) > _MAX_GPUS:
-        raise ReportError(f"report.gpus: {len(gpus)} entries, at most {_MAX_GPUS} accepted")
-    layers = _list(body.get("layers", []), "report.layers", _MAX_LAYERS)
-    oom_gpu: str | None = None
-    oom_message = ""
-    if kind == "oom":
-        oom = _object(body.get("oom"), "report.oom")
-        oom_gpu = _label(oom.get("gpu"), "report.oom.gpu")
-        message = oom.get("message", "")
-        oom_message = message[:_MAX_MESSAGE] if isinstance(message, str) else ""
-    return ProbeReport(
-        kind=kind,
-        worker=_label(body.get("worker"), "report.worker"),
-        probe_id=_label(body.get("probe_id"), "report.probe_id"),
-        seq=_req_int(body, "seq", "report"),
-        interval_s=float(interval),
-        batch_limit=limit,
-        report_failures_total=_int(body, "report_failures_total", "report", optional=True) or 0,
-        hook_errors_total=_int(body, "hook_errors_total", "report", optional=True) or 0,
-        layers=tuple(_layer(entry, f"report.layers[{i}]") for i, entry in enumerate(layers)),
-        gpus=tuple(_gpu(name, entry) for name, entry in gpus.items()),
-        oom_gpu=oom_gpu,
-        oom_message=oom_message,
-    )
 
 
 # -- the registry ----------------------------------------------------------------------
@@ -338,8 +204,8 @@ class _Worker:
 class ProbeRegistry:
     """Receives probe reports, keeps each worker's probe state, and is the `LiveControl`.
 
-    `allowed_workers`, when given, returns the configured worker names; reports from
-    other names are refused (403), which keeps a stray process from creating series.
+    `access` decides who may report for which worker (default: nobody, until the daemon
+    hands over the configured one); `limits` bounds report sizes and series.
     """
 
     def __init__(
@@ -347,45 +213,65 @@ class ProbeRegistry:
         store: Store,
         bus: EventBus,
         *,
-        allowed_workers: Callable[[], Collection[str]] | None = None,
+        access: ProbeAccess | None = None,
+        limits: ProbeConfig | None = None,
         hot_experts_max: int = HOT_EXPERTS_MAX,
         ack_timeout_s: float | None = None,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.bus = bus
+        self.access = access if access is not None else ProbeAccess()
+        self.limits = limits if limits is not None else ProbeConfig()
         self.hot_experts_max = hot_experts_max
         self.ack_timeout_s = ack_timeout_s
         self.reports_total = 0
-        self.rejected_total = 0
-        self._allowed = allowed_workers
+        self.rejected = dict.fromkeys(REJECT_REASONS, 0)
         self._monotonic = monotonic
         self._workers: dict[str, _Worker] = {}
         self._watchdog: asyncio.Task[None] | None = None
         self._runners: list[web.AppRunner] = []
+        self._sockets: list[BoundSocket] = []
+        self._reject_logged: dict[str, float] = {}
         declare_probe_metrics(store)
+        for reason in REJECT_REASONS:
+            store.append(labels_from(_REJECTED, reason=reason), now_ms(), 0.0)
+
+    @property
+    def rejected_total(self) -> int:
+        """Reports refused for any reason."""
+        return sum(self.rejected.values())
 
     # -- wiring --------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
-        """Routes for `ServerContext.extra_routes`."""
-        return [web.post(REPORT_PATH, self.handle_report)]
+        """The TCP route, for `ServerContext.extra_routes` (403 unless `probe.tcp` is on)."""
+        return [web.post(REPORT_PATH, self.handle_tcp_report)]
 
     async def start(self) -> None:
         """Start the watchdog that marks silent probes down."""
         if self._watchdog is None:
             self._watchdog = asyncio.create_task(self._watch(), name="probe-watchdog")
 
-    async def start_unix_site(self, path: str, mode: int = 0o660) -> web.AppRunner:
-        """Also serve the report route on a unix socket at `path` (a stale socket is replaced)."""
-        app = web.Application()
-        app.add_routes(self.routes())
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.UnixSite(runner, path)
-        await site.start()
-        os.chmod(path, mode)
+    async def start_unix_site(self, path: str, mode: int = 0o660, group: str | None = None) -> web.AppRunner:
+        """Serve reports on a unix socket at `path`, created with `mode` and `group` (see `probe_socket`)."""
+        bound = await asyncio.to_thread(bind_probe_socket, path, mode, group)
+        app = web.Application(client_max_size=self.limits.max_report_bytes)
+        guard = ConnectionGuard(_UNIX_MAX_CONNECTIONS, name="probe socket")
+        app.middlewares.append(guard.middleware)
+        app.add_routes([web.post(REPORT_PATH, self.handle_unix_report)])
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=10.0)
+        try:
+            await runner.setup()
+            await GuardedSite(runner, guard, sock=bound.sock).start()
+        except BaseException:
+            await runner.cleanup()
+            bound.sock.close()
+            remove_probe_socket(bound)
+            raise
         self._runners.append(runner)
+        self._sockets.append(bound)
+        log.info("probe reports on unix socket %s (mode %04o)", path, mode)
         return runner
 
     async def close(self) -> None:
@@ -398,6 +284,9 @@ class ProbeRegistry:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        for bound in self._sockets:
+            remove_probe_socket(bound)
+        self._sockets.clear()
         for worker in self._workers.values():
             for waiter in worker.waiters:
                 if not waiter.future.done():
@@ -406,22 +295,84 @@ class ProbeRegistry:
 
     # -- reports -------------------------------------------------------------------
 
-    async def handle_report(self, request: web.Request) -> web.Response:
-        """POST /api/v1/probe/report: validate, record, answer with the desired batch limit."""
+    async def handle_tcp_report(self, request: web.Request) -> web.Response:
+        """POST /api/v1/probe/report on the HTTP server."""
+        return await self.handle_report(request, "tcp")
+
+    async def handle_unix_report(self, request: web.Request) -> web.Response:
+        """POST /api/v1/probe/report on the unix socket."""
+        return await self.handle_report(request, "unix")
+
+    async def handle_report(self, request: web.Request, transport: Transport) -> web.Response:
+        """Check, validate, record; answer with the desired batch limit."""
+        media_type = request.content_type.lower()
+        if media_type != "application/json":
+            return self._refuse("content_type", 415, f"Content-Type must be application/json, not {media_type!r}")
+        if transport == "tcp" and not self.access.tcp:
+            return self._refuse("forbidden", 403, TCP_OFF)
+        limit = self.limits.max_report_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return self._refuse("too_large", 413, f"a report is at most {limit} bytes (probe.max_report_bytes)")
         try:
-            body = await request.json()
-            report = parse_report(body)
-        except ValueError as exc:  # JSON decoding errors and ReportError alike
-            self.rejected_total += 1
-            return web.json_response({"error": str(exc)}, status=400)
-        if self._allowed is not None and report.worker not in self._allowed():
-            self.rejected_total += 1
-            return web.json_response({"error": f"worker {report.worker!r} is not configured"}, status=403)
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._refuse("too_large", 413, f"a report is at most {limit} bytes (probe.max_report_bytes)")
+        if len(raw) > limit:
+            return self._refuse("too_large", 413, f"a report is at most {limit} bytes (probe.max_report_bytes)")
+        authorization = request.headers.get("Authorization")
+        try:
+            # A large body is decoded and validated off the event loop; either way the
+            # claimed worker's credentials are checked before the (costlier) validation.
+            if len(raw) > _INLINE_REPORT_BYTES:
+                report = await asyncio.to_thread(self._checked_report, raw, transport, authorization)
+            else:
+                report = self._checked_report(raw, transport, authorization)
+        except ReportError as exc:
+            return self._refuse("invalid", 400, str(exc))
+        except _Refused as refused:
+            reason = "unauthorized" if refused.refusal.status == 401 else "forbidden"
+            return self._refuse(reason, refused.refusal.status, refused.refusal.message)
+        series = self.series_of(report)
+        if series > self.limits.max_series_per_report:
+            return self._refuse(
+                "too_many_series",
+                400,
+                f"the report would write {series} series; at most {self.limits.max_series_per_report} "
+                "per report (probe.max_series_per_report)",
+            )
         return web.json_response(self.ingest(report))
+
+    def _checked_report(self, raw: bytes, transport: Transport, authorization: str | None) -> ProbeReport:
+        decoded = _decode_json(raw)
+        claimed = decoded.get("worker") if isinstance(decoded, dict) else None
+        if isinstance(claimed, str) and 0 < len(claimed) <= MAX_LABEL:
+            refusal = self.access.refusal(claimed, transport, authorization)
+            if refusal is not None:
+                raise _Refused(refusal)
+        return parse_report(decoded)  # a report without a valid worker name is refused here
+
+    def series_of(self, report: ProbeReport) -> int:
+        """How many series a report writes (the per-report bound is checked before any is)."""
+        per_layer = sum(
+            (layer.balancedness is not None) + min(len(layer.hot_experts), self.hot_experts_max)
+            for layer in report.layers
+        )
+        return 5 + per_layer + 6 * len(report.gpus)
+
+    def _refuse(self, reason: str, status: int, message: str) -> web.Response:
+        self.rejected[reason] += 1
+        self.store.append(labels_from(_REJECTED, reason=reason), now_ms(), float(self.rejected[reason]))
+        now = self._monotonic()
+        if now - self._reject_logged.get(reason, -_REJECT_LOG_EVERY_S) >= _REJECT_LOG_EVERY_S:
+            self._reject_logged[reason] = now
+            log.warning("refused a probe report (%s, %d so far): %s", reason, self.rejected[reason], message[:300])
+        return web.json_response({"error": message}, status=status)
 
     def ingest(self, report: ProbeReport) -> dict[str, Any]:
         """Record one report; returns the reply for the probe."""
         self.reports_total += 1
+        # Every time, not only at first sight: a reload may have changed the limit.
+        self.store.limit_source(_source(report.worker), self.limits.max_series_per_worker)
         worker = self._workers.setdefault(report.worker, _Worker())
         probe = worker.probe
         first_look = probe is None or probe.probe_id != report.probe_id
@@ -452,20 +403,20 @@ class ProbeRegistry:
     def _record_ooms(self, report: ProbeReport, probe: _Probe, *, baseline: bool) -> list[tuple[str, int, int]]:
         """Raise the per-GPU OOM counts; returns (gpu, new count, increase) where it grew."""
         news: list[tuple[str, int, int]] = []
-        for gpu in report.gpus:
+        for name, gpu in report.gpus.items():
             if gpu.num_ooms is None:
                 continue
-            seen = probe.ooms.get(gpu.gpu, gpu.num_ooms if baseline else 0)
+            seen = probe.ooms.get(name, gpu.num_ooms if baseline else 0)
             if gpu.num_ooms > seen:
-                news.append((gpu.gpu, gpu.num_ooms, gpu.num_ooms - seen))
+                news.append((name, gpu.num_ooms, gpu.num_ooms - seen))
             # Counts only grow within one probe: a report built before an OOM that
             # arrives after the OOM report must not pull the counter back.
-            probe.ooms[gpu.gpu] = max(seen, gpu.num_ooms)
+            probe.ooms[name] = max(seen, gpu.num_ooms)
         return news
 
     def _write_interval(self, report: ProbeReport, probe: _Probe, ts: int) -> None:
         w = report.worker
-        out = self.store.appender(f"{_SOURCE}:{w}", ts)
+        out = self.store.appender(_source(w), ts)
         out.add(_UP, 1, worker=w)
         out.add(_LAST, ts / 1000.0, worker=w)
         out.add(_FAILURES, report.report_failures_total, worker=w)
@@ -478,31 +429,34 @@ class ProbeRegistry:
                 out.add(_BALANCEDNESS, layer.balancedness, worker=w, layer=lbl)
             for hot in layer.hot_experts[: self.hot_experts_max]:
                 out.add(_EXPERT_TOKENS, hot.tokens_total, worker=w, layer=lbl, expert=str(hot.expert))
-        for gpu in report.gpus:
+        for gpu_name, gpu in report.gpus.items():
             if gpu.tokens_total is not None:
-                out.add(_GPU_TOKENS, gpu.tokens_total, worker=w, gpu=gpu.gpu)
-            for name, value in self._allocator_series(gpu, probe):
-                out.add(name, value, worker=w, gpu=gpu.gpu)
+                out.add(_GPU_TOKENS, gpu.tokens_total, worker=w, gpu=gpu_name)
+            for name, value in self._allocator_series(gpu_name, gpu, probe):
+                out.add(name, value, worker=w, gpu=gpu_name)
         out.commit()
 
     def _write_oom(self, report: ProbeReport, probe: _Probe, ts: int) -> None:
         # Written outside the worker's pass: an OOM report carries only the OOM's GPU,
         # and a pass would mark every other series of the worker stale.
+        # They count against the worker's series budget like its passes do.
         w = report.worker
-        for gpu in report.gpus:
-            for name, value in self._allocator_series(gpu, probe):
-                self.store.add(name, value, {"worker": w, "gpu": gpu.gpu}, timestamp_ms=ts)
+        owner = _source(w)
+        for gpu_name, gpu in report.gpus.items():
+            for name, value in self._allocator_series(gpu_name, gpu, probe):
+                self.store.append(labels_from(name, worker=w, gpu=gpu_name), ts, value, owner=owner)
         oom_gpu = report.oom_gpu or ""
-        if not any(g.gpu == oom_gpu and g.num_ooms is not None for g in report.gpus):
+        oom_entry = report.gpus.get(oom_gpu)
+        if oom_entry is None or oom_entry.num_ooms is None:
             # The report carries no count for the OOM's GPU (a client without allocator
             # stats): the OOM itself is one more.
             probe.ooms[oom_gpu] = probe.ooms.get(oom_gpu, 0) + 1
-            self.store.add(_OOMS, probe.ooms[oom_gpu], {"worker": w, "gpu": oom_gpu}, timestamp_ms=ts)
+            self.store.append(labels_from(_OOMS, worker=w, gpu=oom_gpu), ts, probe.ooms[oom_gpu], owner=owner)
 
-    def _allocator_series(self, gpu: GpuReport, probe: _Probe) -> list[tuple[str, float]]:
+    def _allocator_series(self, gpu_name: str, gpu: GpuReport, probe: _Probe) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         if gpu.num_ooms is not None:
-            out.append((_OOMS, probe.ooms.get(gpu.gpu, gpu.num_ooms)))
+            out.append((_OOMS, probe.ooms.get(gpu_name, gpu.num_ooms)))
         if gpu.num_alloc_retries is not None:
             out.append((_RETRIES, gpu.num_alloc_retries))
         if gpu.allocated_bytes is not None:
@@ -581,7 +535,7 @@ class ProbeRegistry:
             downed.append(name)
             log.warning("probe of worker %s stopped reporting (%.1fs silent)", name, now - probe.last_report)
             ts = now_ms()
-            out = self.store.appender(f"{_SOURCE}:{name}", ts)
+            out = self.store.appender(_source(name), ts)
             out.add(_UP, 0, worker=name)
             out.add(_LAST, probe.last_report_ms / 1000.0, worker=name)
             out.commit()  # every other series of the worker goes stale here
@@ -688,3 +642,29 @@ class ProbeRegistry:
                 }
             )
         return out
+
+
+class _Refused(Exception):
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+
+def _source(worker: str) -> str:
+    """The store source of a worker's probe series (its series budget is per source)."""
+    return f"{_SOURCE}:{worker}"
+
+
+def _decode_json(raw: bytes) -> object:
+    """JSON from a body; anything undecodable or absurdly nested is a `ReportError` (400, not 500)."""
+    try:
+        return json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise ReportError("report: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers of > 4,300 digits
+        raise ReportError(f"report: not valid JSON ({str(exc)[:200]})") from None
+
+
+def _not_json(constant: str) -> object:
+    # Python's json reads NaN and Infinity; JSON (RFC 8259) has neither.
+    raise ValueError(f"{constant} is not a JSON value")

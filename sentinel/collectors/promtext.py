@@ -16,6 +16,17 @@ Relabelling follows a Prometheus scrape with `honor_labels: false`: every series
 the target's labels (`worker`); a `worker` label already on the wire becomes
 `exported_worker`. Empty label values are dropped, as Prometheus does. Sample
 timestamps on the wire are ignored: the store stamps a whole pass with its time.
+
+A worker's /metrics is input from outside, so it may not write Sentinel's own series:
+a scraped `sentinel_*`, `ALERTS` or `ALERTS_FOR_STATE` is renamed `exported_<name>`
+(like a clashing label), so a worker exporting `sentinel_probe_cuda_ooms_total` cannot
+fire CudaOOM. Bounds follow Prometheus's scrape config (`ScrapeLimits`): more series
+than `sample_limit`, or a series over `label_limit` labels or the name and value
+length limits, fails the whole body with `LimitError`. They are checked when a series
+is first seen (then cached), so an unchanged body costs nothing more. A series given
+twice keeps its first sample and the later ones are counted in `duplicates`, as
+Prometheus 2.x does (it drops them, counts them in
+`prometheus_target_scrapes_sample_duplicate_timestamp_total` and keeps the scrape up).
 """
 
 from __future__ import annotations
@@ -28,13 +39,20 @@ from dataclasses import dataclass, field
 from sentinel.store import Labels
 
 __all__ = [
+    "RESERVED_NAMES",
+    "LimitError",
     "ParseError",
     "ParsedMetrics",
+    "ScrapeLimits",
     "TextParser",
     "build_labels",
     "is_openmetrics",
     "parse_openmetrics",
 ]
+
+RESERVED_NAMES = frozenset({"ALERTS", "ALERTS_FOR_STATE"})
+"""Series names Sentinel writes itself besides its `sentinel_` prefix; never taken from a scrape."""
+_RESERVED_PREFIX = "sentinel_"
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _PAIR = r'[ \t]*[a-zA-Z_][a-zA-Z0-9_]*[ \t]*=[ \t]*"(?:[^"\\\n]|\\.)*"'
@@ -54,6 +72,46 @@ class ParseError(ValueError):
     """The body is not valid exposition text; the message names the first bad line."""
 
 
+class LimitError(ParseError):
+    """The body crosses one of the `ScrapeLimits`; `reason` is `sample_limit` or `label_limit`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ScrapeLimits:
+    """Prometheus's per-scrape limits (0 means none, as in Prometheus)."""
+
+    sample_limit: int = 0
+    label_limit: int = 0
+    label_name_length_limit: int = 0
+    label_value_length_limit: int = 0
+
+    def check_series(self, labels: Labels, where: str) -> None:
+        """Raise `LimitError` when one series' labels cross a limit."""
+        if self.label_limit and len(labels) > self.label_limit:
+            raise LimitError("label_limit", f"{where}: {len(labels)} labels, more than label_limit {self.label_limit}")
+        for name, value in labels:
+            if self.label_name_length_limit and len(name) > self.label_name_length_limit:
+                raise LimitError(
+                    "label_limit",
+                    f"{where}: label name {name[:40]!r}... longer than label_name_length_limit "
+                    f"{self.label_name_length_limit}",
+                )
+            if self.label_value_length_limit and len(value) > self.label_value_length_limit:
+                raise LimitError(
+                    "label_limit",
+                    f"{where}: value of label {name[:40]!r} longer than label_value_length_limit "
+                    f"{self.label_value_length_limit}",
+                )
+
+    def check_samples(self, count: int) -> None:
+        if self.sample_limit and count > self.sample_limit:
+            raise LimitError("sample_limit", f"more than sample_limit {self.sample_limit} series in the body")
+
+
 @dataclass
 class ParsedMetrics:
     """One parsed body: samples by final label set, plus what the collector needs from it.
@@ -66,6 +124,7 @@ class ParsedMetrics:
     names: set[str] = field(default_factory=set)
     sums: dict[str, float] = field(default_factory=dict)
     lines: int = 0
+    duplicates: int = 0  # samples of a series already given earlier in the body (dropped)
 
     def by_name(self, name: str) -> Iterable[tuple[Labels, float]]:
         """Every (labels, value) whose metric name is `name` (a scan: call it rarely)."""
@@ -75,12 +134,20 @@ class ParsedMetrics:
 
 
 def build_labels(name: str, labels: Mapping[str, str], target: Mapping[str, str]) -> Labels:
-    """Final store labels: wire labels, then the target's, clashes renamed `exported_*`."""
+    """Final store labels: wire labels, then the target's, clashes renamed `exported_*`.
+
+    A name that is Sentinel's own (`sentinel_*`, `ALERTS`...) is renamed `exported_<name>`.
+    """
     # Reserved `__*` names are the scraper's, never the target's: dropped.
     merged = {(f"exported_{k}" if k in target else k): v for k, v in labels.items() if not k.startswith("__")}
     merged.update(target)
-    merged["__name__"] = name
+    merged["__name__"] = f"exported_{name}" if is_reserved_name(name) else name
     return tuple(sorted(item for item in merged.items() if item[1] != ""))
+
+
+def is_reserved_name(name: str) -> bool:
+    """Whether a scraped metric name is one of Sentinel's own."""
+    return name.startswith(_RESERVED_PREFIX) or name in RESERVED_NAMES
 
 
 def is_openmetrics(content_type: str | None) -> bool:
@@ -91,9 +158,12 @@ def is_openmetrics(content_type: str | None) -> bool:
 class TextParser:
     """Parses Prometheus text 0.0.4 bodies of one target, caching series across scrapes."""
 
-    def __init__(self, target: Mapping[str, str], watch: Iterable[str] = ()) -> None:
+    def __init__(
+        self, target: Mapping[str, str], watch: Iterable[str] = (), limits: ScrapeLimits | None = None
+    ) -> None:
         self._target = dict(target)
         self._watch = frozenset(watch)
+        self._limits = limits or ScrapeLimits()
         # series text -> (store labels, metric name, watched?)
         self._cache: dict[str, tuple[Labels, str, bool]] = {}
 
@@ -109,6 +179,7 @@ class TextParser:
         cache = self._cache
         out = ParsedMetrics()
         samples, names, sums = out.samples, out.names, out.sums
+        sample_limit = self._limits.sample_limit or len(text)  # a sample takes at least 2 bytes
         lineno = 0
         for raw in text.split("\n"):
             lineno += 1
@@ -134,7 +205,12 @@ class TextParser:
                 cache[key] = entry
             value = _value(rest, lineno)
             labels, name, watched = entry
+            if labels in samples:
+                out.duplicates += 1  # Prometheus keeps the first and drops the rest
+                continue
             samples[labels] = value
+            if len(samples) > sample_limit:
+                self._limits.check_samples(len(samples))
             names.add(name)
             if watched and value == value:
                 sums[name] = sums.get(name, 0.0) + value
@@ -149,7 +225,9 @@ class TextParser:
             wire = _parse_label_block(key[brace + 1 : -1], lineno)
         if not _METRIC_NAME.match(name):
             raise ParseError(f"line {lineno}: invalid metric name {name[:80]!r}")
-        return build_labels(name, wire, self._target), name, name in self._watch
+        labels = build_labels(name, wire, self._target)
+        self._limits.check_series(labels, f"line {lineno}")
+        return labels, name, name in self._watch
 
 
 def _parse_label_block(block: str, lineno: int) -> dict[str, str]:
@@ -183,17 +261,26 @@ def _value(rest: list[str], lineno: int) -> float:
     return value
 
 
-def parse_openmetrics(text: str, target: Mapping[str, str], watch: Iterable[str] = ()) -> ParsedMetrics:
+def parse_openmetrics(
+    text: str, target: Mapping[str, str], watch: Iterable[str] = (), limits: ScrapeLimits | None = None
+) -> ParsedMetrics:
     """Parse an OpenMetrics body with prometheus-client; any failure is a ParseError."""
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
     watched = frozenset(watch)
+    bounds = limits or ScrapeLimits()
     out = ParsedMetrics()
     try:
         for family in text_string_to_metric_families(text):  # type: ignore[no-untyped-call]
             for sample in family.samples:
                 name, value = sample.name, float(sample.value)
-                out.samples[build_labels(name, sample.labels, target)] = value
+                labels = build_labels(name, sample.labels, target)
+                if labels in out.samples:
+                    out.duplicates += 1
+                    continue
+                bounds.check_series(labels, f"series {name[:80]}")
+                out.samples[labels] = value
+                bounds.check_samples(len(out.samples))
                 out.names.add(name)
                 if name in watched and not math.isnan(value):
                     out.sums[name] = out.sums.get(name, 0.0) + value

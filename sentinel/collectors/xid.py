@@ -1,11 +1,9 @@
-"""Xid errors: the policy that classifies them, and the kernel log's Xids as NVML sees them.
+"""Xid errors: the kernel log's Xids as NVML sees them.
 
 NVIDIA's driver reports GPU faults as numbered "Xid" errors, both as NVML events and
-as `NVRM:` lines in the kernel log. This module holds what is shared by both paths:
+as `NVRM:` lines in the kernel log. This module holds what is shared by both paths
+(what an Xid means is `sentinel.collectors.xid_policy`, re-exported here):
 
-- `XidPolicy`: what an Xid means (hardware / application / informational) and the
-  suggested action, loaded from `sentinel/data/xid_policy.yaml` plus the operator's
-  per-Xid overrides;
 - `kernel_xids`: the Xids among the kernel log's catalogue matches. The kernel log is
   read once, by `sentinel.logs.kernel.KernelLog`, and parsed once, by the catalogue's
   `xid` and `gpu_fallen_off_bus` entries; the NVML collector subscribes to it.
@@ -19,15 +17,10 @@ import functools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from importlib import resources
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
-import yaml
-
-from sentinel.config.models import XidOverride
+from sentinel.collectors.xid_policy import XID_CLASSES, XidInfo, XidPolicy, XidPolicyError
 from sentinel.logs.kernel import DEFAULT_KERNEL_ARGV, DEFAULT_KMSG_PATH, KernelLogMode
 from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.logs.patterns import Catalogue, normalise_pci_bus_id
@@ -47,104 +40,9 @@ __all__ = [
     "parse_nvrm_line",
 ]
 
-XID_CLASSES = ("hardware", "application", "informational", "unknown")
-"""Every class an Xid can have; "unknown" is only for Xids missing from the policy."""
-
 FALLEN_OFF_BUS_XID = 79
 
 DEFAULT_JOURNAL_ARGV = DEFAULT_KERNEL_ARGV
-
-
-# -- policy ------------------------------------------------------------------------
-
-
-class XidPolicyError(ValueError):
-    """The policy file is malformed; the message names the file and the field."""
-
-
-@dataclass(frozen=True)
-class XidInfo:
-    """What one Xid means and what to do about it."""
-
-    xid: int
-    xid_class: str
-    action: str
-    description: str
-
-
-class XidPolicy:
-    """Xid number -> `XidInfo`; Xids missing from the policy are classed "unknown"."""
-
-    def __init__(self, entries: Mapping[int, XidInfo]) -> None:
-        self._entries = dict(entries)
-
-    @classmethod
-    def load(cls, overrides: Mapping[int, XidOverride] | None = None, path: Path | None = None) -> XidPolicy:
-        """The shipped policy (or the file at `path`) with the operator's overrides applied."""
-        if path is None:
-            text = resources.files("sentinel").joinpath("data/xid_policy.yaml").read_text(encoding="utf-8")
-            source = "sentinel/data/xid_policy.yaml"
-        else:
-            text = path.read_text(encoding="utf-8")
-            source = str(path)
-        entries = _parse_policy(yaml.safe_load(text), source)
-        for xid, override in (overrides or {}).items():
-            entries[xid] = _apply_override(entries.get(xid) or _unknown(xid), override)
-        return cls(entries)
-
-    def classify(self, xid: int) -> XidInfo:
-        """The policy entry for `xid`, or an "unknown" entry."""
-        return self._entries.get(xid) or _unknown(xid)
-
-    def __contains__(self, xid: object) -> bool:
-        return xid in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-def _unknown(xid: int) -> XidInfo:
-    return XidInfo(xid, "unknown", "none", f"Xid {xid} is not in Sentinel's policy; see NVIDIA's Xid catalogue.")
-
-
-def _apply_override(base: XidInfo, override: XidOverride) -> XidInfo:
-    return replace(
-        base,
-        xid_class=override.xid_class or base.xid_class,
-        action=override.action or base.action,
-        description=override.description or base.description,
-    )
-
-
-def _parse_policy(data: Any, source: str) -> dict[int, XidInfo]:
-    if not isinstance(data, dict) or not isinstance(data.get("xids"), dict):
-        raise XidPolicyError(f"{source}: xids: expected a mapping of Xid number to entry")
-    entries: dict[int, XidInfo] = {}
-    for key, entry in data["xids"].items():
-        where = f"{source}: xids.{key}"
-        if not isinstance(key, int) or isinstance(key, bool) or key <= 0:
-            raise XidPolicyError(f"{where}: an Xid is a positive integer")
-        if not isinstance(entry, dict):
-            raise XidPolicyError(f"{where}: expected a mapping with class, action and description")
-        unknown = set(entry) - {"class", "action", "description"}
-        if unknown:
-            raise XidPolicyError(f"{where}.{sorted(unknown)[0]}: unknown key")
-        entries[key] = XidInfo(
-            key,
-            _policy_str(entry, "class", where, choices=XID_CLASSES[:-1]),
-            _policy_str(entry, "action", where),
-            _policy_str(entry, "description", where),
-        )
-    return entries
-
-
-def _policy_str(entry: Mapping[str, Any], key: str, where: str, choices: Sequence[str] = ()) -> str:
-    value = entry.get(key)
-    if not isinstance(value, str) or not value:
-        raise XidPolicyError(f"{where}.{key}: expected a non-empty string")
-    if choices and value not in choices:
-        raise XidPolicyError(f"{where}.{key}: expected one of {', '.join(choices)}, got {value!r}")
-    return value
 
 
 # -- kernel lines ------------------------------------------------------------------

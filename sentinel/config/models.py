@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from sentinel.api.settings import HttpConfig
+from sentinel.collectors.probe_settings import ProbeConfig
 from sentinel.config.base import Duration, Frozen, parse_duration
 from sentinel.config.yamlpos import YamlError, load_with_positions, position_of
 from sentinel.notify.settings import NotifyConfig
@@ -30,6 +32,7 @@ from sentinel.remediation.settings import Backend, ControlConfig, Profile, Remed
 __all__ = [
     "DEFAULT_LISTEN",
     "DEFAULT_PORT",
+    "MAX_CONFIG_BYTES",
     "CollectorsConfig",
     "Config",
     "ConfigError",
@@ -110,6 +113,17 @@ class EndpointCollectorConfig(Frozen):
     health_timeout: Duration = Field(1.0, gt=0, description="Bound on one /health request.")
     scrape_timeout: Duration = Field(2.0, gt=0, description="Bound on one /metrics scrape.")
     max_body_bytes: int = Field(10 * 1024 * 1024, gt=0, description="Larger /metrics bodies are refused.")
+    # Prometheus's scrape_config limits, under its names; crossing one fails the scrape.
+    sample_limit: int = Field(5000, gt=0, description="A /metrics body with more series fails the scrape.")
+    label_limit: int = Field(64, gt=0, description="Most labels on one scraped series.")
+    label_name_length_limit: int = Field(256, gt=0, description="Longest label name of a scraped series.")
+    label_value_length_limit: int = Field(4096, gt=0, description="Longest label value of a scraped series.")
+    series_limit: int = Field(
+        10000,
+        gt=0,
+        description="Series one worker's scrapes may hold in the store (churning names included); beyond it "
+        "the oldest ended ones are dropped, then new ones refused (counted).",
+    )
 
 
 class LogPattern(Frozen):
@@ -223,6 +237,17 @@ class WorkerConfig(Frozen):
     profiles: tuple[Profile, ...] = Field((), description="Launch ladder, best first (full, reduced, fp8, ...).")
     initial_profile: str | None = Field(None, description="Profile at first start; default the first.")
     probe: bool = Field(False, description="Runs sentinel.probe: batch limits can change live, without a restart.")
+    probe_token_file: str | None = Field(
+        None,
+        description="Bearer token of this worker's probe (e.g. $CREDENTIALS_DIRECTORY/probe-qwen3): binds its "
+        "reports to this worker; required for reports over TCP.",
+    )
+
+    @model_validator(mode="after")
+    def _token_needs_probe(self) -> WorkerConfig:
+        if self.probe_token_file is not None and not self.probe:
+            raise ValueError("probe_token_file: set probe: true as well (reports of a worker without it are refused)")
+        return self
 
     @model_validator(mode="after")
     def _profiles_consistent(self) -> WorkerConfig:
@@ -313,6 +338,8 @@ class Config(Frozen):
     remediation: RemediationConfig = RemediationConfig()
     notify: NotifyConfig = NotifyConfig()
     control: ControlConfig = ControlConfig()
+    http: HttpConfig = HttpConfig()
+    probe: ProbeConfig = ProbeConfig()
 
     @field_validator("listen")
     @classmethod
@@ -345,15 +372,18 @@ class Config(Frozen):
             candidates.append(Path("/var/lib/sentinel"))
             xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
             candidates.append(Path(xdg) / "sentinel")
-        last_error: OSError | None = None
+        reasons: list[str] = []
         for path in candidates:
             try:
                 path.mkdir(parents=True, exist_ok=True)
-                if os.access(path, os.W_OK):
-                    return path
             except OSError as exc:
-                last_error = exc
-        raise OSError(f"no writable state directory among {[str(c) for c in candidates]}: {last_error}")
+                reasons.append(f"{path}: {exc.strerror or exc}")
+                continue
+            if os.access(path, os.W_OK):
+                return path
+            # No exception to quote: say why here (a read-only mount, or another owner).
+            reasons.append(f"{path}: not writable by uid {os.getuid()}")
+        raise OSError(f"no writable state directory ({'; '.join(reasons)}); set state_dir in the config")
 
 
 def split_listen(value: str) -> tuple[str, int]:
@@ -403,8 +433,14 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A config file is a few kilobytes; a larger one (or a device, a FIFO) is refused unread."""
+
+
 def parse_config(text: str, file: str = "<string>") -> Config:
     """Validate YAML text; raise ConfigError listing every problem."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigProblem(file, None, None, "", f"larger than {MAX_CONFIG_BYTES} bytes")])
     try:
         data, positions = load_with_positions(text, file)
     except YamlError as exc:
@@ -446,7 +482,11 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         return Config()
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # bounded: the path may be /dev/zero or a FIFO
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigProblem(str(p), None, None, "", f"cannot read: {exc}")]) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigProblem(str(p), None, None, "", f"larger than {MAX_CONFIG_BYTES} bytes")])
     return parse_config(text, str(p))

@@ -3,6 +3,11 @@
 Pydantic reports errors by field path (`workers.0.gpus`); operators want a line number.
 `load_with_positions` returns the plain data and a map from each path to the 1-based
 line (and column) of the node, so an error can name both.
+
+Building the data copies every alias (each path gets its own position), so a document
+is bounded: at most `MAX_VALUES` values once aliases are expanded (a 400-byte "billion
+laughs" of nested anchors expanded to millions and hung `sentinel check config`), and
+nesting too deep for the parser is a `YamlError` too, never a RecursionError.
 """
 
 from __future__ import annotations
@@ -13,9 +18,12 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Position", "YamlError", "load_with_positions", "position_of"]
+__all__ = ["MAX_VALUES", "Position", "YamlError", "load_with_positions", "position_of"]
 
 Path = tuple[str | int, ...]
+
+MAX_VALUES = 20_000
+"""Values in one document once aliases are expanded; a real sentinel.yaml has hundreds."""
 
 
 @dataclass(frozen=True)
@@ -48,22 +56,47 @@ def load_with_positions(text: str, file: str = "<string>") -> tuple[Any, dict[Pa
         raise YamlError(file, line, col, str(exc.problem or exc)) from None
     except yaml.YAMLError as exc:
         raise YamlError(file, None, None, str(exc)) from None
+    except RecursionError:
+        raise YamlError(file, None, None, "nested too deeply") from None
     positions: dict[Path, Position] = {}
     if node is None:
         return None, positions
     loader = _Loader("")
     try:
         data = _build(node, (), positions, loader, file)
+    except RecursionError:
+        raise YamlError(file, None, None, "nested too deeply") from None
+    except yaml.MarkedYAMLError as exc:  # e.g. a tag no safe constructor knows (!!python/object)
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        col = mark.column + 1 if mark is not None else None
+        raise YamlError(file, line, col, str(exc.problem or exc)) from None
+    except yaml.YAMLError as exc:
+        raise YamlError(file, None, None, str(exc)) from None
     finally:
         loader.dispose()
     return data, positions
 
 
 def _build(node: yaml.Node, path: Path, positions: dict[Path, Position], loader: _Loader, file: str) -> Any:
+    if len(positions) >= MAX_VALUES:
+        raise YamlError(
+            file,
+            node.start_mark.line + 1,
+            node.start_mark.column + 1,
+            f"the document expands to more than {MAX_VALUES} values (nested aliases?)",
+        )
     positions[path] = Position(node.start_mark.line + 1, node.start_mark.column + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlError(
+                    file,
+                    key_node.start_mark.line + 1,
+                    key_node.start_mark.column + 1,
+                    "a mapping key must be a plain value, not a list or a mapping",
+                )
             key = loader.construct_object(key_node, deep=True)
             if key == "<<":
                 raise YamlError(

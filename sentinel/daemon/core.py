@@ -27,10 +27,12 @@ from typing import Any
 
 from sentinel import __version__
 from sentinel.api.prometheus import prometheus_api_routes
-from sentinel.api.server import ServerContext, start_server
+from sentinel.api.server import ServerContext, ServerGuards, start_server
 from sentinel.collectors.base import Collector, CollectorRunner
 from sentinel.collectors.http import SharedHttpSession
+from sentinel.collectors.probe_access import ProbeAccess
 from sentinel.collectors.probe_reports import ProbeRegistry
+from sentinel.collectors.probe_settings import resolve_socket_path
 from sentinel.config.models import Config, ConfigError, load_config, split_listen
 from sentinel.daemon.gctune import tune_for_daemon
 from sentinel.daemon.healing import HealingStack
@@ -89,6 +91,8 @@ class SelfCollector:
         store.set_meta("sentinel_job_missed_ticks_total", "counter", "Ticks a periodic job skipped (it ran late).")
         store.set_meta("sentinel_job_errors_total", "counter", "Runs of a periodic job that raised.")
         daemon.state_health.declare(store)
+        for name, type_, help_ in _GUARD_METRICS:
+            store.set_meta(name, type_, help_)
 
     async def start(self) -> None:
         return None
@@ -108,12 +112,47 @@ class SelfCollector:
             out.add("sentinel_job_missed_ticks_total", job.missed_ticks_total, job=job.name)
             out.add("sentinel_job_errors_total", job.errors_total, job=job.name)
         d.state_health.publish(out)
+        # The limits of docs/operations.md, as counters: what they refused or dropped.
+        for source, count in list(d.store.series_evicted.items()):
+            out.add("sentinel_store_series_evicted_total", count, source=source)
+            out.add("sentinel_store_series_refused_total", d.store.series_refused.get(source, 0), source=source)
+        guards = d.server_guards
+        if guards is not None:
+            out.add("sentinel_http_connections_open", guards.connections.open_connections)
+            out.add("sentinel_http_connections_closed_total", guards.connections.evicted_total, reason="evicted")
+            out.add("sentinel_http_connections_closed_total", guards.connections.refused_total, reason="refused")
+            for reason, count in guards.requests.refused_total.items():
+                out.add("sentinel_http_requests_refused_total", count, reason=reason)
 
     async def close(self) -> None:
         return None
 
 
 CollectorFactory = Callable[["Daemon", Config], list[Collector]]
+
+_GUARD_METRICS = (
+    (
+        "sentinel_store_series_evicted_total",
+        "counter",
+        "Ended series of a limited source (a worker's scrapes or probe) removed early to make room.",
+    ),
+    (
+        "sentinel_store_series_refused_total",
+        "counter",
+        "New series of a limited source refused because all its held series were live.",
+    ),
+    ("sentinel_http_connections_open", "gauge", "Connections open to Sentinel's HTTP server."),
+    (
+        "sentinel_http_connections_closed_total",
+        "counter",
+        "Connections the HTTP server closed at its connection limit: evicted (longest idle) or refused.",
+    ),
+    (
+        "sentinel_http_requests_refused_total",
+        "counter",
+        "Requests refused before any handler: unknown Host, cross-origin, token in the URL, slow body.",
+    ),
+)
 
 
 class Daemon:
@@ -156,7 +195,9 @@ class Daemon:
         self.rules: RuleManager | None = None
         self.healing = HealingStack(self.store, self.state_dir, self.scheduler, self.state_health)
         # Workers running sentinel.probe report here; it is also the live batch-limit path.
-        self.probes = ProbeRegistry(self.store, self.bus, allowed_workers=lambda: {w.name for w in self.config.workers})
+        # Nobody may report until `run` has read the workers' probe tokens (ProbeAccess).
+        self.probes = ProbeRegistry(self.store, self.bus, limits=config.probe)
+        self.server_guards: ServerGuards | None = None
         self._collector_factory = collector_factory or build_collectors
         self._runners: dict[str, CollectorRunner] = {}
         # Reloads read files on their own thread: a hung query pool must not block a SIGHUP.
@@ -196,16 +237,26 @@ class Daemon:
                 *self.healing.routes(),
                 *self.probes.routes(),
             ],
+            http=self.config.http,
         )
         try:
             groups = await self._file_threads.run(load_rule_files, self.config.rules.files)
         except RuleFileError as exc:
             log.error("invalid rule files:\n%s", exc)
             return 1
+        self.probes.access = await asyncio.to_thread(ProbeAccess.load, self.config.workers, tcp=self.config.probe.tcp)
         try:
             runner, self.bound_port = await start_server(ctx, host, port)
         except OSError as exc:
-            log.error("cannot listen on %s: %s", self.listen, exc)
+            log.error("cannot listen on %s: %s", self.listen, exc.strerror or exc)
+            return 1
+        self.server_guards = ctx.guards
+        try:
+            await self._start_probe_socket()
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve probe reports: %s", exc)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
             return 1
         log.info(
             "Sentinel %s listening on http://%s:%d (state in %s)",
@@ -249,6 +300,14 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    async def _start_probe_socket(self) -> None:
+        probe = self.config.probe
+        path = resolve_socket_path(probe)
+        if path is None:
+            log.info("no unix socket for probe reports (probe.socket; systemd's RuntimeDirectory= gives one)")
+            return
+        await self.probes.start_unix_site(path, probe.socket_mode, probe.socket_group)
 
     async def _shutdown(self, runner: Any) -> None:
         log.info("stopping")
@@ -313,6 +372,15 @@ class Daemon:
                     return False
                 if split_listen(new.listen) != split_listen(self.config.listen):
                     log.warning("listen address changes need a restart; still serving on %s", self.listen)
+                if (new.http, new.probe.socket, new.probe.socket_mode, new.probe.socket_group) != (
+                    self.config.http,
+                    self.config.probe.socket,
+                    self.config.probe.socket_mode,
+                    self.config.probe.socket_group,
+                ):
+                    log.warning("changes to http and to the probe socket take effect at the next restart")
+                self.probes.access = await asyncio.to_thread(ProbeAccess.load, new.workers, tcp=new.probe.tcp)
+                self.probes.limits = new.probe
                 setup_logging(new.log.format, new.log.level)
                 await self._apply_collectors(new)
                 self.config = new

@@ -68,8 +68,15 @@ class HealingStack:
         self.notifications: Notifier | None = None
         self.remediator: Remediator | None = None
         self.backends: dict[str, WorkerBackend] = {}
-        self.token = ControlToken(None)
+        # One token object for the stack's whole life: the routes hold it from the moment
+        # they are built (before `start`), so start and reload re-read it in place.
+        self._token = ControlToken(None)
         self._config: Config | None = None
+
+    @property
+    def token(self) -> ControlToken:
+        """The control API's token source, the very object the routes check."""
+        return self._token
 
     def routes(self) -> list[web.RouteDef]:
         """Control-API routes; they look the remediator up per request, so reloads reach them."""
@@ -93,8 +100,7 @@ class HealingStack:
             health=self.health,
         )
         await self.remediator.start()
-        self.token = ControlToken.from_config(config.control)
-        await self.token.reload(threads=self._files)
+        await self._token.reload(config.control.token_file, threads=self._files)
         # Lambdas, not bound methods: a reload may swap the notifier or remediator.
         rules.subscribe(self._on_alert)
 

@@ -133,12 +133,14 @@ def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int
                 "backend": {
                     "type": "process",
                     "argv": [sys.executable, "-m", "sentinel.sim.worker", "--port", str(worker_port)],
+                    # No in-worker probe: reports are accepted only for `probe: true`
+                    # workers, and with it reduce_batch would take the live path, which
+                    # fails here because the OOM has already killed the engine (the
+                    # hot-spot is seen through the worker's EPLB metrics instead).
                     "env": {
                         "MEMORY_BUDGET_BYTES": str(MEMORY_BUDGET_BYTES),
                         "SENTINEL_WORKER": WORKER,
                         "VLLM_LOG_STATS_INTERVAL": "2",
-                        # The probe reports per-layer expert balance to Sentinel.
-                        "SENTINEL_PROBE_URL": f"http://127.0.0.1:{daemon_port}",
                     },
                     "log_file": str(log_file),
                     "stop_timeout": "5s",

@@ -21,7 +21,7 @@ from sentinel.probe.cuda_stats import StatsReader, read_allocator_stats
 from sentinel.probe.placement import ExpertLayout, GpuNamer, expert_placement, module_device
 from sentinel.probe.report import REPORT_VERSION, gpu_entries, layer_entries
 from sentinel.probe.routers import RouterFinder, RouterSpec, find_routers
-from sentinel.probe.transport import DeliveryError, Target, parse_target, post_json
+from sentinel.probe.transport import TOKEN_FILE_ENV, DeliveryError, Target, parse_target, post_json, read_token_file
 
 __all__ = ["Probe", "attach", "is_cuda_oom"]
 
@@ -289,17 +289,23 @@ def attach(
     router_finder: RouterFinder | None = None,
     hot_experts: int = 4,
     on_batch_limit: Callable[[int], None] | None = None,
+    token_file: str | None = None,
 ) -> Probe:
     """Hook `model`'s MoE routers and start reporting to Sentinel every `interval_s`.
 
-    `sentinel` is the daemon's address: `http://127.0.0.1:9400` (the report path is
-    added) or `unix:/run/sentinel/probe.sock`. `expert_to_gpu` overrides where experts
+    `sentinel` is the daemon's address: `unix:/run/sentinel/probe.sock` (the default
+    transport: the socket's group decides who may report), or `http://127.0.0.1:9847`
+    (the report path is added; Sentinel accepts it only with `probe.tcp: true` and the
+    worker's token). `token_file` (default `$SENTINEL_PROBE_TOKEN_FILE`) holds the
+    worker's probe token, the one `workers[].probe_token_file` names on Sentinel's side;
+    it is sent as a bearer token over either transport. `expert_to_gpu` overrides where experts
     run (one GPU per expert for every layer, or a mapping layer -> that list);
     `router_finder` finds the routers of a custom model (see `sentinel.probe.routers`);
     `hot_experts` is how many of each layer's busiest experts are reported by name;
     `on_batch_limit` is called (on the probe's thread) when Sentinel changes the limit.
     """
-    target = parse_target(sentinel)
+    token_source = token_file or os.environ.get(TOKEN_FILE_ENV) or None
+    target = parse_target(sentinel, token=read_token_file(token_source) if token_source else None)
     routers = find_routers(model, router_finder)
     if not routers:
         log.warning(

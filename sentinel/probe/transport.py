@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from sentinel.probe.report import REPORT_PATH
 
-__all__ = ["DeliveryError", "Target", "parse_target", "post_json"]
+__all__ = ["TOKEN_FILE_ENV", "DeliveryError", "Target", "parse_target", "post_json", "read_token_file"]
 
 _MAX_REPLY_BYTES = 64 * 1024
+_MAX_TOKEN_BYTES = 4096
+TOKEN_FILE_ENV = "SENTINEL_PROBE_TOKEN_FILE"
+"""Where `attach` reads the probe token when no `token_file` is given (a systemd credential)."""
 
 
 class DeliveryError(Exception):
@@ -28,12 +32,17 @@ class DeliveryError(Exception):
 
 @dataclass(frozen=True)
 class Target:
-    """Where reports go: a TCP host and port, or a unix socket path; and the HTTP path."""
+    """Where reports go: a TCP host and port, or a unix socket path; the HTTP path; the token.
+
+    `token` is the worker's probe token (`workers[].probe_token_file` on Sentinel's
+    side), sent as `Authorization: Bearer`; never shown by `repr` or `describe`.
+    """
 
     path: str
     host: str = ""
     port: int = 0
     unix_socket: str = ""
+    token: str | None = field(default=None, repr=False)
 
     def describe(self) -> str:
         return (
@@ -41,21 +50,36 @@ class Target:
         )
 
 
-def parse_target(sentinel: str) -> Target:
+def parse_target(sentinel: str, token: str | None = None) -> Target:
     """`http://host:port[/path]`, `unix:/path/to.sock` or a bare absolute socket path."""
     if sentinel.startswith("unix:") or sentinel.startswith("/"):
         path = sentinel.removeprefix("unix:")
         if not path.startswith("/"):
             raise ValueError(f"sentinel={sentinel!r}: a unix socket needs an absolute path")
-        return Target(path=REPORT_PATH, unix_socket=path)
+        return Target(path=REPORT_PATH, unix_socket=path, token=token)
     parts = urlsplit(sentinel)
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"sentinel={sentinel!r}: expected http://host:port or unix:/path/to.sock")
+    if parts.query or parts.username or parts.password:
+        raise ValueError(f"sentinel={sentinel!r}: no credentials or query in the URL; pass token_file=")
     return Target(
         path=parts.path if parts.path not in ("", "/") else REPORT_PATH,
         host=parts.hostname,
         port=parts.port or 80,
+        token=token,
     )
+
+
+def read_token_file(path: str) -> str:
+    """The probe token in `path` (surrounding whitespace stripped); ValueError naming the file."""
+    try:
+        with open(os.path.expandvars(path), encoding="utf-8") as f:
+            token = f.read(_MAX_TOKEN_BYTES + 1).strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"probe token file {path}: cannot read it ({exc})") from None
+    if not token or len(token) > _MAX_TOKEN_BYTES:
+        raise ValueError(f"probe token file {path}: expected one token of 1 to {_MAX_TOKEN_BYTES} characters")
+    return token
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -83,7 +107,10 @@ def post_json(target: Target, payload: dict[str, Any], timeout_s: float) -> dict
         else http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
     )
     try:
-        conn.request("POST", target.path, body=body, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if target.token:
+            headers["Authorization"] = f"Bearer {target.token}"
+        conn.request("POST", target.path, body=body, headers=headers)
         response = conn.getresponse()
         raw = response.read(_MAX_REPLY_BYTES)
         if response.status != 200:

@@ -12,7 +12,6 @@ import glob
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import promql_parser
@@ -386,6 +385,10 @@ def _locate(expr: str, message: str) -> str:
     return f"1:{column}: {message} (in {expr!r})"
 
 
+MAX_RULE_FILE_BYTES = 4 * 1024 * 1024
+"""Largest rule file read (Sentinel's default rules are 20 KB together)."""
+
+
 def load_rule_files(patterns: Iterable[str]) -> list[RuleGroup]:
     """Expand globs and load every rule file; raises RuleFileError with all problems."""
     problems: list[RuleProblem] = []
@@ -394,9 +397,14 @@ def load_rule_files(patterns: Iterable[str]) -> list[RuleGroup]:
         paths = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         for path in paths:
             try:
-                text = Path(path).read_text(encoding="utf-8")
+                with open(path, "rb") as f:
+                    raw = f.read(MAX_RULE_FILE_BYTES + 1)  # bounded: a path may be a device or a FIFO
+                text = raw.decode("utf-8")
             except (OSError, UnicodeDecodeError) as exc:
                 problems.append(RuleProblem(path, None, None, None, f"cannot read: {exc}"))
+                continue
+            if len(raw) > MAX_RULE_FILE_BYTES:
+                problems.append(RuleProblem(path, None, None, None, f"larger than {MAX_RULE_FILE_BYTES} bytes"))
                 continue
             try:
                 groups.extend(parse_rule_file(text, path))

@@ -2,8 +2,18 @@
 
 Each series keeps its samples in two compact `array` buffers (int64 milliseconds and
 float64 values): 16 bytes per sample and no Python object per sample. Old samples are
-dropped by advancing a head index and compacting once the dead prefix is large, so
-trimming costs amortised O(1) per sample.
+dropped by advancing a head index and compacting once the dead prefix reaches a quarter
+of the live samples (`_should_compact`): a compaction copies at most four live samples
+per dead one it frees, so trimming stays amortised O(1) per sample, and a series holds
+at most 1.25 times its retention (the old rule waited for 1,024 dead samples, which
+held retention plus 1,024 samples per series: bench/store_bench.py --plateau).
+
+A source that takes input from outside (a worker's /metrics, an in-worker probe) can
+be given a series budget (`limit_source`): it may hold that many series, live or ended
+but retained. With fresh names every pass, the oldest ended series are removed to make
+room, and when every held series is live the new ones are refused; both are counted
+per source (`series_evicted`, `series_refused`). Metric names whose last series was
+removed are forgotten too, so churning names cannot grow any index without bound.
 
 Staleness follows Prometheus: a source commits the full set of series it saw in one
 pass (`Appender`); series it reported last time but not this time get a staleness
@@ -17,9 +27,11 @@ has not changed. Every write goes through `Store` (or an `Appender`), which bump
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 import threading
+import time
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
@@ -46,6 +58,8 @@ __all__ = [
     "labels_from",
     "now_ms",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETENTION_MS = 15 * 60 * 1000
 DEFAULT_LOOKBACK_MS = 5 * 60 * 1000
@@ -143,6 +157,19 @@ class MetricMeta:
     help: str
 
 
+_COMPACT_MIN_DEAD = 16
+
+
+def _should_compact(dead: int, live: int) -> bool:
+    """Compact once the dead prefix is a quarter of the live samples (and not tiny).
+
+    Copying `live` samples to free `dead >= live / 4` costs at most 4 copies per freed
+    sample: amortised O(1), and the buffer never exceeds 1.25 x the live window (plus
+    the 16-sample floor that keeps tiny series from compacting on every trim).
+    """
+    return dead >= _COMPACT_MIN_DEAD and dead * 4 >= live
+
+
 class Series:
     """One series: parallel timestamp and value buffers plus a live-window head index."""
 
@@ -228,7 +255,7 @@ class Series:
         """Forget samples older than `cutoff_ms`; compact when the dead prefix is big."""
         head = bisect_left(self._ts, cutoff_ms, lo=self._head)
         self._head = head
-        if head > 1024 and head * 2 > len(self._ts):
+        if _should_compact(head, len(self._ts) - head):
             del self._ts[:head]
             del self._vals[:head]
             self._head = 0
@@ -407,6 +434,14 @@ class Store:
         self._series: dict[Labels, Series] = {}
         self._by_name: dict[str, set[Labels]] = {}
         self._owned: dict[str, set[Labels]] = {}  # source -> series it reported last pass
+        # Series budgets (`limit_source`): source -> limit, source -> series it holds in
+        # creation order, series -> the limited source holding it; and the counts.
+        self._limits: dict[str, int] = {}
+        self._held: dict[str, dict[Labels, None]] = {}
+        self._holder: dict[Labels, str] = {}
+        self.series_evicted: dict[str, int] = {}
+        self.series_refused: dict[str, int] = {}
+        self._limit_logged: dict[str, float] = {}
         self._meta: dict[str, MetricMeta] = {}
         self.out_of_order_total = 0
         # Cache invalidation. `_generation` counts series created or removed (selections
@@ -419,6 +454,9 @@ class Store:
         self._name_generation: dict[str, int] = {}
         self._version = 0
         self._name_version: dict[str, int] = {}
+        # What a name forgotten after its last series went away reads as (see _remove).
+        self._forgotten_version = 0
+        self._forgotten_generation = 0
         # matchers -> (generation when selected, the name they select by or None, series)
         self._select_cache: dict[tuple[LabelMatcher, ...], tuple[int, str | None, tuple[Series, ...]]] = {}
 
@@ -428,10 +466,27 @@ class Store:
         """Start one pass of `source`; series it does not report again go stale."""
         return Appender(self, source, now_ms() if timestamp_ms is None else timestamp_ms)
 
-    def append(self, labels: Labels, timestamp_ms: int, value: float) -> bool:
-        """Append one sample outside any source's staleness tracking."""
+    def limit_source(self, source: str, max_series: int | None) -> None:
+        """Let `source` hold at most `max_series` series (None: no limit); see the module docstring."""
         with self._lock:
-            series = self._get_or_create(labels)
+            if max_series is None:
+                self._limits.pop(source, None)
+                return
+            self._limits[source] = max_series
+            self._held.setdefault(source, {})
+            self.series_evicted.setdefault(source, 0)
+            self.series_refused.setdefault(source, 0)
+
+    def append(self, labels: Labels, timestamp_ms: int, value: float, *, owner: str | None = None) -> bool:
+        """Append one sample outside any source's staleness tracking.
+
+        `owner` names a limited source whose budget a new series counts against (a
+        refused series returns False).
+        """
+        with self._lock:
+            if owner is not None and labels not in self._series and not self._room_for(owner, ()):
+                return False
+            series = self._get_or_create(labels, owner)
             written = series.append(timestamp_ms, float(value))
             if written:
                 self._touch(series.name)
@@ -488,12 +543,15 @@ class Store:
     def meta(self, name: str) -> MetricMeta | None:
         return self._meta.get(name)
 
-    def _get_or_create(self, labels: Labels) -> Series:
+    def _get_or_create(self, labels: Labels, owner: str | None = None) -> Series:
         series = self._series.get(labels)
         if series is None:
             series = Series(labels)
             self._series[labels] = series
             self._by_name.setdefault(series.name, set()).add(labels)
+            if owner is not None and owner in self._limits:
+                self._held[owner][labels] = None
+                self._holder[labels] = owner
             # A new series is empty, so no query result changes until its first sample,
             # whose write bumps the data versions; only selections change now.
             self._new_generation(series.name)
@@ -511,14 +569,63 @@ class Store:
         self._name_version[name] = version
         self._version = version
 
+    def _room_for(self, source: str, keep: Mapping[Labels, float] | tuple[()]) -> bool:
+        """Whether `source` may create one more series, evicting one it no longer reports if needed.
+
+        Call with the lock held. `keep` is the pass being committed: its series stay.
+        """
+        limit = self._limits.get(source)
+        if limit is None:
+            return True
+        held = self._held[source]
+        if len(held) < limit:
+            return True
+        current = keep if keep else self._owned.get(source, set())
+        for _ in range(len(held)):
+            labels = next(iter(held))
+            if labels in current:
+                # Live: to the back of the queue, so the next search does not look at it again.
+                del held[labels]
+                held[labels] = None
+                continue
+            version = self._version + 1
+            self._remove(labels, version)
+            self._version = version
+            self.series_evicted[source] += 1
+            self._log_limit(source, limit)
+            return True
+        self.series_refused[source] += 1
+        self._log_limit(source, limit)
+        return False
+
+    def _log_limit(self, source: str, limit: int) -> None:
+        # Churn runs at thousands of series a second: one line a minute per source.
+        now = time.monotonic()
+        if now - self._limit_logged.get(source, -_LIMIT_LOG_EVERY_S) >= _LIMIT_LOG_EVERY_S:
+            self._limit_logged[source] = now
+            log.warning(
+                "%s holds %d series, its limit: %d ended series removed early, %d new ones refused so far "
+                "(sentinel_store_series_evicted_total, sentinel_store_series_refused_total)",
+                source,
+                limit,
+                self.series_evicted[source],
+                self.series_refused[source],
+            )
+
     def _commit(self, source: str, ts: int, samples: Mapping[Labels, float]) -> int:
         with self._lock:
             written = 0
+            limited = source in self._limits
             # One version for the whole pass, published after its last write (see __init__).
             version = self._version + 1
             name_version = self._name_version
             for labels, value in samples.items():
-                series = self._get_or_create(labels)
+                series = self._series.get(labels)
+                if series is None:
+                    if limited and not self._room_for(source, samples):
+                        continue
+                    version = max(version, self._version + 1)  # an eviction may have used one
+                    series = self._get_or_create(labels, source if limited else None)
                 if series.append(ts, value):
                     written += 1
                     name_version[series.name] = version
@@ -527,7 +634,8 @@ class Store:
             if written:
                 self._version = version
             previous = self._owned.get(source, set())
-            current = set(samples)
+            # A refused series never became one, so it has nothing to go stale.
+            current = {labels for labels in samples if labels in self._series} if limited else set(samples)
             for labels in previous - current:
                 self.mark_stale(labels, ts)
             self._owned[source] = current
@@ -550,17 +658,34 @@ class Store:
                     self._name_version[series.name] = version
                     trimmed = True
                 if len(series) == 0:
-                    del self._series[labels]
-                    names = self._by_name.get(series.name)
-                    if names is not None:
-                        names.discard(labels)
-                        if not names:
-                            del self._by_name[series.name]
-                    self._new_generation(series.name)
+                    self._remove(labels, version)
                     removed += 1
             if trimmed:
                 self._version = version
         return removed
+
+    def _remove(self, labels: Labels, version: int) -> None:
+        """Delete a series (call with the lock held; `version` is the write version to publish).
+
+        A name left without series is forgotten from the per-name indexes: readers then
+        see it at the versions of its removal, so a cached result that used it is redone.
+        """
+        series = self._series.pop(labels)
+        owner = self._holder.pop(labels, None)
+        if owner is not None:
+            self._held[owner].pop(labels, None)
+        name = series.name
+        self._new_generation(name)
+        names = self._by_name.get(name)
+        if names is not None:
+            names.discard(labels)
+            if names:
+                self._name_version[name] = version  # results over the name lost a series
+            else:
+                del self._by_name[name]
+                self._forgotten_generation = self._name_generation.pop(name)
+                self._name_version.pop(name, None)
+                self._forgotten_version = max(self._forgotten_version, version)
 
     # -- reading -----------------------------------------------------------------
 
@@ -591,7 +716,7 @@ class Store:
             if name is None:
                 if self._generation == generation:
                     return found
-            elif self._name_generation.get(name, 0) <= generation:
+            elif self._name_generation.get(name, self._forgotten_generation) <= generation:
                 return found
         with self._lock:
             name_eq = next((m for m in key if m.name == "__name__" and m.op is MatchOp.EQ), None)
@@ -630,7 +755,8 @@ class Store:
         if names is None:
             return self._version != version
         name_version = self._name_version
-        return any(name_version.get(name, 0) > version for name in names)
+        forgotten = self._forgotten_version
+        return any(name_version.get(name, forgotten) > version for name in names)
 
     def instant(self, matchers: Sequence[LabelMatcher], t_ms: int, lookback_ms: int | None = None) -> list[Sample]:
         """Instant-vector lookup: each series' newest non-stale sample within lookback."""
@@ -675,6 +801,7 @@ class Store:
 
 
 _SELECT_CACHE_LIMIT = 4096
+_LIMIT_LOG_EVERY_S = 60.0
 
 
 def _ends_stale(series: Series) -> bool:
