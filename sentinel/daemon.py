@@ -153,7 +153,7 @@ class Daemon:
             ],
         )
         try:
-            groups = await asyncio.to_thread(load_rule_files, self.config.rules.files)
+            groups = await asyncio.to_thread(load_rule_files, self.config.rules.files, self.config.prometheus_compat)
         except RuleFileError as exc:
             log.error("invalid rule files:\n%s", exc)
             return 1
@@ -257,7 +257,7 @@ class Daemon:
                     log.error("reload failed, keeping the running config:\n%s", exc)
                     return False
                 try:
-                    groups = await asyncio.to_thread(load_rule_files, new.rules.files)
+                    groups = await asyncio.to_thread(load_rule_files, new.rules.files, new.prometheus_compat)
                 except RuleFileError as exc:
                     self.last_reload_ok = False
                     log.error("reload failed, keeping the running config and rules:\n%s", exc)
