@@ -108,11 +108,14 @@ def load_with_positions(text: str, file: str = "<string>") -> tuple[Any, dict[Pa
     return doc.data, doc.positions
 
 
-def load_document(text: str, file: str = "<string>", *, unknown_tags_as_text: bool = False) -> Document:
+def load_document(text: str, file: str = "<string>", *, text_only: bool = False) -> Document:
     """Parse the first YAML document of `text`; raises YamlError for anything unloadable.
 
-    With `unknown_tags_as_text`, a value with a tag the safe loader does not know
-    (`!Ref up`) is taken as if untagged, as Go's decoder takes it into a string field.
+    With `text_only`, for callers that decode the nodes themselves the way Go does
+    (`alerting.goyaml`): every scalar's value is its source text, no tag is refused, and
+    what Go reports as a decoding error (a duplicate or non-scalar key, a merge of a
+    non-mapping) is left in the nodes for the caller instead of raising here. Only
+    syntax errors, undefined and recursive aliases and alias bombs raise.
     """
     try:
         node = _compose(text)
@@ -128,7 +131,7 @@ def load_document(text: str, file: str = "<string>", *, unknown_tags_as_text: bo
     doc = Document(None, None)
     if node is None:
         return doc
-    builder = _Builder(file, doc, unknown_tags_as_text)
+    builder = _Builder(file, doc, text_only)
     try:
         doc.data, doc.raw = builder.build(node, ())
     except RecursionError:
@@ -160,9 +163,9 @@ def _line_col(mark: yaml.Mark | None) -> tuple[int | None, int | None]:
 class _Builder:
     """One walk over the node graph building data, raw text and positions together."""
 
-    def __init__(self, file: str, doc: Document, unknown_tags_as_text: bool = False) -> None:
+    def __init__(self, file: str, doc: Document, text_only: bool = False) -> None:
         self.file = file
-        self.unknown_tags_as_text = unknown_tags_as_text
+        self.text_only = text_only
         self.doc = doc
         self.loader = _Loader("")
         self.expanded = 0
@@ -188,9 +191,7 @@ class _Builder:
             raise self.fail(node, "recursive alias: a node contains itself")
         self.active.add(ident)
         try:
-            plain = node.tag in (_MAP_TAG, _SEQ_TAG) or (
-                self.unknown_tags_as_text and node.tag not in self.loader.yaml_constructors
-            )
+            plain = node.tag in (_MAP_TAG, _SEQ_TAG) or self.text_only
             if isinstance(node, yaml.MappingNode) and plain:
                 return self.mapping(node, path)
             if isinstance(node, yaml.SequenceNode) and plain:
@@ -203,11 +204,8 @@ class _Builder:
             self.active.discard(ident)
 
     def construct(self, node: yaml.Node) -> Any:
-        if self.unknown_tags_as_text and node.tag not in self.loader.yaml_constructors:
-            if isinstance(node, yaml.ScalarNode):
-                return str(node.value)
-            if isinstance(node, yaml.SequenceNode):
-                return [self.construct(item) for item in node.value]
+        if self.text_only and isinstance(node, yaml.ScalarNode):
+            return str(node.value)
         try:
             return self.loader.construct_object(node, deep=True)
         except yaml.MarkedYAMLError as exc:
@@ -230,8 +228,12 @@ class _Builder:
             if key_node.tag == _MERGE_TAG:
                 merged.extend(self.merge_sources(value_node))
                 continue
+            if self.text_only and not isinstance(key_node, yaml.ScalarNode):
+                continue  # Go reports it when decoding the key
             key = self.key(key_node)
             if key in written:
+                if self.text_only:
+                    continue  # the first one stays; Go reports the repetition
                 raise self.fail(key_node, f"duplicate key {key!r}")
             written.add(key)
             data[key], value_raw = self.build(value_node, (*path, key), key_node)
@@ -239,6 +241,8 @@ class _Builder:
         # Merged entries go after the written ones, as the safe loader orders them
         # when they do not collide; a written key or an earlier merged one wins.
         for key_node, value_node in merged:
+            if self.text_only and not isinstance(key_node, yaml.ScalarNode):
+                continue
             key = self.key(key_node)
             if key in data:
                 continue
@@ -253,10 +257,14 @@ class _Builder:
         if isinstance(value, yaml.SequenceNode):
             out: list[tuple[yaml.Node, yaml.Node]] = []
             for item in value.value:
+                if not isinstance(item, yaml.MappingNode) and self.text_only:
+                    continue
                 if not isinstance(item, yaml.MappingNode):
                     raise self.fail(item, f"expected a mapping for merging, but found {_kind(item)}")
                 out.extend(self.flatten(item))
             return out
+        if self.text_only:
+            return []
         raise self.fail(value, f"expected a mapping or list of mappings for merging, but found {_kind(value)}")
 
     def flatten(self, node: yaml.MappingNode) -> list[tuple[yaml.Node, yaml.Node]]:

@@ -17,6 +17,8 @@ alias is the anchor's name: `expr: *x` is the expression `x`, as in Prometheus.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 from collections.abc import Iterable
@@ -24,9 +26,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from sentinel.alerting.template_values import go_quote
 from sentinel.yamlpos import alias_of
 
-__all__ = ["GoDecoder", "go_node_value", "go_short_tag", "go_syntax_error"]
+__all__ = ["Fields", "GoDecoder", "go_node_value", "go_short_tag", "go_syntax_error"]
 
 _NULL = re.compile(r"^(?:~|null|Null|NULL|)$")
 _BOOL = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
@@ -106,6 +109,16 @@ def _line(node: yaml.Node) -> int:
     return int(_target(node).start_mark.line) + 1
 
 
+class Fields(dict[str, yaml.Node]):
+    """A struct's field nodes by name, and the error of a failed merge, due after them."""
+
+    merge_errors: list[tuple[int, int, str]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merge_errors = []
+
+
 @dataclass
 class GoDecoder:
     """Collects yaml.v3's decoding errors while the caller walks the nodes."""
@@ -126,13 +139,40 @@ class GoDecoder:
         self._type_error(node, f"cannot unmarshal {go_short_tag(node)}{value} into {into}")
 
     def messages(self) -> list[str]:
-        """What Decode returns: the first fatal error, else the type errors as one message."""
+        """What Decode returns: the first fatal error, else the type errors as one message.
+
+        Both lists are in decoding order, which the caller keeps to yaml.v3's: document
+        order, a mapping's merged entries after its own.
+        """
         if self.fatal:
-            return [min(self.fatal)[2]]
+            return [self.fatal[0][2]]
         if self.type_errors:
-            lines = [message for _, _, message in sorted(self.type_errors)]
+            lines = [message for _, _, message in self.type_errors]
             return ["yaml: unmarshal errors:\n  " + "\n  ".join(lines)]
         return []
+
+    def unique_keys(self, node: yaml.Node) -> bool:
+        """yaml.v3 checks a mapping's keys first: every repeat is an error and nothing is decoded."""
+        pairs = _target(node).value
+        before = len(self.type_errors)
+        for i, (first, _) in enumerate(pairs):
+            for later, _ in pairs[i + 1 :]:
+                if type(first) is type(later) and go_node_value(first) == go_node_value(later):
+                    self._type_error(
+                        later,
+                        f"mapping key {go_quote(go_node_value(later))} already defined at line {_line(first)}",
+                    )
+        return len(self.type_errors) == before
+
+    def binary(self, node: yaml.Node) -> str | None:
+        """A `!!binary` scalar's decoded text; bad base64 ends decoding as in yaml.v3."""
+        text = re.sub(r"\s", "", str(_target(node).value))
+        try:
+            return base64.b64decode(text, validate=True).decode("utf-8", "replace")
+        except (binascii.Error, ValueError):
+            mark = _target(node).start_mark
+            self.fatal.append((mark.line + 1, mark.column + 1, "yaml: !!binary value contains invalid base64 data"))
+            return None
 
     # -- shapes -----------------------------------------------------------------------------
 
@@ -140,20 +180,26 @@ class GoDecoder:
     def is_null(node: yaml.Node | None) -> bool:
         return node is None or (isinstance(_target(node), yaml.ScalarNode) and go_short_tag(node) == "!!null")
 
-    def fields(self, node: yaml.Node | None, type_name: str, known: Iterable[str]) -> dict[str, yaml.Node]:
-        """A struct's fields by name, merges applied; unknown and repeated keys are errors."""
+    def fields(self, node: yaml.Node | None, type_name: str, known: Iterable[str]) -> Fields:
+        """A struct's fields by name in decoding order, merges applied; unknown and repeated keys are errors."""
+        out = Fields()
         if self.is_null(node):
-            return {}
+            return out
         assert node is not None
         if not isinstance(node, yaml.MappingNode):
             self.cannot_unmarshal(node, type_name)
-            return {}
+            return out
+        if not self.unique_keys(node):
+            return out
         names = set(known)
-        out: dict[str, yaml.Node] = {}
         merged: list[tuple[yaml.Node, yaml.Node]] = []
+        fatal_before = len(self.fatal)
         for key_node, value_node in _target(node).value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 merged.extend(self._merge_pairs(value_node))
+                continue
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.cannot_unmarshal(key_node, "string")
                 continue
             key = go_node_value(key_node)
             if key not in names:
@@ -162,6 +208,9 @@ class GoDecoder:
                 self._type_error(key_node, f"field {key} already set in type {type_name}")
             else:
                 out[key] = value_node
+        # yaml.v3 merges after the mapping's own keys: a bad merge fails only after them.
+        out.merge_errors = self.fatal[fatal_before:]
+        del self.fatal[fatal_before:]
         for key_node, value_node in merged:
             key = go_node_value(key_node)
             if key not in out:  # a key written in the mapping wins over a merged one
@@ -171,13 +220,29 @@ class GoDecoder:
                     out[key] = value_node
         return out
 
+    def finish(self, fields: Fields) -> None:
+        """Call once the caller has decoded `fields`: a failed merge in them counts from now."""
+        self.fatal.extend(fields.merge_errors)
+        fields.merge_errors = []
+
     def _merge_pairs(self, value: yaml.Node) -> list[tuple[yaml.Node, yaml.Node]]:
+        """The entries a `<<` brings in, first source first; anything but mappings ends decoding."""
         target = _target(value)
-        if isinstance(target, yaml.MappingNode):
-            return list(target.value)
+        sources = [target] if isinstance(target, yaml.MappingNode) else []
         if isinstance(target, yaml.SequenceNode):
-            return [pair for item in target.value if isinstance(_target(item), yaml.MappingNode) for pair in _target(item).value]
-        return []
+            sources = [_target(item) for item in target.value]
+        if not sources or not all(isinstance(s, yaml.MappingNode) for s in sources):
+            mark = target.start_mark
+            self.fatal.append(
+                (mark.line + 1, mark.column + 1, "yaml: map merge requires map or sequence of maps as the value")
+            )
+            return []
+        pairs: list[tuple[yaml.Node, yaml.Node]] = []
+        for source in sources:
+            own = [(k, v) for k, v in source.value if k.tag != "tag:yaml.org,2002:merge"]
+            inner = [p for k, v in source.value if k.tag == "tag:yaml.org,2002:merge" for p in self._merge_pairs(v)]
+            pairs.extend(own + inner)
+        return pairs
 
     def seq(self, node: yaml.Node | None, into: str) -> list[yaml.Node]:
         if self.is_null(node):
@@ -195,6 +260,8 @@ class GoDecoder:
         if not isinstance(node, yaml.ScalarNode):
             self.cannot_unmarshal(node, "string")
             return ""
+        if go_short_tag(node) == "!!binary":
+            return self.binary(node) or ""
         return str(_target(node).value)
 
     def string_map(self, node: yaml.Node | None) -> dict[str, str]:
@@ -204,17 +271,15 @@ class GoDecoder:
         if not isinstance(node, yaml.MappingNode):
             self.cannot_unmarshal(node, "map[string]string")
             return {}
+        if not self.unique_keys(node):
+            return {}
         out: dict[str, str] = {}
-        seen: dict[str, int] = {}
         for key_node, value_node in _target(node).value:
-            key = self.string(key_node)
-            if key in seen:
-                self._type_error(
-                    key_node, f'mapping key "{key}" already defined at line {seen[key]}'
-                )
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                for merged_key, merged_value in self._merge_pairs(value_node):
+                    out.setdefault(self.string(merged_key), self.string(merged_value))
                 continue
-            seen[key] = _line(key_node)
-            out[key] = self.string(value_node)
+            out[self.string(key_node)] = self.string(value_node)
         return out
 
     def integer(self, node: yaml.Node | None, into: str = "int") -> int:
@@ -284,6 +349,7 @@ _PROBLEMS = (
     (re.compile(r"^expected ',' or ']', but got"), "did not find expected ',' or ']'"),
     (re.compile(r"^expected <document start>, but found"), "did not find expected <document start>"),
     (re.compile(r"^found undefined tag handle"), "found undefined tag handle"),
+    (re.compile(r"^sequence entries are not allowed here$"), "block sequence entries are not allowed in this context"),
 )
 
 

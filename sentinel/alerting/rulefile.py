@@ -213,7 +213,7 @@ class _Validator:
 def parse_rule_file(text: str, file: str, prometheus_compat: int = DEFAULT_PROMETHEUS_COMPAT) -> list[RuleGroup]:
     """Validate one rule file; raises RuleFileError listing every problem, as promtool does."""
     try:
-        doc = load_document(text, file, unknown_tags_as_text=True)
+        doc = load_document(text, file, text_only=True)
     except YamlError as exc:
         # Prometheus decodes twice (into the groups and into their nodes): both fail alike.
         if exc.cause is not None:
@@ -238,38 +238,50 @@ def parse_rule_file(text: str, file: str, prometheus_compat: int = DEFAULT_PROME
 
 
 def _decode(decoder: GoDecoder, root: yaml.Node, compat: int) -> list[_GroupNode]:
+    """Decode in document order, field by field, as yaml.v3 does (its errors come in that order)."""
     top = decoder.fields(root, "rulefmt.RuleGroups", ("groups",))
+    decoder.finish(top)  # `groups` is the only field: nothing is decoded before a merge
     group_keys = GROUP_KEYS_V2 if compat < 3 else GROUP_KEYS
     out: list[_GroupNode] = []
     for gnode in decoder.seq(top.get("groups"), "[]rulefmt.RuleGroup"):
-        f = decoder.fields(gnode, "rulefmt.RuleGroup", group_keys)
-        rules = []
-        for rnode in decoder.seq(f.get("rules"), "[]rulefmt.RuleNode"):
-            r = decoder.fields(rnode, "rulefmt.RuleNode", RULE_KEYS)
-            rules.append(
-                _RuleNode(
-                    record=r.get("record"),
-                    alert=r.get("alert"),
-                    expr=r.get("expr"),
-                    for_ms=decoder.duration(r.get("for"), parse_prom_duration) or 0,
-                    keep_firing_for_ms=decoder.duration(r.get("keep_firing_for"), parse_prom_duration) or 0,
-                    labels=decoder.string_map(r.get("labels")),
-                    annotations=decoder.string_map(r.get("annotations")),
-                    node=rnode,
-                )
-            )
-        out.append(
-            _GroupNode(
-                name=decoder.string(f.get("name")),
-                interval_ms=decoder.duration(f.get("interval"), parse_prom_duration),
-                query_offset_ms=decoder.duration(f.get("query_offset"), parse_prom_duration) or 0,
-                limit=decoder.integer(f.get("limit")),
-                labels=decoder.string_map(f.get("labels")),
-                rules=rules,
-                node=gnode,
-            )
-        )
+        group = _GroupNode("", None, 0, 0, {}, [], gnode)
+        fields = decoder.fields(gnode, "rulefmt.RuleGroup", group_keys)
+        for key, node in fields.items():
+            if key == "name":
+                group.name = decoder.string(node)
+            elif key in ("interval", "query_offset"):
+                ms = decoder.duration(node, parse_prom_duration)
+                if key == "interval":
+                    group.interval_ms = ms
+                else:
+                    group.query_offset_ms = ms or 0
+            elif key == "limit":
+                group.limit = decoder.integer(node)
+            elif key == "labels":
+                group.labels = decoder.string_map(node)
+            else:
+                group.rules = [_decode_rule(decoder, r) for r in decoder.seq(node, "[]rulefmt.RuleNode")]
+        decoder.finish(fields)
+        out.append(group)
     return out
+
+
+def _decode_rule(decoder: GoDecoder, rnode: yaml.Node) -> _RuleNode:
+    rule = _RuleNode(None, None, None, 0, 0, {}, {}, rnode)
+    fields = decoder.fields(rnode, "rulefmt.RuleNode", RULE_KEYS)
+    for key, node in fields.items():
+        if key in ("record", "alert", "expr"):
+            setattr(rule, key, node)  # yaml.Node fields: any node, no decoding
+        elif key == "for":
+            rule.for_ms = decoder.duration(node, parse_prom_duration) or 0
+        elif key == "keep_firing_for":
+            rule.keep_firing_for_ms = decoder.duration(node, parse_prom_duration) or 0
+        elif key == "labels":
+            rule.labels = decoder.string_map(node)
+        else:
+            rule.annotations = decoder.string_map(node)
+    decoder.finish(fields)
+    return rule
 
 
 def _second_pass(root: yaml.Node) -> list[str]:
