@@ -15,6 +15,7 @@ prints the agreement counts and every disagreement.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -150,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", choices=["check", "test"], help="only one command")
     parser.add_argument("--no-compat", action="store_true", help="run sentinel without --prometheus-compat 2")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every disagreement in full")
+    parser.add_argument("-j", "--jobs", type=int, default=1, help="files compared at once (processes)")
     args = parser.parse_args(argv)
     promtool = promtool_path()
     if promtool is None:
@@ -160,13 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = [] if args.no_compat else ["--prometheus-compat", "2"]
     results: list[Comparison] = []
     jobs = [("check", f) for f in rule_files] + [("test", f) for f in test_files]
-    for command, file in jobs:
-        if args.only and command != args.only:
-            continue
-        result = compare(command, file, promtool, extra)
-        results.append(result)
-        if not result.identical and args.verbose:
-            print(result.describe())
+    jobs = [(command, file) for command, file in jobs if not args.only or command == args.only]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(compare, command, file, promtool, extra) for command, file in jobs]
+        for future in futures:
+            result = future.result()
+            results.append(result)
+            mark = "=" if result.identical else ("~" if result.same_verdict else "X")
+            print(f"{mark} {result.command} {result.file.relative_to(SUITES)}", flush=True)
+            if not result.identical and args.verbose:
+                print(result.describe(), flush=True)
     for command in ("check", "test"):
         mine = [r for r in results if r.command == command]
         same = sum(r.same_verdict for r in mine)

@@ -51,6 +51,7 @@ from sentinel.alerting.rulefile import (
     load_rule_files,
     parse_prom_duration,
 )
+from sentinel.alerting.seriesdesc import series_error
 from sentinel.alerting.state import AlertState
 from sentinel.alerting.template_values import go_quote
 from sentinel.promql import Engine
@@ -282,6 +283,10 @@ def _input_samples(group: TestGroup) -> list[_InputSample]:
     """
     points: list[_InputSample] = []
     for index, item in enumerate(group.input_series):
+        if "{{" not in item.values:  # native histograms: promtool 3's syntax, not checked here
+            error = series_error(item.series, item.values, index + 1)
+            if error is not None:
+                raise ValueError(error)
         try:
             labels, values = parse_series_line(f"{item.series} {item.values}", index + 2)
         except TestFormatError as exc:
