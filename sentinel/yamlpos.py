@@ -78,21 +78,24 @@ class _Loader(yaml.SafeLoader):
     its target's children, so everything below it is the anchored content.
     """
 
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         if not self.check_event(yaml.AliasEvent):
-            node: yaml.Node = super().compose_node(parent, index)
-            return node
-        event = self.peek_event()
-        target: yaml.Node = super().compose_node(parent, index)
+            return super().compose_node(parent, index)
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        target = super().compose_node(parent, index)
         copy: yaml.Node
         if isinstance(target, yaml.ScalarNode):
             copy = yaml.ScalarNode(target.tag, target.value, event.start_mark, event.end_mark, target.style)
         elif isinstance(target, yaml.SequenceNode):
-            copy = yaml.SequenceNode(target.tag, target.value, event.start_mark, event.end_mark, target.flow_style)
+            flow = getattr(target, "flow_style", None)
+            copy = yaml.SequenceNode(target.tag, target.value, event.start_mark, event.end_mark, flow)
+        elif isinstance(target, yaml.MappingNode):
+            flow = getattr(target, "flow_style", None)
+            copy = yaml.MappingNode(target.tag, target.value, event.start_mark, event.end_mark, flow)
         else:
-            copy = yaml.MappingNode(target.tag, target.value, event.start_mark, event.end_mark, target.flow_style)
-        copy.alias = event.anchor  # type: ignore[attr-defined]
-        copy.target = target  # type: ignore[attr-defined]
+            return target
+        setattr(copy, "alias", event.anchor)  # noqa: B010 - PyYAML's nodes declare no such field
+        setattr(copy, "target", target)  # noqa: B010
         return copy
 
 
@@ -145,10 +148,10 @@ def _compose(text: str) -> yaml.Node | None:
     """The first document's node: Go's decoders read one document and ignore the rest."""
     loader = _Loader(text)
     try:
-        loader.get_event()  # StreamStart
+        loader.get_event()  # type: ignore[no-untyped-call]  # StreamStart
         if loader.check_event(yaml.StreamEndEvent):
             return None
-        node: yaml.Node = loader.compose_document()
+        node: yaml.Node | None = loader.compose_document()
         return node
     finally:
         loader.dispose()
@@ -307,9 +310,8 @@ class _RawMapping(dict[Any, Any]):
 
 
 def _kind(node: yaml.Node) -> str:
-    return {yaml.ScalarNode: "a scalar", yaml.SequenceNode: "a sequence", yaml.MappingNode: "a mapping"}.get(
-        type(node), node.id
-    )
+    kinds = {yaml.ScalarNode: "a scalar", yaml.SequenceNode: "a sequence", yaml.MappingNode: "a mapping"}
+    return kinds.get(type(node), "a node")
 
 
 def position_of(positions: dict[Path, Position], loc: Sequence[str | int]) -> Position | None:

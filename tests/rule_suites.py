@@ -130,9 +130,7 @@ def compare(command: str, file: Path, promtool: str, extra: Sequence[str] = ()) 
     rel = str(file.relative_to(suite_root))
     p_args = [command, "rules", rel]
     s_args = [command, "rules", *extra, rel]
-    return Comparison(
-        command, file, run_promtool(promtool, p_args, suite_root), run_sentinel(s_args, suite_root)
-    )
+    return Comparison(command, file, run_promtool(promtool, p_args, suite_root), run_sentinel(s_args, suite_root))
 
 
 def _suite_root(file: Path) -> Path:

@@ -42,9 +42,7 @@ def test_check_rules_agrees_with_promtool(rule_file: Path) -> None:
     result = compare("check", rule_file, promtool, COMPAT)
     assert result.sentinel.rc == result.promtool.rc, result.describe()
     assert result.sentinel.stdout == result.promtool.stdout, result.describe()
-    assert sorted(result.sentinel.stderr.splitlines()) == sorted(result.promtool.stderr.splitlines()), (
-        result.describe()
-    )
+    assert sorted(result.sentinel.stderr.splitlines()) == sorted(result.promtool.stderr.splitlines()), result.describe()
 
 
 @pytest.mark.parametrize("test_file", TEST_FILES, ids=_id)
@@ -70,7 +68,9 @@ def test_the_sentinel_command_checks_a_whole_suite_like_promtool() -> None:
         text=True,
         timeout=600,
     )
-    theirs = subprocess.run([promtool, "check", "rules", *files], cwd=suite, capture_output=True, text=True, timeout=600)
+    theirs = subprocess.run(
+        [promtool, "check", "rules", *files], cwd=suite, capture_output=True, text=True, timeout=600
+    )
     assert ours.returncode == theirs.returncode
     assert ours.stdout == theirs.stdout
     assert sorted(ours.stderr.splitlines()) == sorted(theirs.stderr.splitlines())

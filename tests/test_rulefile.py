@@ -171,7 +171,8 @@ PROMTOOL_TEXTS = {
         ['rules.yml: not a valid duration string: "1.5s"'],
     ),
     "invalid label name": (
-        "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up == 0\n        labels:\n          bad-name: x\n",
+        "groups:\n  - name: g\n    rules:\n      - alert: A\n        expr: up == 0\n"
+        "        labels:\n          bad-name: x\n",
         ["""rules.yml: group "g", rule 1, "A": invalid label name: bad-name"""],
     ),
     "bad template": (

@@ -57,7 +57,9 @@ def _nested(depth: int) -> str:
 
 @st.composite
 def _value(draw: st.DrawFn, text: _Text, choices: list[str]) -> str:
-    kind = draw(st.sampled_from(["plain"] * 10 + ["odd", "odd", "alias", "alias", "anchor", "anchor", "block", "nested"]))
+    kind = draw(
+        st.sampled_from(["plain"] * 10 + ["odd", "odd", "alias", "alias", "anchor", "anchor", "block", "nested"])
+    )
     if kind == "alias" and text.scalar_anchors:
         return "*" + draw(st.sampled_from(text.scalar_anchors))
     if kind == "odd":

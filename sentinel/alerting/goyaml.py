@@ -66,6 +66,7 @@ def go_short_tag(node: yaml.Node) -> str:
         return _GO_TAGS.get(node.tag, "!!map") if node.tag != "tag:yaml.org,2002:map" else "!!map"
     if isinstance(node, yaml.SequenceNode):
         return "!!seq"
+    assert isinstance(node, yaml.ScalarNode)
     explicit = _explicit_tag(node)
     if explicit is not None:
         return explicit
@@ -78,7 +79,7 @@ def go_short_tag(node: yaml.Node) -> str:
         return "!!bool"
     if _INT.match(text) and "_" not in text:
         return "!!int"
-    if _FLOAT.match(text) and "_" not in text or _SPECIAL_FLOAT.match(text):
+    if (_FLOAT.match(text) and "_" not in text) or _SPECIAL_FLOAT.match(text):
         return "!!float"
     if _TIMESTAMP.match(text):
         return "!!timestamp"
@@ -89,7 +90,7 @@ def _explicit_tag(node: yaml.ScalarNode) -> str | None:
     # PyYAML leaves a resolved tag on every node; an explicit one shows in the source
     # only through the node's implicit flags, which the composer drops, so compare with
     # what PyYAML would have resolved by itself.
-    resolved = _RESOLVER.resolve(yaml.ScalarNode, node.value, (True, False))
+    resolved = _RESOLVER.resolve(yaml.ScalarNode, node.value, (True, False))  # type: ignore[no-untyped-call]
     if node.tag == resolved or node.tag == "tag:yaml.org,2002:str":
         return None
     return _GO_TAGS.get(node.tag, node.tag)
@@ -228,7 +229,7 @@ class GoDecoder:
     def _merge_pairs(self, value: yaml.Node) -> list[tuple[yaml.Node, yaml.Node]]:
         """The entries a `<<` brings in, first source first; anything but mappings ends decoding."""
         target = _target(value)
-        sources = [target] if isinstance(target, yaml.MappingNode) else []
+        sources: list[yaml.Node] = [target] if isinstance(target, yaml.MappingNode) else []
         if isinstance(target, yaml.SequenceNode):
             sources = [_target(item) for item in target.value]
         if not sources or not all(isinstance(s, yaml.MappingNode) for s in sources):
@@ -368,7 +369,11 @@ def go_syntax_error(exc: yaml.YAMLError, fallback: str) -> str:
     for pattern, text in _PROBLEMS:
         if pattern.search(problem):
             if text is None:
-                text = "did not find expected key" if "mapping" in (exc.context or "") else "did not find expected '-' indicator"
+                text = (
+                    "did not find expected key"
+                    if "mapping" in (exc.context or "")
+                    else "did not find expected '-' indicator"
+                )
             problem = text
             break
     scanner = isinstance(exc, yaml.scanner.ScannerError)

@@ -18,6 +18,7 @@ Prometheus 3 (the default). `duplicate_rules` is promtool's `--lint=duplicate-ru
 from __future__ import annotations
 
 import glob
+import itertools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,8 +29,8 @@ import yaml
 from sentinel.alerting.goyaml import GoDecoder, go_node_value, go_syntax_error
 from sentinel.alerting.promql_errors import parse_error
 from sentinel.alerting.template_parse import TemplateError
-from sentinel.alerting.templates import parse as parse_template
 from sentinel.alerting.template_values import go_quote
+from sentinel.alerting.templates import parse as parse_template
 from sentinel.yamlpos import YamlError, load_document
 
 __all__ = [
@@ -199,9 +200,11 @@ class _Validator:
             where = f"{node[0]}:{node[1]}: "
             if alt is not None:
                 where += f"{alt[0]}:{alt[1]}: "
-        text = f'{self.file}: {where}group {go_quote(group)}, rule {index + 1}, {go_quote(name)}: {message}'
+        text = f"{self.file}: {where}group {go_quote(group)}, rule {index + 1}, {go_quote(name)}: {message}"
         desc = f"rule {index + 1} ({kind} {name!r})" if name else f"rule {index + 1}"
-        self.problems.append(RuleProblem(self.file, (node[0] if node and node[0] else line), group, desc, message, text))
+        self.problems.append(
+            RuleProblem(self.file, (node[0] if node and node[0] else line), group, desc, message, text)
+        )
 
     def valid_metric_name(self, name: str) -> bool:
         return bool(_METRIC_NAME.match(name)) if self.compat < 3 else bool(name)
@@ -310,7 +313,7 @@ def _validate(check: _Validator, groups: list[_GroupNode]) -> list[RuleGroup]:
             check.at(gmark, f'groupname: "{g.name}" is repeated in the same file', g.name)
         seen.add(g.name)
         if check.compat >= 3:
-            for k, v in g.labels.items():
+            for k in g.labels:
                 if not check.valid_label_name(k) or k == "__name__":
                     check.plain(f"invalid label name: {k}", gmark[0], g.name)
         rules = []
@@ -328,7 +331,7 @@ def _validate_rule(check: _Validator, group: str, index: int, r: _RuleNode) -> R
     line = _mark(r.node)[0]
     before = len(check.problems)
 
-    def problem(message: str, node: yaml.Node | None | bool = False, alt: yaml.Node | None | bool = False) -> None:
+    def problem(message: str, node: yaml.Node | bool | None = False, alt: yaml.Node | bool | None = False) -> None:
         # node False: no position (Prometheus has none for label errors); None: 0:0.
         at = None if node is False else _mark(node if isinstance(node, yaml.Node) else None)
         at_alt = None if alt is False else _mark(alt if isinstance(alt, yaml.Node) else None)
@@ -393,11 +396,9 @@ class DuplicateRule:
 
 def duplicate_rules(groups: Iterable[RuleGroup]) -> list[DuplicateRule]:
     """promtool's checkDuplicates: (name, labels) pairs that occur more than once, sorted."""
-    keys = sorted(
-        (rule.name, tuple(sorted(rule.labels.items()))) for group in groups for rule in group.rules
-    )
+    keys = sorted((rule.name, tuple(sorted(rule.labels.items()))) for group in groups for rule in group.rules)
     out: list[DuplicateRule] = []
-    for previous, current in zip(keys, keys[1:]):
+    for previous, current in itertools.pairwise(keys):
         if previous == current and (not out or (out[-1].metric, out[-1].labels) != current):
             out.append(DuplicateRule(current[0], current[1]))
     return out
@@ -423,7 +424,9 @@ def load_rule_files(patterns: Iterable[str], prometheus_compat: int = DEFAULT_PR
                 text = Path(path).read_bytes().decode("utf-8")
             except OSError as exc:
                 reason = (exc.strerror or str(exc)).lower()
-                problems.append(RuleProblem(path, None, None, None, f"cannot read: {exc}", f"{path}: open {path}: {reason}"))
+                problems.append(
+                    RuleProblem(path, None, None, None, f"cannot read: {exc}", f"{path}: open {path}: {reason}")
+                )
                 continue
             except UnicodeDecodeError as exc:
                 problems.append(RuleProblem(path, None, None, None, f"cannot read: {exc}", f"{path}: {exc}"))

@@ -131,7 +131,7 @@ class _Lexer:
                 self.pos = start
                 while self.peek().isdigit():
                     self.pos += 1
-                raise _ParseError(start, f"bad number or duration syntax: {_go_q(self.text[start:self.pos])}")
+                raise _ParseError(start, f"bad number or duration syntax: {_go_q(self.text[start : self.pos])}")
             items.append(_Item("number", self.text[start : self.pos], start))
             return items
         if _is_alpha(ch) or ch == ":":
@@ -163,7 +163,7 @@ class _Lexer:
                 items.append(_Item("}", "}", start))
                 self.pos += 1
                 return items
-            elif ch == "=" and self.peek(1) == "~" or ch == "!" and self.peek(1) in ("=", "~"):
+            elif (ch == "=" and self.peek(1) == "~") or (ch == "!" and self.peek(1) in ("=", "~")):
                 items.append(_Item("op", self.text[start : start + 2], start))
                 self.pos += 2
             elif ch == "=":
