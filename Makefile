@@ -37,7 +37,7 @@ unit: $(VENV)/.sim-installed
 test: lint typecheck unit
 
 bench: $(VENV)/.sim-installed
-	for b in store_bench overhead scrape_bench log_ingest rules_eval event_to_alert alert_to_action notify_latency probe_overhead race; do \
+	for b in store_bench overhead scrape_bench log_ingest rules_eval subquery event_to_alert alert_to_action notify_latency probe_overhead race; do \
 		echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
 
 clean:

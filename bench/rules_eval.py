@@ -17,6 +17,7 @@ time, which is the least any evaluator must do.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
@@ -367,6 +368,7 @@ def main() -> None:
     parser.add_argument("--evaluations", type=int, default=10)
     parser.add_argument("--group-size", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = parser.parse_args()
 
     started = time.perf_counter()
@@ -434,6 +436,23 @@ def main() -> None:
         f"last evaluation by rule kind: {len(experts)} rules over the {LAYERS * EXPERTS * len(WORKERS):,} "
         f"expert series {sum(experts) * 1000:.1f} ms, the other {len(others)} rules {sum(others) * 1000:.1f} ms"
     )
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "median_ms": round(med, 2),
+                    "p90_ms": round(p90, 2),
+                    "baseline_median_ms": round(bmed, 2),
+                    "baseline_p90_ms": round(bp90, 2),
+                    "ratio_vs_baseline": round(med / bmed, 3),
+                    "evaluations": args.evaluations,
+                    "rules": len(rules),
+                    "series": len(host.rows),
+                    "alerts_active": active,
+                    "rule_errors": len(errors),
+                }
+            )
+        )
 
 
 if __name__ == "__main__":

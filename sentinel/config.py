@@ -256,6 +256,20 @@ class RulesConfig(Frozen):
     )
 
 
+class QueryConfig(Frozen):
+    """Bounds of the PromQL query API (`/api/v1/query`, `query_range`, `series`, `labels`)."""
+
+    timeout: Duration = Field(60.0, gt=0, description="A query running longer fails (Prometheus: --query.timeout).")
+    max_samples: int = Field(
+        1_000_000,
+        gt=0,
+        description="Samples one query may hold at once; more fails (Prometheus: --query.max-samples).",
+    )
+    max_concurrency: int = Field(
+        2, gt=0, le=64, description="Queries evaluated at once; others wait (Prometheus: --query.max-concurrency)."
+    )
+
+
 class Config(Frozen):
     listen: str = Field(DEFAULT_LISTEN, description="HOST:PORT of the HTTP server (/metrics and the API).")
     state_dir: str | None = Field(
@@ -276,6 +290,7 @@ class Config(Frozen):
     collectors: CollectorsConfig = CollectorsConfig()
     workers: tuple[WorkerConfig, ...] = ()
     rules: RulesConfig = RulesConfig()
+    query: QueryConfig = QueryConfig()
     remediation: RemediationConfig = RemediationConfig()
     notify: NotifyConfig = NotifyConfig()
     control: ControlConfig = ControlConfig()

@@ -36,6 +36,7 @@ from sentinel.healing import HealingStack
 from sentinel.logsetup import setup_logging
 from sentinel.probe_endpoint import ProbeRegistry
 from sentinel.promql import Engine
+from sentinel.promql.runner import QueryLimits, QueryRunner
 from sentinel.sdnotify import Notifier
 from sentinel.server import ServerContext, start_server
 from sentinel.store import Appender, Store
@@ -120,6 +121,10 @@ class Daemon:
         self.http = SharedHttpSession()
         self.engine = Engine(self.store, lookback_ms=int(config.store.lookback * 1000))
         self._query_engine = engine_query(self.engine)
+        # API queries get a pool, deadline and sample limit of their own (not the default executor).
+        self.queries = QueryRunner(
+            QueryLimits(config.query.timeout, config.query.max_samples, config.query.max_concurrency)
+        )
         self.rules: RuleManager | None = None
         self.healing = HealingStack(self.store, self.state_dir)
         # Workers running sentinel.probe report here; it is also the live batch-limit path.
@@ -147,7 +152,7 @@ class Daemon:
             gpus=self.gpus_snapshot,
             collectors=lambda: [r.health.as_json() for r in self._runners.values()],
             extra_routes=[
-                *prometheus_api_routes(lambda: self.engine, lambda: self.rules),
+                *prometheus_api_routes(lambda: self.engine, lambda: self.rules, self.queries),
                 *self.healing.routes(),
                 *self.probes.routes(),
             ],
@@ -206,6 +211,7 @@ class Daemon:
         log.info("stopping")
         self._ready = False
         self.notifier.notify("STOPPING=1")
+        self.queries.close()  # running queries end at their next step; their threads are not awaited
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         for task in list(self._tasks):

@@ -18,7 +18,6 @@ has not changed. Every write goes through `Store` (or an `Appender`), which bump
 from __future__ import annotations
 
 import math
-import re
 import struct
 import threading
 import time
@@ -27,6 +26,8 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
+
+from sentinel.goregex import LabelRegex
 
 __all__ = [
     "DEFAULT_LOOKBACK_MS",
@@ -102,22 +103,28 @@ class MatchOp(str, Enum):
 
 @dataclass(frozen=True)
 class Matcher:
-    """A PromQL label matcher; regexes are fully anchored like Prometheus's."""
+    """A PromQL label matcher; regexes (Go/RE2 syntax) are fully anchored like Prometheus's.
+
+    Regexes run on RE2 (`goregex`): linear time, whatever the pattern. `dot_nl=False`
+    is Prometheus 2's meaning of `.` (not a newline); 3.x wraps patterns in `(?s:...)`.
+    An invalid pattern raises `goregex.RegexError` (a ValueError).
+    """
 
     name: str
     op: MatchOp
     value: str
+    dot_nl: bool = True
 
     def __post_init__(self) -> None:
         if self.op in (MatchOp.RE, MatchOp.NRE):
-            object.__setattr__(self, "_regex", re.compile(f"(?s:{self.value})\\Z"))
+            object.__setattr__(self, "_regex", LabelRegex(self.value, dot_nl=self.dot_nl))
 
     def matches(self, value: str) -> bool:
         if self.op is MatchOp.EQ:
             return value == self.value
         if self.op is MatchOp.NE:
             return value != self.value
-        hit = self._regex.match(value) is not None  # type: ignore[attr-defined]
+        hit: bool = self._regex.fullmatch(value)  # type: ignore[attr-defined]
         return hit if self.op is MatchOp.RE else not hit
 
 
@@ -170,6 +177,11 @@ class Series:
 
     def __len__(self) -> int:
         return len(self._ts) - self._head
+
+    @property
+    def first_timestamp(self) -> int | None:
+        """The oldest retained sample's time (it grows when retention trims the series)."""
+        return self._ts[self._head] if len(self._ts) > self._head else None
 
     @property
     def last_timestamp(self) -> int | None:

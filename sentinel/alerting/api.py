@@ -3,11 +3,17 @@
 `/api/v1/query`, `/api/v1/query_range`, `/api/v1/rules` and `/api/v1/alerts` answer in
 the same JSON shapes as Prometheus, so Grafana's Prometheus data source, amtool-style
 scripts and curl habits work against a single host's Sentinel, at 1 s resolution.
+
+Queries and metadata lookups run on the `QueryRunner`'s own bounded pool with a
+deadline, a sample limit and cancellation when the client leaves; the JSON answer is
+built there too, one series at a time, so no query stalls the event loop. Bad input
+(a time or step out of range, a query over the text limits of `promql.guard`) is a
+400 with Prometheus's `bad_data` body, never a 500.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -21,7 +27,9 @@ from sentinel.alerting.manager import RuleManager
 from sentinel.alerting.rulefile import parse_prom_duration
 from sentinel.alerting.state import Alert, AlertState
 from sentinel.promql import Engine, Matrix, PromQLError, Scalar, String, Vector, parse
-from sentinel.promql.syntax import Selector
+from sentinel.promql.budget import QueryBudget
+from sentinel.promql.runner import QueryRunner
+from sentinel.promql.syntax import Node, Selector
 from sentinel.store import Matcher, Series, Store, now_ms
 
 __all__ = ["prometheus_api_routes"]
@@ -29,6 +37,9 @@ __all__ = ["prometheus_api_routes"]
 log = logging.getLogger(__name__)
 
 MAX_POINTS = 11_000  # Prometheus refuses range queries above this many points per series
+
+MAX_TIME_S = 1e13
+"""Largest |time| accepted, in seconds (year ~318,000): beyond it times overflow int64 milliseconds."""
 
 
 def _format_value(v: float) -> str:
@@ -58,11 +69,13 @@ def _parse_time(text: str | None, default_ms: int | None) -> int | None:
         pass
     else:
         if math.isfinite(seconds):
+            if abs(seconds) > MAX_TIME_S:
+                raise ValueError(f'cannot parse "{text}" to a valid timestamp: out of range')
             return round(seconds * 1000)
     try:
         return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() * 1000)
-    except ValueError:
-        raise ValueError(f'cannot parse "{text}" to a valid timestamp') from None
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f'cannot parse "{text[:64]}" to a valid timestamp') from None
 
 
 def _parse_step(text: str | None) -> int:
@@ -73,27 +86,43 @@ def _parse_step(text: str | None) -> int:
     except ValueError:
         try:
             seconds = parse_prom_duration(text) / 1000
-        except ValueError:
-            raise ValueError(f'cannot parse "{text}" to a valid duration') from None
-    if seconds <= 0:
+        except (ValueError, OverflowError):
+            raise ValueError(f'cannot parse "{text[:64]}" to a valid duration') from None
+    if not seconds > 0:
         raise ValueError("zero or negative query resolution step widths are not accepted. Try a positive integer")
+    if not math.isfinite(seconds) or seconds > MAX_TIME_S:
+        raise ValueError(f'cannot parse "{text[:64]}" to a valid duration: out of range')
+    if seconds < 0.001:
+        raise ValueError("query resolution step widths below 1ms are not accepted")
     return round(seconds * 1000)
 
 
-def _check_query(expr: str) -> web.Response | None:
-    """A parse error is the client's: 400 bad_data, as Prometheus answers it."""
+class _BadQuery(Exception):
+    """The query text does not parse: the client's error (400 bad_data), as Prometheus answers it."""
+
+
+def _parse_query(engine: Engine, expr: str) -> Node:
+    """`expr` parsed (in the query pool: the parser can take 0.1 s), or _BadQuery."""
     try:
-        parse(expr)
+        return engine.parse(expr)
     except (PromQLError, ValueError, OverflowError) as exc:  # `up @ 1e19` fails in conversion
-        return _error(400, "bad_data", f'invalid parameter "query": {exc}')
-    return None
+        raise _BadQuery(f'invalid parameter "query": {exc}') from None
+
+
+# Prometheus's status for each way a query can fail while running.
+_BUDGET_STATUS = {
+    "query timed out in query execution": (503, "timeout"),
+    "query timed out in query queue": (503, "timeout"),
+    "query was canceled in query execution": (503, "canceled"),
+}
 
 
 def _execution_error(expr: str, exc: Exception) -> web.Response:
-    """An evaluation error: 422 execution, never a bare 500 without the JSON body."""
+    """An evaluation error: 422 execution (503 for timeouts), never a bare 500 without the JSON body."""
     if not isinstance(exc, PromQLError):
-        log.warning("query %r failed unexpectedly: %r", expr, exc)
-    return _error(422, "execution", str(exc) or type(exc).__name__)
+        log.warning("query %.200r failed unexpectedly: %r", expr, exc)
+    status, kind = _BUDGET_STATUS.get(str(exc), (422, "execution"))
+    return _error(status, kind, str(exc) or type(exc).__name__)
 
 
 def _error(status: int, kind: str, message: str) -> web.Response:
@@ -134,6 +163,27 @@ def _metric(labels: tuple[tuple[str, str], ...]) -> dict[str, str]:
     return dict(labels)
 
 
+def _result_body(value: Any, t_ms: int, budget: QueryBudget) -> bytes:
+    """The success response for `value`, encoded one series at a time.
+
+    Each `json.dumps` call holds the GIL; a big matrix encoded in one call would stall
+    the event loop for its whole length, so series are encoded separately (and the
+    budget checked between them).
+    """
+    if not isinstance(value, Matrix):
+        return json.dumps({"status": "success", "data": _result_json(value, t_ms)}).encode()
+    parts = [b'{"status":"success","data":{"resultType":"matrix","result":[']
+    for i, s in enumerate(value):
+        if i:
+            parts.append(b",")
+            if i % 64 == 0:
+                budget.check()
+        values = [[ts / 1000, _format_value(v)] for ts, v in zip(s.timestamps, s.values, strict=True)]
+        parts.append(json.dumps({"metric": _metric(s.labels), "values": values}).encode())
+    parts.append(b"]}}")
+    return b"".join(parts)
+
+
 def _result_json(value: Any, t_ms: int) -> dict[str, Any]:
     t = t_ms / 1000
     if isinstance(value, Vector):
@@ -172,10 +222,36 @@ def _alert_json(alert: Alert) -> dict[str, Any]:
     return out
 
 
+def _client_gone(request: web.Request) -> Callable[[], bool]:
+    """Whether the request's client has closed its connection."""
+
+    def gone() -> bool:
+        transport = request.transport
+        return transport is None or transport.is_closing()
+
+    return gone
+
+
 def prometheus_api_routes(
-    engine_fn: Callable[[], Engine], rules_fn: Callable[[], RuleManager | None]
+    engine_fn: Callable[[], Engine],
+    rules_fn: Callable[[], RuleManager | None],
+    runner: QueryRunner | None = None,
 ) -> list[web.RouteDef]:
-    """Routes for the daemon's server; the callables see the current engine and rules after a reload."""
+    """Routes for the daemon's server; the callables see the current engine and rules after a reload.
+
+    Queries run on `runner` (the daemon's, which it closes at exit); without one, a
+    runner with the default limits.
+    """
+    queries = runner or QueryRunner()
+
+    async def run_query(request: web.Request, expr: str, work: Callable[[QueryBudget], bytes]) -> web.Response:
+        try:
+            body = await queries.run(work, disconnected=_client_gone(request))
+        except _BadQuery as exc:
+            return _error(400, "bad_data", str(exc))
+        except Exception as exc:
+            return _execution_error(expr, exc)
+        return web.Response(body=body, content_type="application/json")
 
     async def query(request: web.Request) -> web.Response:
         params = await _params(request)
@@ -187,15 +263,13 @@ def prometheus_api_routes(
         except ValueError as exc:
             return _error(400, "bad_data", f'invalid parameter "time": {exc}')
         assert t is not None
-        bad_query = _check_query(expr)
-        if bad_query is not None:
-            return bad_query
         engine = engine_fn()
-        try:
-            value = await asyncio.to_thread(engine.instant, expr, t)
-        except Exception as exc:
-            return _execution_error(expr, exc)
-        return _success(_result_json(value, t))
+
+        def work(budget: QueryBudget) -> bytes:
+            value = engine.instant_query(_parse_query(engine, expr), t, budget=budget).value
+            return _result_body(value, t, budget)
+
+        return await run_query(request, expr, work)
 
     async def query_range(request: web.Request) -> web.Response:
         params = await _params(request)
@@ -219,15 +293,13 @@ def prometheus_api_routes(
                 "exceeded maximum resolution of 11,000 points per timeseries. "
                 "Try decreasing the query resolution (?step=XX)",
             )
-        bad_query = _check_query(expr)
-        if bad_query is not None:
-            return bad_query
         engine = engine_fn()
-        try:
-            value = await asyncio.to_thread(engine.range, expr, start, end, step)
-        except Exception as exc:
-            return _execution_error(expr, exc)
-        return _success(_result_json(value, end))
+
+        def work(budget: QueryBudget) -> bytes:
+            value = engine.range_query(_parse_query(engine, expr), start, end, step, budget=budget).value
+            return _result_body(value, end, budget)
+
+        return await run_query(request, expr, work)
 
     async def rules(request: web.Request) -> web.Response:
         manager = rules_fn()
@@ -287,9 +359,12 @@ def prometheus_api_routes(
         active = manager.active_alerts() if manager else []
         return _success({"alerts": [_alert_json(a) for _, _, a in active]})
 
-    def series_in(request_store: Store, match: list[tuple[Matcher, ...]], start: int, end: int) -> list[Series]:
+    def series_in(
+        request_store: Store, match: list[tuple[Matcher, ...]], start: int, end: int, budget: QueryBudget
+    ) -> list[Series]:
         found: dict[tuple[tuple[str, str], ...], Series] = {}
         for matchers in match or [()]:
+            budget.check()
             for series in request_store.select(list(matchers)):
                 ts, _ = series.range(start - 1, end, left_open=True)
                 if len(ts):
@@ -306,7 +381,13 @@ def prometheus_api_routes(
             return None, _error(400, "bad_data", str(exc))
         assert start is not None and end is not None  # both have defaults
         store = engine_fn().store
-        return await asyncio.to_thread(series_in, store, match, start, end), None
+        try:
+            found = await queries.run(
+                lambda budget: series_in(store, match, start, end, budget), disconnected=_client_gone(request)
+            )
+        except PromQLError as exc:
+            return None, _execution_error("match[]", exc)
+        return found, None
 
     async def series(request: web.Request) -> web.Response:
         try:

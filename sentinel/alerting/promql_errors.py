@@ -15,6 +15,8 @@ import re
 
 import promql_parser
 
+from sentinel.promql import PromQLError, guard
+
 __all__ = ["parse_error"]
 
 _TYPE_NAMES = {"matrix": "range vector", "vector": "instant vector", "scalar": "scalar", "string": "string"}
@@ -27,7 +29,11 @@ _BINARY_TAIL = re.compile(
 def parse_error(expr: str) -> str | None:
     """None when `expr` parses; else the message promtool prints after `could not parse expression: `."""
     try:
+        # Bounded first: promql-parser can overflow its stack (SIGSEGV) on deep input.
+        guard.check_text(expr)
         promql_parser.parse(expr)
+    except PromQLError as exc:
+        return f"1:1: parse error: {exc}"
     except ValueError as exc:
         return _prometheus_text(expr, str(exc))
     return None

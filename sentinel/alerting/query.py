@@ -27,7 +27,7 @@ def engine_query(engine: Engine) -> QueryFn:
 
     def query(expr: str, t_ms: int) -> list[VectorSample]:
         try:
-            value = engine.instant(expr, t_ms, shared=shared)
+            value = engine.instant(expr, t_ms, shared=shared, as_rule=True)
         except PromQLError as exc:
             raise QueryError(str(exc)) from exc
         if isinstance(value, Vector):

@@ -8,14 +8,12 @@ Behaviour follows prometheus/template/template.go and prometheus/common's helper
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import math
-import re
 import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import quote_plus, urlsplit
 
 from sentinel.alerting.template_format import format_float, go_sprint, go_sprintf, go_sprintln
@@ -34,6 +32,7 @@ from sentinel.alerting.template_values import (
     is_true,
     word_break_class,
 )
+from sentinel.goregex import RegexError, compile_go, searchable
 
 __all__ = ["FUNCS", "PARAM_TYPES", "FuncEnv", "GoFunc", "ParamKind", "convert_to_float", "float_to_time"]
 
@@ -492,116 +491,17 @@ def strip_domain(hostport: str) -> str:
 
 
 # --- Prometheus: regular expressions ------------------------------------------------------------
-
-_POSIX_CLASSES = {
-    "alnum": "0-9A-Za-z",
-    "alpha": "A-Za-z",
-    "ascii": "\\x00-\\x7F",
-    "blank": "\\t ",
-    "cntrl": "\\x00-\\x1F\\x7F",
-    "digit": "0-9",
-    "graph": "!-~",
-    "lower": "a-z",
-    "print": " -~",
-    "punct": "!-/:-@\\[-`{-~",
-    "space": "\\t\\n\\v\\f\\r ",
-    "upper": "A-Z",
-    "word": "0-9A-Za-z_",
-    "xdigit": "0-9A-Fa-f",
-}
+# Go's regexp package is RE2: `goregex` compiles with RE2 itself (linear time, Go's syntax).
 
 
-def _translate_class(pattern: str, i: int) -> tuple[str, int] | None:
-    """The bracket expression at pattern[i] in Python syntax, and the index after it."""
-    out = ["["]
-    j = i + 1
-    if pattern.startswith("^", j):
-        out.append("^")
-        j += 1
-    first = True
-    while j < len(pattern):
-        ch = pattern[j]
-        if ch == "]" and not first:
-            out.append("]")
-            return "".join(out), j + 1
-        first = False
-        posix = re.match(r"\[:(\w+):\]", pattern[j:])
-        if posix and posix.group(1) in _POSIX_CLASSES:
-            out.append(_POSIX_CLASSES[posix.group(1)])
-            j += posix.end()
-        elif ch == "\\" and j + 1 < len(pattern):
-            out.append(pattern[j : j + 2])
-            j += 2
-        else:
-            # Python reserves "[", "&&", "~~" and "||" inside sets for future syntax.
-            out.append("\\" + ch if ch in "[&~|" else ch)
-            j += 1
-    return None
-
-
-def _translate_regex(pattern: str) -> str:
-    """RE2 syntax as Python's re reads it: \\z, \\Q..\\E, POSIX classes, (?<name>, and $ = end."""
-    multiline = re.search(r"\(\?[a-zA-Z]*m", pattern) is not None
-    out: list[str] = []
-    i = 0
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\" and i + 1 < len(pattern):
-            nxt = pattern[i + 1]
-            if nxt == "Q":
-                end = pattern.find("\\E", i + 2)
-                literal = pattern[i + 2 :] if end < 0 else pattern[i + 2 : end]
-                out.append(re.escape(literal))
-                i = len(pattern) if end < 0 else end + 2
-                continue
-            out.append("\\Z" if nxt == "z" else pattern[i : i + 2])
-            i += 2
-        elif ch == "[":
-            cls = _translate_class(pattern, i)
-            if cls is None:
-                out.append(pattern[i:])  # unterminated: let re report it
-                break
-            out.append(cls[0])
-            i = cls[1]
-        elif ch == "$" and not multiline:
-            out.append("\\Z")  # RE2's $ is the end of text, never before a final newline
-            i += 1
-        elif pattern.startswith("(?<", i) and not pattern.startswith(("(?<=", "(?<!"), i):
-            out.append("(?P<")
-            i += 3
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
-
-
-@functools.lru_cache(maxsize=256)
-def _compile(pattern: str) -> re.Pattern[str]:
+def _compile(pattern: str) -> Any:
     try:
-        # RE2's \d, \w, \s and \b are ASCII-only.
-        return re.compile(_translate_regex(pattern), re.ASCII)
-    except (re.error, OverflowError, RecursionError) as e:
-        msg = getattr(e, "msg", str(e))
-        for python, go in _REGEX_ERRORS:
-            if msg.startswith(python):
-                msg = go
-                break
-        raise GoFuncError(f"error parsing regexp: {msg}: `{pattern}`") from None
+        return compile_go(pattern)
+    except RegexError as e:
+        raise GoFuncError(str(e)) from None
 
 
-# Python's wording of common syntax errors, and what RE2 says instead.
-_REGEX_ERRORS = (
-    ("missing ), unterminated subpattern", "missing closing )"),
-    ("unbalanced parenthesis", "unexpected )"),
-    ("unterminated character set", "missing closing ]"),
-    ("nothing to repeat", "missing argument to repetition operator"),
-    ("multiple repeat", "invalid nested repetition operator"),
-    ("bad escape", "invalid escape sequence"),
-    ("bad character range", "invalid character class range"),
-)
-
-
-def _expand(template: str, m: re.Match[str]) -> str:
+def _expand(template: str, m: Any) -> str:
     """regexp.Expand: $1, ${1}, $name, ${name} and $$ in a replacement."""
     out: list[str] = []
     while True:
@@ -642,8 +542,9 @@ def re_replace_all(pattern: str, repl: str, text: str) -> str:
         raise GoFuncError(f"regexp: Compile({quoted}): {e}") from None
     out: list[str] = []
     search, last_end = 0, 0
+    haystack = searchable(text)
     while search <= len(text):
-        m = compiled.search(text, search)
+        m = compiled.search(haystack, search)
         if m is None:
             break
         start, end = m.span()
@@ -692,7 +593,7 @@ def _path_prefix(env: FuncEnv) -> str:
 
 
 def _match(pattern: str, text: str) -> bool:
-    return _compile(pattern).search(text) is not None
+    return _compile(pattern).search(searchable(text)) is not None
 
 
 def _s(fn: Callable[[str], object]) -> GoFunc:

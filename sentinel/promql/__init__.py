@@ -4,6 +4,9 @@
     engine.instant('sum by (gpu) (rate(xid_errors_total[5m])) > 0', now_ms)
     engine.range("up", start_ms, end_ms, step_ms)
 
+`Engine(store, prometheus_compat=2)` follows Prometheus 2.42 instead (windows that
+include their start, its syntax and arithmetic); `parse(text, 2)` checks 2.42's syntax.
+
 Expressions are parsed once (cached by text) with promql-parser; values are the
 typed `Scalar`, `String`, `Vector` and `Matrix`; every query error is a
 `PromQLError`. `metric_names(expr)` lists the metrics an expression reads.

@@ -7,8 +7,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from sentinel.promql import gomath, stats
-from sentinel.promql.labels import NAME, LabelMemo, format_value, with_label
+from sentinel.promql import gomath, prom2_math, stats
+from sentinel.promql.labels import NAME, LabelMemo, format_value, valid_label_name, with_label
 from sentinel.promql.model import PromQLError, Sample, Value, Vector
 from sentinel.promql.syntax import Aggregate, StringLit
 from sentinel.promql.xxhash import labels_hash
@@ -39,6 +39,15 @@ _REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
 }
 
 
+_PROM2_REDUCERS: dict[str, Callable[[Sequence[float]], float]] = {
+    "sum": prom2_math.sum_,
+    "avg": prom2_math.avg,
+    "stddev": lambda values: math.sqrt(prom2_math.stdvar(values)),
+    "stdvar": prom2_math.stdvar,
+}
+"""Reducers whose Prometheus 2.42 arithmetic differs from 3.x's (compat mode 2)."""
+
+
 def grouping_fn(node: Aggregate) -> Callable[[Labels], Labels]:
     """Map a sample's labels to its group's labels (which are also the output labels)."""
     return _grouping(node.without, node.grouping)
@@ -67,7 +76,7 @@ def aggregate(ev: Evaluator, node: Aggregate, t: int) -> Value:
         else:
             param = ev.eval_scalar(node.param, t)
     vec = ev.eval_vector(node.expr, t)
-    reducer = _REDUCERS.get(op)
+    reducer = (_PROM2_REDUCERS.get(op) if ev.compat == 2 else None) or _REDUCERS.get(op)
     if reducer is not None:
         return _reduce(vec, grouping_fn(node), reducer)
     if op in ("topk", "bottomk", "limitk", "limit_ratio"):
@@ -82,7 +91,7 @@ def aggregate(ev: Evaluator, node: Aggregate, t: int) -> Value:
         return _reduce(vec, grouping_fn(node), lambda values: stats.quantile(param, values))
     if op == "count_values":
         assert isinstance(param, str)
-        return _count_values(param, vec, grouping_fn(node))
+        return _count_values(ev, param, vec, grouping_fn(node))
     raise PromQLError(f"unsupported aggregation {op!r}")
 
 
@@ -145,8 +154,8 @@ def _ratio_keep(ratio: float, labels: Labels) -> bool:
     return (ratio >= 0 and offset < ratio) or (ratio < 0 and offset >= 1.0 + ratio)
 
 
-def _count_values(label: str, vec: Vector, group_of: Callable[[Labels], Labels]) -> Vector:
-    if not label or not label.isprintable():
+def _count_values(ev: Evaluator, label: str, vec: Vector, group_of: Callable[[Labels], Labels]) -> Vector:
+    if not valid_label_name(label, ev.compat):
         raise PromQLError(f"invalid label name {label!r}")
     counts: dict[Labels, int] = {}
     for s in vec:

@@ -10,6 +10,12 @@ created or removed.
 The rule engine runs many instant queries at one time that repeat sub-expressions;
 `SharedResults` lets those queries reuse each other's results while the data they
 read is unchanged.
+
+`prometheus_compat=2` evaluates as Prometheus 2.42 does (see `prom2`): windows that
+include their start (`[t - range, t]`, lookback `[t - 5m, t]`, subquery steps from the
+first aligned time at or after the start), `__name__` dropped by each function or
+operator at once (so duplicates fail there, not only in the final result), 2.42's
+arithmetic (`prom2_math`), its legacy label-name rule, and its syntax.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sentinel.promql import aggregations, binops, functions, syntax
+from sentinel.promql import aggregations, binops, functions, subcache, syntax
+from sentinel.promql.budget import QueryBudget
 from sentinel.promql.labels import check_unique, without_name
 from sentinel.promql.model import (
     Annotations,
@@ -32,12 +39,24 @@ from sentinel.promql.model import (
     Value,
     Vector,
 )
+from sentinel.promql.subcache import SubqueryCache
 from sentinel.store import Labels, Series, Store
 
 __all__ = ["DEFAULT_SUBQUERY_STEP_MS", "Engine", "Evaluator", "QueryResult", "SharedResults"]
 
 DEFAULT_SUBQUERY_STEP_MS = 60_000
 """Step of `x[5m:]` subqueries (Prometheus uses the global evaluation interval)."""
+
+PROMETHEUS_COMPAT_MODES = (2, 3)
+"""`prometheus_compat` values: the Prometheus major version whose semantics to follow."""
+
+
+def check_compat(value: object) -> int:
+    """`value` as a compat mode, or ValueError naming the allowed ones."""
+    if isinstance(value, bool) or value not in PROMETHEUS_COMPAT_MODES:
+        raise ValueError(f"prometheus_compat must be 2 or 3, got {value!r}")
+    assert isinstance(value, int)
+    return value
 
 
 @dataclass
@@ -49,28 +68,54 @@ class QueryResult:
 
 
 class Engine:
-    """Evaluates PromQL over a `Store` with Prometheus 3.x semantics."""
+    """Evaluates PromQL over a `Store` with Prometheus 3.x semantics (or 2.42's: `prometheus_compat=2`)."""
 
     def __init__(
         self,
         store: Store,
         lookback_ms: int = 300_000,
         subquery_step_ms: int = DEFAULT_SUBQUERY_STEP_MS,
+        *,
+        prometheus_compat: int = 3,
+        subquery_settle_ms: int = 60_000,
     ) -> None:
+        """`subquery_settle_ms`: how late a sample may still be written (writers append in time
+        order, a collector's pass at most this long after its timestamp); rule evaluations
+        reuse subquery steps that read only older data (`subcache`)."""
         self.store = store
         self.lookback_ms = lookback_ms
         self.subquery_step_ms = subquery_step_ms
+        self.prometheus_compat = check_compat(prometheus_compat)
+        self.subquery_settle_ms = subquery_settle_ms
 
-    def instant(self, expr: str | syntax.Node, t_ms: int, *, shared: SharedResults | None = None) -> Value:
+    def parse(self, expr: str | syntax.Node) -> syntax.Node:
+        """`expr` parsed with this engine's syntax (Prometheus 2.42's refuses more)."""
+        return syntax.parse(expr, self.prometheus_compat) if isinstance(expr, str) else expr
+
+    def instant(
+        self, expr: str | syntax.Node, t_ms: int, *, shared: SharedResults | None = None, as_rule: bool = False
+    ) -> Value:
         """Evaluate at one time; the result is a Vector, Scalar, Matrix or String.
 
         With `shared` (from `shared_results`), sub-expression results are reused across
-        the calls that pass it; the value is the same as without it.
+        the calls that pass it; the value is the same as without it. `as_rule` evaluates
+        as Prometheus evaluates a rule: its expression as re-printed, which sorts each
+        selector's matchers (only `absent()` can tell).
         """
+        node = self.parse(expr)
         if shared is None or not shared.begin(self, t_ms):
-            return self.instant_query(expr, t_ms).value
-        node = syntax.parse(expr) if isinstance(expr, str) else expr
-        ev = Evaluator(self, t_ms, t_ms, is_range=False, shared=shared)
+            ev = Evaluator(self, t_ms, t_ms, is_range=False, as_rule=as_rule)
+        else:
+            ev = Evaluator(
+                self,
+                t_ms,
+                t_ms,
+                is_range=False,
+                shared=shared,
+                as_rule=as_rule,
+                subqueries=shared.subqueries,
+                settled_before=t_ms - self.subquery_settle_ms,
+            )
         return finish(ev.eval(node, t_ms))
 
     def shared_results(self) -> SharedResults:
@@ -81,24 +126,39 @@ class Engine:
         """Evaluate at start, start+step, ... end; one series per distinct label set."""
         return self.range_query(expr, start_ms, end_ms, step_ms).value  # type: ignore[return-value]
 
-    def instant_query(self, expr: str | syntax.Node, t_ms: int) -> QueryResult:
-        """Like `instant`, with annotations."""
-        node = syntax.parse(expr) if isinstance(expr, str) else expr
-        ev = Evaluator(self, t_ms, t_ms, is_range=False)
-        value = finish(ev.eval(node, t_ms))
+    def instant_query(self, expr: str | syntax.Node, t_ms: int, *, budget: QueryBudget | None = None) -> QueryResult:
+        """Like `instant`, with annotations; `budget` bounds its time and samples."""
+        node = self.parse(expr)
+        ev = Evaluator(self, t_ms, t_ms, is_range=False, budget=budget)
+        value = finish(_guarded(ev.eval, node, t_ms))
         return QueryResult(value, ev.annotations)
 
-    def range_query(self, expr: str | syntax.Node, start_ms: int, end_ms: int, step_ms: int) -> QueryResult:
-        """Like `range`, with annotations."""
+    def range_query(
+        self,
+        expr: str | syntax.Node,
+        start_ms: int,
+        end_ms: int,
+        step_ms: int,
+        *,
+        budget: QueryBudget | None = None,
+    ) -> QueryResult:
+        """Like `range`, with annotations; `budget` bounds its time and samples."""
         if step_ms <= 0:
             raise PromQLError("zero or negative query resolution step widths are not accepted")
         if end_ms < start_ms:
             raise PromQLError("end timestamp must not be before start time")
-        node = syntax.parse(expr) if isinstance(expr, str) else expr
-        ev = Evaluator(self, start_ms, end_ms, is_range=True, step_ms=step_ms)
+        node = self.parse(expr)
+        # Consecutive steps share most subquery steps; within one query all data is settled.
+        ev = Evaluator(
+            self, start_ms, end_ms, is_range=True, step_ms=step_ms, budget=budget, subqueries=SubqueryCache()
+        )
         series: dict[Labels, tuple[list[int], list[float]]] = {}
         for t in range(start_ms, end_ms + 1, step_ms):
-            value = ev.eval(node, t)
+            if budget is not None:
+                budget.check()
+            value = _guarded(ev.eval, node, t)
+            if budget is not None:
+                budget.hold(len(value) if isinstance(value, Vector) else 1)
             if isinstance(value, Scalar):
                 points = series.setdefault((), ([], []))
                 points[0].append(t)
@@ -114,6 +174,14 @@ class Engine:
         matrix = Matrix(RangeSeries(labels, _ints(ts), _floats(vs)) for labels, (ts, vs) in series.items())
         matrix.sort(key=lambda s: s.labels)
         return QueryResult(matrix, ev.annotations)
+
+
+def _guarded(evaluate: Callable[[syntax.Node, int], Value], node: syntax.Node, t: int) -> Value:
+    """`evaluate(node, t)`, with a stack too deep for Python reported as a query error."""
+    try:
+        return evaluate(node, t)
+    except RecursionError:
+        raise PromQLError("query too deeply nested to evaluate") from None
 
 
 def finish_vector(value: Vector) -> Vector:
@@ -170,6 +238,8 @@ class SharedResults:
         self._entries: dict[tuple[int, int], tuple[syntax.Node, int, frozenset[str] | None, Value]] = {}
         # id(node) -> (node, metric names it reads, None for any)
         self._deps: dict[int, tuple[syntax.Node, frozenset[str] | None]] = {}
+        # Subquery steps, kept across evaluation times (only settled data: `subcache`).
+        self.subqueries = SubqueryCache()
 
     def begin(self, engine: Engine, t_ms: int) -> bool:
         """Start one query at `t_ms`; False when this cache cannot serve it."""
@@ -202,6 +272,10 @@ class SharedResults:
         return value
 
 
+def _series_labels(series: Series) -> Labels:
+    return series.labels
+
+
 def _ints(values: list[int]) -> array[int]:
     return array("q", values)
 
@@ -222,14 +296,26 @@ class Evaluator:
         is_range: bool,
         step_ms: int = 0,
         shared: SharedResults | None = None,
+        as_rule: bool = False,
+        budget: QueryBudget | None = None,
+        subqueries: SubqueryCache | None = None,
+        settled_before: int | None = None,
     ) -> None:
         self.store = engine.store
         self.lookback_ms = engine.lookback_ms
         self.subquery_step_ms = engine.subquery_step_ms
+        self.compat = engine.prometheus_compat
+        # Timestamps are whole milliseconds, so Prometheus 2's closed window [s, e] is the
+        # open (s - 1, e] that the store reads: every read widens by this much.
+        self.closed_shift = 1 if self.compat == 2 else 0
         self.start_ms = start_ms
         self.end_ms = end_ms
         self.is_range = is_range
         self.step_ms = step_ms
+        self.as_rule = as_rule
+        self.budget = budget
+        self._subqueries = subqueries
+        self._settled_before = settled_before
         self.annotations = Annotations()
         self._series_cache: dict[int, tuple[Series, ...]] = {}
         self._shared = shared
@@ -239,11 +325,17 @@ class Evaluator:
     def eval(self, node: syntax.Node, t: int) -> Value:
         """Evaluate `node` at time `t` (ms)."""
         if self._shared is not None and type(node) in _SHAREABLE:
-            return self._shared.eval(self, node, t)
-        handler = _HANDLERS.get(type(node))
-        if handler is None:
-            raise PromQLError(f"cannot evaluate {type(node).__name__}")
-        return handler(self, node, t)
+            value = self._shared.eval(self, node, t)
+        else:
+            handler = _HANDLERS.get(type(node))
+            if handler is None:
+                raise PromQLError(f"cannot evaluate {type(node).__name__}")
+            value = handler(self, node, t)
+        if self.compat == 2 and isinstance(value, Vector):
+            # Prometheus 2 drops `__name__` in each function and operator, and refuses
+            # duplicate label sets right there.
+            return finish_vector(value)
+        return value
 
     def eval_vector(self, node: syntax.Node, t: int) -> Vector:
         value = self.eval(node, t)
@@ -292,13 +384,17 @@ class Evaluator:
                 for series in self.store.select_cached(group):
                     merged[series.labels] = series
             found = tuple(merged.values())
+        if self.compat == 2:
+            # Prometheus reads series sorted by labels, and 2.42's plain `sum` adds in
+            # that order: the same order gives the same rounding.
+            found = tuple(sorted(found, key=_series_labels))
         self._series_cache[key] = found
         return found
 
     def select_instant(self, sel: syntax.Selector, t: int) -> Vector:
         """Each matching series' newest non-stale sample in (t - lookback, t]."""
         te = self.resolve_time(sel.at, sel.offset_ms, t)
-        lookback = self.lookback_ms
+        lookback = self.lookback_ms + self.closed_shift
         out = Vector()
         append = out.append
         for series in self.series_for(sel):
@@ -311,22 +407,25 @@ class Evaluator:
         """Like `select_instant`, but each value is the sample's own timestamp in seconds."""
         te = self.resolve_time(sel.at, sel.offset_ms, t)
         out = Vector()
+        lookback = self.lookback_ms + self.closed_shift
         for series in self.series_for(sel):
-            hit = series.latest_at(te, self.lookback_ms)
+            hit = series.latest_at(te, lookback)
             if hit is not None:
                 out.append(Sample(series.labels, hit[0] / 1000, drop_name=True))
         return out
 
     def select_range(self, sel: syntax.Selector, range_ms: int, t: int) -> tuple[Matrix, int]:
-        """Samples in (te - range, te] per series, plus te (the window's end)."""
+        """Samples in (te - range, te] per series ([te - range, te] in mode 2), plus te (the window's end)."""
         te = self.resolve_time(sel.at, sel.offset_ms, t)
-        start = te - range_ms
+        start = te - range_ms - self.closed_shift
         out = Matrix()
         append = out.append
         for series in self.series_for(sel):
             ts, vs, hints, correction = series.range_hinted(start, te)
             if len(ts):
                 append(RangeSeries(series.labels, ts, vs, False, hints, correction))
+        if self.budget is not None:
+            self.budget.peek(sum(len(s) for s in out))
         return out, te
 
     def eval_range_arg(self, node: syntax.Node, t: int) -> tuple[Matrix, int, int]:
@@ -343,25 +442,50 @@ class Evaluator:
         """Evaluate the inner expression at each aligned step in (te - range, te]."""
         te = self.resolve_time(node.at, node.offset_ms, t)
         step = node.step_ms or self.subquery_step_ms
-        # Prometheus aligns subquery steps to absolute multiples of the step.
-        first = ((te - node.range_ms) // step + 1) * step
-        series: dict[Labels, tuple[list[int], list[float], list[bool]]] = {}
-        for ts in range(first, te + 1, step):
+        # Prometheus aligns subquery steps to absolute multiples of the step: the first
+        # after the window's start (3.x), or at or after it (2.x).
+        first = ((te - node.range_ms - self.closed_shift) // step + 1) * step
+        steps = range(first, te + 1, step)
+        budget = self.budget
+        held = 0
+
+        def compute(ts: int) -> Vector:
+            nonlocal held
+            if budget is not None:
+                budget.check()
             value = self.eval(node.expr, ts)
             if isinstance(value, Scalar):
                 value = Vector([Sample((), value.value)])
             if not isinstance(value, Vector):
                 raise PromQLError("subquery is only allowed on instant vector")
-            for sample in value:
-                points = series.get(sample.labels)
-                if points is None:
-                    points = series[sample.labels] = ([], [], [False])
-                points[0].append(ts)
-                points[1].append(sample.value)
-                if sample.drop_name:
-                    points[2][0] = True
+            if budget is not None:
+                held += len(value)
+                budget.hold(len(value))
+            return value
+
+        try:
+            points = None
+            if self._subqueries is not None:
+                selections = [
+                    self.store.select_cached(g) for sel in syntax.selectors(node.expr) for g in sel.alternatives
+                ]
+                points = self._subqueries.evaluate(
+                    node, self.lookback_ms + self.closed_shift, selections, steps, self._settled_before, compute
+                )
+            if points is None:
+                points = {}
+                for ts in steps:
+                    for sample in compute(ts):
+                        subcache.append_point(points, sample.labels, ts, sample.value, sample.drop_name)
+            if budget is not None:
+                total = sum(len(p.timestamps) for p in points.values())
+                budget.hold(total - held)
+                held = total
+        finally:
+            if budget is not None:
+                budget.release(held)
         matrix = Matrix(
-            RangeSeries(labels, _ints(tss), _floats(vss), drop[0]) for labels, (tss, vss, drop) in series.items()
+            RangeSeries(labels, _ints(p.timestamps), _floats(p.values), p.drop_name) for labels, p in points.items()
         )
         return matrix, te
 

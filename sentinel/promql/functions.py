@@ -5,15 +5,17 @@ from __future__ import annotations
 import calendar
 import math
 import re
+from array import array
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sentinel.promql import gomath, rangefuncs, syntax
+from sentinel.goregex import RegexError, compile_go, searchable
+from sentinel.promql import gomath, prom2_math, rangefuncs, syntax
 from sentinel.promql.histogram import histogram_quantile
-from sentinel.promql.labels import NAME, check_unique, get, with_label
+from sentinel.promql.labels import NAME, check_unique, get, valid_label_name, with_label
 from sentinel.promql.model import PromQLError, Sample, Scalar, Value, Vector
-from sentinel.promql.regex import translate_regex
-from sentinel.store import Labels, MatchOp
+from sentinel.promql.prom2 import go_quote
+from sentinel.store import Labels, Matcher, MatchOp
 
 if TYPE_CHECKING:
     from sentinel.promql.engine import Evaluator
@@ -154,6 +156,7 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     if rates is not None:
         counter, is_rate = rates
         range_start = range_end - range_ms
+        from_summary = prom2_math.rate_from_summary if ev.compat == 2 else None
         for series in matrix:
             value = rangefuncs.extrapolated_rate(
                 series.timestamps,
@@ -164,6 +167,7 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
                 counter=counter,
                 rate=is_rate,
                 reset_correction=series.reset_correction,
+                from_summary=from_summary,
             )
             if value is not None:
                 append(Sample(series.labels, value, True))
@@ -176,16 +180,19 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
             if value is not None:
                 append(Sample(series.labels, value, True))
         return out
-    hinted = rangefuncs.HINTED_KERNELS.get(name)
+    hinted = rangefuncs.HINTED_KERNELS.get(name) if ev.compat == 3 else None
     if hinted is not None:
         for series in matrix:
             value = hinted(series.timestamps, series.values, series.hints)
             if value is not None:
                 append(Sample(series.labels, value, series.drop_name if keep_name else True))
         return out
-    kernel = rangefuncs.KERNELS.get(name)
+    kernel = (_PROM2_KERNELS.get(name) if ev.compat == 2 else None) or rangefuncs.KERNELS.get(name)
     if kernel is None:
-        kernel = rangefuncs.param_kernel(name, t, params)
+        if ev.compat == 2 and name == "predict_linear":
+            kernel = _prom2_predict_linear(t, params[0])
+        else:
+            kernel = rangefuncs.param_kernel(name, t, params)
     for series in matrix:
         value = kernel(series.timestamps, series.values)
         if value is not None:
@@ -193,36 +200,97 @@ def _range_function(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     return out
 
 
+def _prom2_deriv(ts: array[int], vs: array[float]) -> float | None:
+    if len(vs) < 2:
+        return None
+    return prom2_math.linear_regression(ts, vs, ts[0])[0]
+
+
+def _prom2_predict_linear(t_ms: int, duration: float) -> rangefuncs.Kernel:
+    def kernel(ts: array[int], vs: array[float]) -> float | None:
+        if len(vs) < 2:
+            return None
+        slope, intercept = prom2_math.linear_regression(ts, vs, t_ms)
+        return slope * duration + intercept
+
+    return kernel
+
+
+_PROM2_KERNELS: dict[str, rangefuncs.Kernel] = {
+    "avg_over_time": lambda ts, vs: prom2_math.avg_over_time(vs),
+    "stddev_over_time": lambda ts, vs: prom2_math.stddev_over_time(vs),
+    "stdvar_over_time": lambda ts, vs: prom2_math.stdvar_over_time(vs),
+    "deriv": _prom2_deriv,
+}
+"""Range kernels whose Prometheus 2.42 arithmetic differs from 3.x's (compat mode 2)."""
+
+
 def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: bool, is_rate: bool) -> Value:
     """rate/increase/delta straight from the store: most windows need only their ends.
 
     The same numbers as over `select_range`'s copies; a window that needs a scan (a NaN,
-    several counter resets) still gets one.
+    several counter resets) still gets one. Prometheus 3's arithmetic for the usual
+    window (2+ samples) is inlined here: this loop runs for every series of every
+    rate() in every rule, every second, and a call per series cost a sixth of it.
     """
     sel = arg.selector
     range_ms = arg.range_ms
     range_end = ev.resolve_time(sel.at, sel.offset_ms, t)
     range_start = range_end - range_ms
+    read_start = range_start - ev.closed_shift
     out = Vector()
     append = out.append
-    from_summary = rangefuncs.rate_from_summary
+    prom3 = ev.compat == 3
+    from_summary = rangefuncs.rate_from_summary if prom3 else prom2_math.rate_from_summary
+    per_second = range_ms / 1000
     # Series with 2+ samples, for the annotation (which needs them only without a name).
     summed: list[Labels] | None = [] if counter and not sel.name else None
     for series in ev.series_for(sel):
-        summary = series.window_summary(range_start, range_end)
+        summary = series.window_summary(read_start, range_end)
         if summary is None:
-            ts, vs, _, correction = series.range_hinted(range_start, range_end)
+            ts, vs, _, correction = series.range_hinted(read_start, range_end)
             n = len(ts)
             value = rangefuncs.extrapolated_rate(
-                ts, vs, range_start, range_end, range_ms, counter=counter, rate=is_rate, reset_correction=correction
+                ts,
+                vs,
+                range_start,
+                range_end,
+                range_ms,
+                counter=counter,
+                rate=is_rate,
+                reset_correction=correction,
+                from_summary=from_summary,
             )
         else:
             n, first_t, last_t, first_v, last_v, correction = summary
             if n < 2:
                 continue
-            value = from_summary(
-                n, first_t, last_t, first_v, last_v, correction, range_start, range_end, range_ms, counter, is_rate
-            )
+            if not prom3:
+                value = from_summary(
+                    n, first_t, last_t, first_v, last_v, correction, range_start, range_end, range_ms, counter, is_rate
+                )
+            else:
+                # `rangefuncs.rate_from_summary`, operation for operation.
+                result = last_v - first_v
+                if counter:
+                    result += correction
+                to_start = (first_t - range_start) / 1000
+                to_end = (range_end - last_t) / 1000
+                sampled = (last_t - first_t) / 1000
+                average = sampled / (n - 1)
+                threshold = average * 1.1
+                if to_start >= threshold:
+                    to_start = average / 2
+                if counter and result > 0 and first_v >= 0:
+                    to_zero = sampled * (first_v / result)
+                    if to_zero < to_start:
+                        to_start = to_zero
+                if to_end >= threshold:
+                    to_end = average / 2
+                factor = (sampled + to_start + to_end) / sampled
+                if is_rate:
+                    factor /= per_second
+                value = result * factor
         if summed is not None and n > 1:
             summed.append(series.labels)
         if value is not None:
@@ -389,13 +457,13 @@ def _sort_by_label_desc(ev: Evaluator, node: syntax.Call, t: int) -> Value:
 _GO_TEMPLATE = re.compile(r"\$(?:\$|\{([^}]*)\}|([A-Za-z0-9_]+))")
 
 
-def expand_template(template: str, match: re.Match[str]) -> str:
+def expand_template(template: str, match: Any) -> str:
     """Go's `regexp.Expand`: `$1`, `${1}`, `$name`, `${name}`, `$$`; unknown groups expand to ""."""
 
     def group(ref: str) -> str:
         try:
             return match.group(int(ref) if ref.isdigit() else ref) or ""
-        except IndexError:  # no such group
+        except (IndexError, KeyError):  # no such group
             return ""
 
     def replace(m: re.Match[str]) -> str:
@@ -407,29 +475,41 @@ def expand_template(template: str, match: re.Match[str]) -> str:
     return _GO_TEMPLATE.sub(replace, template)
 
 
-def _valid_label_name(name: str) -> bool:
-    return bool(name) and name.isprintable()
-
-
 def _label_replace(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     vec = ev.eval_vector(node.args[0], t)
     dst, replacement, src, pattern = (ev.eval_string(a) for a in node.args[1:5])
     try:
-        regex = re.compile(f"(?s:{translate_regex(pattern)})\\Z")
-    except re.error as exc:
-        raise PromQLError(f"invalid regular expression in label_replace(): {pattern}: {exc}") from exc
-    if not _valid_label_name(dst):
+        # Prometheus 3 compiles `^(?s:regex)$`, 2.x `^(?:regex)$`.
+        regex = compile_go(pattern, dot_nl=ev.compat == 3)
+    except RegexError:
+        raise PromQLError(f"invalid regular expression in label_replace(): {pattern}") from None
+    if not valid_label_name(dst, ev.compat):
         raise PromQLError(f"invalid destination label name in label_replace(): {dst}")
     out = Vector()
+    # The same label values come back every evaluation; RE2 calls cost microseconds.
+    replaced = _REPLACEMENTS.setdefault((id(regex), regex, replacement), {})
+    if len(replaced) > _REPLACEMENT_LIMIT:
+        replaced.clear()
     for s in vec:
-        m = regex.match(get(s.labels, src))
-        if m is None:
+        value = get(s.labels, src)
+        if value in replaced:
+            expanded = replaced[value]
+        else:
+            m = regex.fullmatch(searchable(value))
+            expanded = replaced[value] = None if m is None else expand_template(replacement, m)
+        if expanded is None:
             out.append(s)
             continue
-        labels = with_label(s.labels, dst, expand_template(replacement, m))
+        labels = with_label(s.labels, dst, expanded)
         out.append(Sample(labels, s.value, s.drop_name and dst != NAME))
     check_unique(s.labels for s in out)
     return out
+
+
+_REPLACEMENT_LIMIT = 8192
+# (id, compiled regex, replacement) -> {source value: expansion or None for no match}.
+# The compiled regex is kept in the key so its id cannot be reused while the entry lives.
+_REPLACEMENTS: dict[tuple[int, Any, str], dict[str, str | None]] = {}
 
 
 def _label_join(ev: Evaluator, node: syntax.Call, t: int) -> Value:
@@ -437,10 +517,10 @@ def _label_join(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     dst = ev.eval_string(node.args[1])
     sep = ev.eval_string(node.args[2])
     sources = [ev.eval_string(a) for a in node.args[3:]]
-    if not _valid_label_name(dst):
+    if not valid_label_name(dst, ev.compat):
         raise PromQLError(f"invalid destination label name in label_join(): {dst}")
     for src in sources:
-        if not _valid_label_name(src):
+        if not valid_label_name(src, ev.compat):
             raise PromQLError(f"invalid source label name in label_join(): {src}")
     out = Vector()
     for s in vec:
@@ -451,17 +531,25 @@ def _label_join(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     return out
 
 
-def _absent_labels(arg: syntax.Node) -> Labels:
-    """Labels of absent()'s output: the selector's equality matchers (conflicts removed)."""
+def _absent_labels(arg: syntax.Node, as_rule: bool) -> Labels:
+    """Labels of absent()'s output: the selector's equality matchers (conflicts removed).
+
+    Matchers apply in order: an equality sets its label unless an earlier equality set
+    it, anything else removes it (Prometheus's `createLabelsForAbsentFunction`). A rule
+    runs its re-printed expression (`expr.String()`), in which matchers are sorted by
+    their text, so `absent(x{k="c", j="j", j!~"z"})` gives `{j="j", k="c"}` in a rule
+    and `{k="c"}` as a query.
+    """
     if isinstance(arg, syntax.MatrixSel):
         arg = arg.selector
     if not isinstance(arg, syntax.Selector) or len(arg.alternatives) != 1:
         return ()
+    matchers = [m for m in arg.alternatives[0] if m.name != NAME]
+    if as_rule:
+        matchers.sort(key=_printed_matcher)
     result: dict[str, str] = {}
     seen: set[str] = set()
-    for m in arg.alternatives[0]:
-        if m.name == NAME:
-            continue
+    for m in matchers:
         if m.op is MatchOp.EQ and m.name not in seen:
             result[m.name] = m.value
             seen.add(m.name)
@@ -470,17 +558,26 @@ def _absent_labels(arg: syntax.Node) -> Labels:
     return tuple(sorted((k, v) for k, v in result.items() if v != ""))
 
 
+def _printed_matcher(m: Matcher) -> str:
+    """A matcher as Prometheus prints it (`name=~"value"`), which is what rule expressions sort by."""
+    name = m.name if _LEGACY_LABEL_NAME.fullmatch(m.name) else go_quote(m.name)
+    return f"{name}{m.op.value}{go_quote(m.value)}"
+
+
+_LEGACY_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+
+
 def _absent(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     if ev.eval_vector(node.args[0], t):
         return Vector()
-    return Vector([Sample(_absent_labels(node.args[0]), 1.0)])
+    return Vector([Sample(_absent_labels(node.args[0], ev.as_rule), 1.0)])
 
 
 def _absent_over_time(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     matrix, _, _ = ev.eval_range_arg(node.args[0], t)
     if matrix:
         return Vector()
-    return Vector([Sample(_absent_labels(node.args[0]), 1.0)])
+    return Vector([Sample(_absent_labels(node.args[0], ev.as_rule), 1.0)])
 
 
 def _date_function(part: Callable[[_Civil], float]) -> Handler:
@@ -552,7 +649,10 @@ _DATE_PARTS: dict[str, Callable[[_Civil], float]] = {
 
 def _histogram_quantile(ev: Evaluator, node: syntax.Call, t: int) -> Value:
     q = ev.eval_scalar(node.args[0], t)
-    return histogram_quantile(ev, q, ev.eval_vector(node.args[1], t))
+    vec = ev.eval_vector(node.args[1], t)
+    if ev.compat == 2:
+        return histogram_quantile(ev, q, vec, lambda q, buckets: (prom2_math.bucket_quantile(q, buckets), False))
+    return histogram_quantile(ev, q, vec)
 
 
 def _native_only(ev: Evaluator, node: syntax.Call, t: int) -> Value:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sentinel.promql import gomath
@@ -25,8 +26,13 @@ def _parse_le(text: str) -> float | None:
         return None
 
 
-def histogram_quantile(ev: Evaluator, q: float, vec: Vector) -> Vector:
-    """One quantile per bucket group (labels without `le`)."""
+def histogram_quantile(
+    ev: Evaluator,
+    q: float,
+    vec: Vector,
+    quantile: Callable[[float, list[tuple[float, float]]], tuple[float, bool]] | None = None,
+) -> Vector:
+    """One quantile per bucket group (labels without `le`); `quantile` replaces `bucket_quantile`."""
     if q != q or q < 0 or q > 1:
         ev.annotations.warn(f"PromQL warning: quantile value should be between 0 and 1, got {gomath.format_g(q)}")
     groups: dict[Labels, list[tuple[float, float]]] = {}
@@ -42,7 +48,7 @@ def histogram_quantile(ev: Evaluator, q: float, vec: Vector) -> Vector:
         groups.setdefault(key, []).append((upper, s.value))
     out = Vector()
     for key, buckets in groups.items():
-        value, forced = bucket_quantile(q, buckets)
+        value, forced = (quantile or bucket_quantile)(q, buckets)
         if forced:
             ev.annotations.info(
                 "PromQL info: input to histogram_quantile needed to be fixed for monotonicity "

@@ -15,6 +15,13 @@ NAME = "__name__"
 _LEGACY_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 
 
+def valid_label_name(name: str, compat: int = 3) -> bool:
+    """Prometheus 3 takes any UTF-8 name; 2.42 (`compat=2`) only `[a-zA-Z_][a-zA-Z0-9_]*`."""
+    if compat == 2:
+        return _LEGACY_NAME.match(name) is not None
+    return bool(name) and name.isprintable()
+
+
 def get(labels: Labels, name: str) -> str:
     """The value of `name`, or "" when absent (Prometheus treats both alike)."""
     for key, value in labels:

@@ -32,11 +32,13 @@ def extrapolated_rate(
     counter: bool,
     rate: bool,
     reset_correction: float | None = None,
+    from_summary: Callable[..., float | None] | None = None,
 ) -> float | None:
     """Prometheus's `extrapolatedRate` for rate, increase and delta.
 
     `reset_correction`, when the caller knows it (`RangeSeries.reset_correction`), saves
-    the scan for counter resets.
+    the scan for counter resets. `from_summary` replaces `rate_from_summary` (for
+    Prometheus 2's arithmetic).
     """
     n = len(vs)
     if n < 2:
@@ -44,7 +46,7 @@ def extrapolated_rate(
     correction = 0.0
     if counter:
         correction = _reset_correction(vs) if reset_correction is None else reset_correction
-    return rate_from_summary(
+    return (from_summary or rate_from_summary)(
         n, ts[0], ts[-1], vs[0], vs[-1], correction, range_start, range_end, range_ms, counter, rate
     )
 

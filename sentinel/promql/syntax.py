@@ -12,6 +12,7 @@ share their results by identity (`engine.SharedResults`).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 import struct
@@ -22,8 +23,9 @@ from typing import Any, TypeVar
 
 import promql_parser as pp
 
+from sentinel.goregex import RegexError
+from sentinel.promql import guard, prom2
 from sentinel.promql.model import PromQLError
-from sentinel.promql.regex import translate_regex
 from sentinel.store import Matcher, MatchOp
 
 __all__ = [
@@ -136,14 +138,35 @@ class Unary:
 Node = NumberLit | StringLit | Selector | MatrixSel | Subquery | Call | Aggregate | Binary | Unary
 
 
+def parse(text: str, compat: int = 3) -> Node:
+    """Parse PromQL text into a `Node`; results are cached by text.
+
+    `compat=2` also refuses what Prometheus 2.42 cannot parse (`prom2.check`, with
+    promtool's message) and reads its `holt_winters`.
+    """
+    return _parse(text, compat)
+
+
 @functools.lru_cache(maxsize=4096)
-def parse(text: str) -> Node:
-    """Parse PromQL text into a `Node`; results are cached by text."""
+def _parse(text: str, compat: int) -> Node:
+    # Bounded before the Rust parser, which can overflow its stack (see `guard`).
+    guard.check_text(text)
+    if compat == 2:
+        prom2.check(text)
+        text = prom2.to_prometheus3(text)
+    elif compat != 3:
+        raise ValueError(f"prometheus_compat must be 2 or 3, got {compat!r}")
     try:
         raw = pp.parse(text)
     except ValueError as exc:
         raise PromQLError(f"parse error: {exc}") from exc
-    return convert(raw)
+    token = _DOT_NL.set(compat == 3)
+    try:
+        return convert(raw)
+    except RecursionError:
+        raise PromQLError("query too deeply nested") from None
+    finally:
+        _DOT_NL.reset(token)
 
 
 def convert(raw: Any) -> Node:
@@ -182,7 +205,7 @@ def _field_key(value: object) -> Hashable:
         return tuple(_field_key(v) for v in value)
     if isinstance(value, VectorMatching):
         return (VectorMatching, *(_field_key(getattr(value, f.name)) for f in fields(value)))
-    assert isinstance(value, str | int | At | Matcher | None), type(value)
+    assert isinstance(value, str | int | bool | At | Matcher | None), type(value)
     return value
 
 
@@ -232,11 +255,15 @@ def _enum_name(value: Any) -> str:
 
 def _matcher(raw: Any) -> Matcher:
     op = _MATCH_OPS[_enum_name(raw.op)]
-    value = raw.value
-    if op in (MatchOp.RE, MatchOp.NRE):
-        # The store compiles with Python's `re`; give it the RE2 meaning of the pattern.
-        value = translate_regex(value)
-    return Matcher(raw.name, op, value)
+    try:
+        # Prometheus 3 lets `.` match a newline (it wraps patterns in `(?s:...)`); 2.x does not.
+        return Matcher(raw.name, op, raw.value, dot_nl=_DOT_NL.get())
+    except RegexError as exc:
+        raise PromQLError(f"invalid regular expression {raw.value!r}: {exc}") from None
+
+
+_DOT_NL: contextvars.ContextVar[bool] = contextvars.ContextVar("dot_nl", default=True)
+"""Whether regex matchers being converted follow Prometheus 3's `.` (per thread)."""
 
 
 def _selector(raw: Any) -> Selector:
