@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import re
 
-import promql_parser
-
-from sentinel.promql import PromQLError, guard
+from sentinel.promql import syntax
+from sentinel.promql.model import PromQLError
 
 __all__ = ["parse_error"]
 
@@ -26,17 +25,24 @@ _BINARY_TAIL = re.compile(
 )
 
 
-def parse_error(expr: str) -> str | None:
-    """None when `expr` parses; else the message promtool prints after `could not parse expression: `."""
+def parse_error(expr: str, compat: int = 3) -> str | None:
+    """None when `expr` parses; else the message promtool prints after `could not parse expression: `.
+
+    The engine's parser decides (`syntax.parse`, which in mode 2 refuses what 2.42 cannot
+    parse, with 2.42's message and position); a message without a position is
+    promql-parser's, put into Prometheus's words here.
+    """
     try:
-        # Bounded first: promql-parser can overflow its stack (SIGSEGV) on deep input.
-        guard.check_text(expr)
-        promql_parser.parse(expr)
+        syntax.parse(expr, compat)
     except PromQLError as exc:
-        return f"1:1: parse error: {exc}"
-    except ValueError as exc:
-        return _prometheus_text(expr, str(exc))
+        message = str(exc)
+        if _POSITIONED.match(message):
+            return message
+        return _prometheus_text(expr, message.removeprefix("parse error: "))
     return None
+
+
+_POSITIONED = re.compile(r"^\d+:\d+: parse error: ")
 
 
 def _position(expr: str, offset: int) -> str:

@@ -347,7 +347,7 @@ def _validate_rule(check: _Validator, group: str, index: int, r: _RuleNode) -> R
     if expr == "":
         problem("field 'expr' must be set in rule", r.expr)
     else:
-        error = parse_error(expr)
+        error = parse_error(expr, check.compat)
         if error is not None:
             problem(f"could not parse expression: {error}", r.expr)
     if record:
