@@ -46,7 +46,8 @@ FIXTURES = {
 
 def _sentinel(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sentinel.alerting.ruletest", *args],
+        # These tests compare with promtool 2.42: Sentinel in its Prometheus 2 mode.
+        [sys.executable, "-m", "sentinel.alerting.ruletest", "--prometheus-compat", "2", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -79,7 +80,7 @@ def test_fixture_gives_promtools_verdict_and_report(fixture: str) -> None:
 
 @pytest.mark.integration
 def test_broken_rule_file_fails_in_both_with_promtools_words() -> None:
-    ours = _sentinel(["--prometheus-compat", "2", "broken.test.yml"], DATA)
+    ours = _sentinel(["broken.test.yml"], DATA)
     theirs = _promtool(["broken.test.yml"], DATA)
     assert (ours.returncode, theirs.returncode) == (1, 1)
     assert (ours.stdout, ours.stderr) == (theirs.stdout, theirs.stderr)
@@ -191,6 +192,17 @@ def test_fixture_verdict(fixture: str) -> None:
     assert _sentinel([fixture], DATA).returncode == FIXTURES[fixture]
 
 
+def test_prometheus_3_prints_no_unit_testing_line(tmp_path: Path) -> None:
+    # promtool 3.x dropped the `Unit Testing:  FILE` header (it writes JUnit XML instead).
+    _write(tmp_path, {"t.yml": "tests:\n- interval: 1m\n  input_series: [{series: up, values: '1'}]\n"})
+    out, err = io.StringIO(), io.StringIO()
+    assert run_files([str(tmp_path / "t.yml")], out, err)
+    assert (out.getvalue(), err.getvalue()) == ("  SUCCESS\n\n", "")
+    out = io.StringIO()
+    assert run_files([str(tmp_path / "t.yml")], out, err, prometheus_compat=2)
+    assert out.getvalue() == f"Unit Testing:  {tmp_path / 't.yml'}\n  SUCCESS\n\n"
+
+
 def test_missing_test_file_stops_the_run_before_any_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # promtool's argument check: nothing is tested when a named file does not exist.
     missing = str(tmp_path / "nope.yml")
@@ -225,7 +237,7 @@ def test_without_interval_prometheus_2_loads_every_sample_at_zero_first_one_winn
         },
     )
     assert parse_test_file((tmp_path / "t.yml").read_text(), prometheus_compat=2).tests[0].interval_ms == 0
-    ours = _sentinel(["--prometheus-compat", "2", "t.yml"], tmp_path)
+    ours = _sentinel(["t.yml"], tmp_path)
     theirs = _promtool(["t.yml"], tmp_path)
     assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
     assert 'exp: {__name__="n"} 6E+00\n        got: {__name__="n"} 5E+00' in ours.stderr

@@ -190,7 +190,9 @@ def run_files(
 def run_file(path: str, stdout: TextIO, stderr: TextIO, *, prometheus_compat: int = DEFAULT_PROMETHEUS_COMPAT) -> bool:
     """Run one test file and print promtool's report for it; True when it passed."""
     out = _Report(stdout, stderr)
-    out.line(f"Unit Testing:  {path}")
+    if prometheus_compat == 2:
+        # promtool 3 prints no such header (it has JUnit XML output instead).
+        out.line(f"Unit Testing:  {path}")
     errors = _test_file(path, out, prometheus_compat)
     if errors:
         out.error("  FAILED:")
