@@ -119,7 +119,9 @@ class Daemon:
         self.last_reload_success_at = self.started_at
         self.bound_port: int | None = None
         self.http = SharedHttpSession()
-        self.engine = Engine(self.store, lookback_ms=int(config.store.lookback * 1000))
+        self.engine = Engine(
+            self.store, lookback_ms=int(config.store.lookback * 1000), prometheus_compat=config.prometheus_compat
+        )
         self._query_engine = engine_query(self.engine)
         # API queries get a pool, deadline and sample limit of their own (not the default executor).
         self.queries = QueryRunner(
@@ -275,7 +277,9 @@ class Daemon:
                 self.config = new
                 self.store.retention_ms = int(new.store.retention * 1000)
                 self.store.lookback_ms = int(new.store.lookback * 1000)
-                self.engine = Engine(self.store, lookback_ms=self.store.lookback_ms)
+                self.engine = Engine(
+                    self.store, lookback_ms=self.store.lookback_ms, prometheus_compat=new.prometheus_compat
+                )
                 self._query_engine = engine_query(self.engine)
                 if self.rules is not None:
                     await self.rules.apply(groups, new.rules)

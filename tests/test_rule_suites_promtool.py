@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from sentinel.alerting.ruletest import engine_follows_prometheus_2
 from tests.conftest import require_tool
 from tests.rule_suites import SUITES, compare, discover
 
@@ -49,8 +48,6 @@ def test_check_rules_agrees_with_promtool(rule_file: Path) -> None:
 def test_test_rules_prints_what_promtool_prints(test_file: Path) -> None:
     promtool = require_tool("promtool", "prometheus")
     result = compare("test", test_file, promtool, COMPAT)
-    if not result.identical and not engine_follows_prometheus_2():
-        pytest.xfail("the PromQL engine has no Prometheus 2 mode yet (windows closed on the left)")
     assert result.sentinel.rc == result.promtool.rc, result.describe()
     assert result.sentinel.stdout == result.promtool.stdout, result.describe()
     assert result.sentinel.stderr == result.promtool.stderr, result.describe()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import inspect
 import math
 import os
 import re
@@ -71,7 +70,6 @@ __all__ = [
     "format_float_e",
     "format_go_duration",
     "format_model_duration",
-    "engine_follows_prometheus_2",
     "main",
     "make_engine",
     "parse_test_file",
@@ -376,18 +374,7 @@ def _run_test_group(
 
 def make_engine(store: Store, subquery_step_ms: int, compat: int) -> Engine:
     """The engine of a test group: promtool steps subqueries by the evaluation interval."""
-    kwargs: dict[str, int] = {}
-    if compat != DEFAULT_PROMETHEUS_COMPAT and _ENGINE_HAS_COMPAT:
-        kwargs["prometheus_compat"] = compat
-    return Engine(store, lookback_ms=DEFAULT_LOOKBACK_MS, subquery_step_ms=subquery_step_ms, **kwargs)
-
-
-_ENGINE_HAS_COMPAT = "prometheus_compat" in inspect.signature(Engine).parameters
-
-
-def engine_follows_prometheus_2() -> bool:
-    """Whether the PromQL engine has its Prometheus 2 mode (closed windows) for compat 2."""
-    return _ENGINE_HAS_COMPAT
+    return Engine(store, lookback_ms=DEFAULT_LOOKBACK_MS, subquery_step_ms=subquery_step_ms, prometheus_compat=compat)
 
 
 # -- checks ----------------------------------------------------------------------------

@@ -13,7 +13,6 @@ AST carries no positions.
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
 from collections.abc import Sequence
@@ -89,9 +88,7 @@ class _Skip(Exception):
 
 def _engine(store: Store, compat: int) -> Engine:
     # Prometheus 2 semantics come from the engine's own mode (`Engine(prometheus_compat=2)`).
-    if compat != 3 and "prometheus_compat" in inspect.signature(Engine).parameters:
-        return Engine(store, prometheus_compat=compat)  # type: ignore[call-arg,unused-ignore]
-    return Engine(store)
+    return Engine(store, prometheus_compat=compat)
 
 
 class _Env:
