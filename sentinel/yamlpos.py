@@ -4,8 +4,9 @@ Pydantic reports errors by field path (`workers.0.gpus`); operators want a line 
 `load_document` walks PyYAML's composed node graph once and returns three views of it:
 
 - `data`: the values PyYAML's safe loader would give (`yes` is True, `1.50` is 1.5),
-  with merge keys (`<<: *base`) applied as the safe loader applies them: keys written
-  in the mapping win over merged ones, and of several merged mappings the first wins;
+  with merge keys (`<<: *base`) applied as YAML's merge spec and Go's decoder apply
+  them: keys written in the mapping win over merged ones, and of several merged
+  mappings the first wins (PyYAML itself lets a later one win in some block layouts);
 - `raw`: the same shape, each scalar replaced by its source text, as Go's YAML decoder
   hands a scalar to a string field (Prometheus keeps `page: yes` as "yes"); built from
   the same walk, so a merged rule's raw text is the merged text, never a neighbour's;
