@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from sentinel.collectors.canary_config import CanaryConfig
 from sentinel.configbase import Duration, Frozen, parse_duration
 from sentinel.notify.settings import NotifyConfig
 from sentinel.remediation.settings import Backend, ControlConfig, Profile, RemediationConfig
@@ -199,6 +200,9 @@ class WorkerConfig(Frozen):
     profiles: tuple[Profile, ...] = Field((), description="Launch ladder, best first (full, reduced, fp8, ...).")
     initial_profile: str | None = Field(None, description="Profile at first start; default the first.")
     probe: bool = Field(False, description="Runs sentinel.probe: batch limits can change live, without a restart.")
+    canary: CanaryConfig = Field(
+        CanaryConfig(), description="Active canary: a one-token request that shows a stall while no traffic flows."
+    )
 
     @model_validator(mode="after")
     def _profiles_consistent(self) -> WorkerConfig:
