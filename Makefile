@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch lies on disk on our machines; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint typecheck unit bench clean vllm-env
+.PHONY: demo test lint typecheck unit bench bench-vllm clean vllm-env
 
 # vLLM's CPU build in a venv of its own (it pins its own transformers), with the tiny
 # checkpoints generated locally: see docs/vllm.md. SENTINEL_VLLM_ENV moves it.
@@ -65,6 +65,10 @@ $(VLLM_ENV)/sentinel-vllm-env.json: $(VLLM_ENV)/.packages-installed sentinel/sim
 
 vllm-env: $(VLLM_ENV)/sentinel-vllm-env.json
 	@cat $<; echo
+
+# Real-engine benchmarks (minutes each: vLLM starts several times).
+bench-vllm: $(VENV)/.sim-installed $(VLLM_ENV)/sentinel-vllm-env.json
+	$(PY) bench/vllm_overhead.py && $(PY) bench/vllm_recovery.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
