@@ -182,7 +182,9 @@ async def test_quantized_fallback_serves_the_int8_checkpoint(harness: VllmHarnes
                 "rules": [
                     {
                         "alert": "QuantizedFallbackDrill",
-                        "expr": 'sentinel_endpoint_up{worker="vllm"} == 1',
+                        # Once: it stops firing when the worker runs its quantized profile.
+                        "expr": 'sentinel_worker_profile{worker="vllm", profile="int8"} == 0',
+                        "for": "2s",
                         "labels": {"severity": "warning", "action": "quantized_fallback"},
                         "annotations": {"summary": "drill"},
                     }
