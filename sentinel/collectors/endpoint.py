@@ -259,9 +259,13 @@ class EndpointCollector:
             canary.write(out)
         if self._progress.last_progress_s is not None:
             # Written even when this scrape failed: `time() - last_progress` must keep
-            # growing while /metrics hangs along with the engine.
+            # growing while /metrics hangs along with the engine. A refused connection is
+            # not a hang: nothing listens (the server is down, or starting again after a
+            # restart, which takes vLLM minutes); that is EndpointDown's and WorkerDown's
+            # to judge, and EngineStalled must not fire through every slow restart.
             out.add("sentinel_endpoint_progress_total", float(self._progress.progress_total), target)
-            out.add("sentinel_endpoint_last_progress_timestamp_seconds", self._progress.last_progress_s, target)
+            if scrape.reason != "connection":
+                out.add("sentinel_endpoint_last_progress_timestamp_seconds", self._progress.last_progress_s, target)
 
     # -- health ---------------------------------------------------------------------
 
