@@ -258,7 +258,12 @@ async def sentinel_arm(env: VllmEnv) -> list[Outcome]:
         for fault in FAULTS:
             result = await h.play(fault)
             p = h.phases[fault.name]
-            restarts = sum(1 for a in h.actions if a["started"] - h._wall0() >= (p.injected or 0))
+            # Actions carried out (succeeded or failed); requests skipped in flight or cooling down did nothing.
+            restarts = sum(
+                1
+                for a in h.actions
+                if a["started"] - h._wall0() >= (p.injected or 0) and a["outcome"] in ("succeeded", "failed")
+            )
             healed = result.recovered_at is not None and (fault.name != "kv-pressure" or p.preemptions_after == 0)
 
             def span(a: float | None, b: float | None) -> float | None:
