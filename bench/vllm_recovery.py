@@ -6,8 +6,9 @@ another in one run, on the same machine:
 
 - **sentinel**: Sentinel with the default rules (`for:` divided by 6 as in the demo), the
   canary when idle, the process backend and the launch ladder full -> reduced -> int8;
-- **restart-on-exit**: what systemd's `Restart=on-failure` (RestartSec=100ms) does: start
-  the engine again when its process exits, nothing else;
+- **restart-on-exit**: what systemd's `Restart=always` (RestartSec=100ms) does: start the
+  engine again whenever its process exits, nothing else. (`Restart=on-failure` would do
+  less: vLLM's API server exits with status 0 when its engine core dies.)
 - **liveness-probe**: a Kubernetes liveness probe on `/health` with the defaults
   (periodSeconds 10, timeoutSeconds 1, failureThreshold 3), plus restart on exit
   (restartPolicy Always); probes are not counted before the first success after a start,
