@@ -145,7 +145,7 @@ class Baseline:
         while True:
             await asyncio.sleep(0.1)
             assert self.proc is not None
-            if self.proc.poll() is not None:  # Restart=on-failure / restartPolicy: Always
+            if self.proc.poll() is not None:  # Restart=always / restartPolicy: Always
                 self.kill()
                 self.restarts += 1
                 self.spawn()
