@@ -43,5 +43,6 @@ def test_the_captured_exposition_parses_with_the_worker_label_and_feeds_the_prog
 
 def test_a_killed_worker_logs_engine_dead_and_a_clean_start_logs_nothing() -> None:
     assert "engine_dead" in _events("sigkill-worker-0.32.0.log")
+    assert "engine_dead" in _events("sigkill-enginecore-0.32.0.log")
     assert _events("startup-0.32.0.log") == []
     assert _events("startup-int8-compressed-tensors-0.32.0.log") == []
