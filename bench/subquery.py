@@ -48,9 +48,9 @@ def test_file(hours: int, series: int) -> str:
     ]
     for i in range(series):
         job = f"job{i % 3}"
-        lines.append(f"      - series: 'http_requests_total{{job=\"{job}\", instance=\"i{i}\"}}'")
+        lines.append(f'      - series: \'http_requests_total{{job="{job}", instance="i{i}"}}\'')
         lines.append(f"        values: '0+{10 + i}x{minutes}'")
-        lines.append(f"      - series: 'http_errors_total{{job=\"{job}\", instance=\"i{i}\"}}'")
+        lines.append(f'      - series: \'http_errors_total{{job="{job}", instance="i{i}"}}\'')
         lines.append(f"        values: '0+{1 + i % 2}x{minutes}'")
     lines += [
         "    alert_rule_test:",

@@ -295,6 +295,28 @@ async def test_stall_with_health_200_sets_stalled_and_freezes_last_progress(
     assert value(store, "sentinel_endpoint_last_progress_timestamp_seconds", worker="w0") == clock.now
 
 
+async def test_a_refused_connection_drops_the_progress_timestamp_so_a_slow_restart_is_no_stall(
+    engine: tuple[FakeEngine, str], session: SharedHttpSession, unused_tcp_port: int
+) -> None:
+    state, url = engine
+    clock = Clock()
+    store = Store()
+    collector, runner = make(url, session, store, clock=clock)
+    state.body = vllm_body(8, 1000, 100)
+    for _ in range(3):  # running requests, frozen counters: a stall
+        clock.now += 1
+        await runner.tick()
+    assert value(store, "sentinel_endpoint_stalled", worker="w0") == 1.0
+    # The worker is being restarted: nothing listens on its port for a while.
+    collector.health_url = f"http://127.0.0.1:{unused_tcp_port}/health"
+    collector.metrics_url = f"http://127.0.0.1:{unused_tcp_port}/metrics"
+    clock.now += 1
+    await runner.tick()
+    assert value(store, "sentinel_endpoint_up", worker="w0") == 0.0
+    assert value(store, "sentinel_endpoint_last_progress_timestamp_seconds", worker="w0") is None
+    assert value(store, "sentinel_endpoint_progress_total", worker="w0") is not None
+
+
 async def test_idle_engine_with_frozen_counters_is_not_stalled(
     engine: tuple[FakeEngine, str], session: SharedHttpSession
 ) -> None:

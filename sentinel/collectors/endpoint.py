@@ -11,6 +11,11 @@ connection, an endpoint that accepts and never answers, a non-2xx status, an
 oversized, non-UTF-8 or unparsable body) is counted and logged once per change of
 state, never once per pass.
 
+With `workers[].canary` enabled, the collector also runs the worker's active canary
+(`sentinel.collectors.canary`): a one-token request when the engine has shown no
+progress for a while, whose timeout counts as a stall in `sentinel_endpoint_stalled`
+and stops `sentinel_endpoint_last_progress_timestamp_seconds`.
+
 Engine series land in the store as they are on the wire (`vllm:...` with `_total`,
 `_bucket`, `_count`, `_sum`) plus a `worker` label. For vLLM's renamed metrics the new
 name is also written when only the old one is present, so rules use new names only.
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from sentinel.collectors.canary import Canary, declare_canary_metrics
 from sentinel.collectors.engine_progress import (
     PROGRESS_WATCH,
     BalancednessTracker,
@@ -234,13 +240,19 @@ class EndpointCollector:
         self._health_state: str | None = None
         self._scrape_state: str | None = None
         self._stalled = False
+        self.canary: Canary | None = None
+        if worker.canary.mode != "off":
+            self.canary = Canary(worker.name, worker.endpoint, worker.engine, worker.canary, session, clock=clock)
+            declare_canary_metrics(store)
         declare_endpoint_metrics(store)
 
     async def start(self) -> None:
         """Nothing to start: the shared session opens lazily and belongs to the daemon."""
 
     async def close(self) -> None:
-        """Nothing to release: the shared session is closed by its owner at shutdown."""
+        """Cancel a canary in flight; the shared session is closed by its owner at shutdown."""
+        if self.canary is not None:
+            await self.canary.close()
 
     async def collect(self, out: Appender) -> None:
         """One probe and one scrape, concurrently; writes the endpoint's series into `out`."""
@@ -265,13 +277,26 @@ class EndpointCollector:
         out.add("sentinel_endpoint_scrape_duplicate_samples_total", float(self._duplicates_total), target)
         self._note_scrape(scrape)
 
+        canary = self.canary
+        if canary is not None:
+            finished = canary.finished()
+            if finished is not None:
+                self._progress.canary_finished(finished.outcome, finished.started_s, finished.finished_s)
         if parsed is not None:
             self._write_engine(out, parsed, now_s)
+        if canary is not None:
+            if canary.due(now_s, self._progress.last_advanced_s, health.up):
+                self._progress.canary_started(canary.start())
+            canary.write(out)
         if self._progress.last_progress_s is not None:
             # Written even when this scrape failed: `time() - last_progress` must keep
-            # growing while /metrics hangs along with the engine.
+            # growing while /metrics hangs along with the engine. A refused connection is
+            # not a hang: nothing listens (the server is down, or starting again after a
+            # restart, which takes vLLM minutes); that is EndpointDown's and WorkerDown's
+            # to judge, and EngineStalled must not fire through every slow restart.
             out.add("sentinel_endpoint_progress_total", float(self._progress.progress_total), target)
-            out.add("sentinel_endpoint_last_progress_timestamp_seconds", self._progress.last_progress_s, target)
+            if scrape.reason != "connection":
+                out.add("sentinel_endpoint_last_progress_timestamp_seconds", self._progress.last_progress_s, target)
 
     # -- health ---------------------------------------------------------------------
 
@@ -426,7 +451,13 @@ class EndpointCollector:
             return
         self._stalled = stalled
         if stalled:
-            message = f"{snapshot.running:g} requests running and no generated tokens or engine steps since last scrape"
+            if self._progress.canary_stalled:
+                deadline = self.canary.config.deadline if self.canary is not None else 0.0
+                message = f"a one-token canary request got no answer within {deadline:g}s"
+            else:
+                message = (
+                    f"{snapshot.running:g} requests running and no generated tokens or engine steps since last scrape"
+                )
             log.warning("worker %s engine stalled: %s", self.worker, message)
             self._publish("endpoint_stalled", 1.0, message)
         else:

@@ -94,12 +94,48 @@ class ProgressTracker:
     returns None and the tracker keeps its state. Sums over data-parallel engines mean
     one wedged engine among several busy ones is not seen; an NCCL hang in expert
     parallelism stops them all.
+
+    An active canary (`sentinel.collectors.canary`) makes an idle engine judgeable: from
+    `canary_started` until the canary succeeds or the counters advance, an idle scrape
+    no longer counts as progress; a canary that timed out marks the engine stalled and
+    pulls `last_progress_s` back to the moment it was sent. `last_advanced_s` is the
+    last time the counters really moved (the canary's notion of "organic progress").
     """
 
     def __init__(self) -> None:
         self._previous: EngineSnapshot | None = None
         self.progress_total = 0
         self.last_progress_s: float | None = None
+        self.last_advanced_s: float | None = None
+        self._canary_pending_s: float | None = None  # a canary was sent then and has not succeeded
+        self._canary_timed_out = False
+
+    def canary_started(self, started_s: float) -> None:
+        """A canary was sent at `started_s`: idle scrapes stop counting as progress until it answers."""
+        if self._canary_pending_s is None:
+            self._canary_pending_s = started_s
+
+    def canary_finished(self, outcome: str, started_s: float, finished_s: float) -> None:
+        """How the canary sent at `started_s` ended: "ok", "timeout" or "error"."""
+        if outcome == "ok":
+            self._clear_canary()
+            self.last_progress_s = max(self.last_progress_s or finished_s, finished_s)
+        elif outcome == "timeout":
+            pending = self._canary_pending_s if self._canary_pending_s is not None else started_s
+            self._canary_pending_s = pending
+            self._canary_timed_out = True
+            self.last_progress_s = pending if self.last_progress_s is None else min(self.last_progress_s, pending)
+        else:  # the endpoint refused or errored: another rule's business, not a stall
+            self._clear_canary()
+
+    @property
+    def canary_stalled(self) -> bool:
+        """A canary timed out and nothing has moved since."""
+        return self._canary_timed_out
+
+    def _clear_canary(self) -> None:
+        self._canary_pending_s = None
+        self._canary_timed_out = False
 
     def observe(self, snapshot: EngineSnapshot, now_s: float) -> ProgressState | None:
         """Fold in one successful scrape; None when it carries no progress counter."""
@@ -108,13 +144,15 @@ class ProgressTracker:
         previous = self._previous
         self._previous = snapshot
         if previous is None or self.last_progress_s is None:
-            self.last_progress_s = now_s
+            self.last_progress_s = self.last_advanced_s = now_s
             return ProgressState(self.progress_total, False, now_s)
         advanced = _advanced(previous, snapshot)
         if advanced:
             self.progress_total += 1
-        stalled = previous.busy and snapshot.busy and not advanced
-        if advanced or not snapshot.busy:
+            self.last_advanced_s = now_s
+            self._clear_canary()
+        stalled = (previous.busy and snapshot.busy and not advanced) or self._canary_timed_out
+        if advanced or (not snapshot.busy and self._canary_pending_s is None):
             self.last_progress_s = now_s
         return ProgressState(self.progress_total, stalled, self.last_progress_s)
 

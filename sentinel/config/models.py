@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from sentinel.api.settings import HttpConfig
+from sentinel.collectors.canary_config import CanaryConfig
 from sentinel.collectors.probe_settings import ProbeConfig
 from sentinel.config.base import Duration, Frozen, parse_duration
 from sentinel.config.yamlpos import YamlError, load_with_positions, position_of
@@ -241,6 +242,9 @@ class WorkerConfig(Frozen):
         None,
         description="Bearer token of this worker's probe (e.g. $CREDENTIALS_DIRECTORY/probe-qwen3): binds its "
         "reports to this worker; required for reports over TCP.",
+    )
+    canary: CanaryConfig = Field(
+        CanaryConfig(), description="Active canary: a one-token request that shows a stall while no traffic flows."
     )
 
     @model_validator(mode="after")

@@ -394,7 +394,18 @@ async def run_demo(faults: Sequence[Fault], out: TextIO, json_out: bool) -> Demo
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    engine = argparse.ArgumentParser(add_help=False)
+    engine.add_argument("--engine", choices=("builtin", "vllm"), default="builtin")
+    chosen, rest = engine.parse_known_args(args_in)
+    if chosen.engine == "vllm":  # a real vLLM (make vllm-env) instead of the built-in worker
+        from sentinel.demo.vllm import main as vllm_main
+
+        return vllm_main(rest, out)
     parser = argparse.ArgumentParser(prog="sentinel demo", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--engine", choices=("builtin", "vllm"), default="builtin", help="vllm: a real vLLM from `make vllm-env`"
+    )
     parser.add_argument(
         "--scenario",
         default="all",
@@ -403,7 +414,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results")
     parser.add_argument("--verbose", action="store_true", help="show Sentinel's own log")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_in)
     setup_logging("text", "info" if args.verbose else "error")
     faults = [f for f in FAULTS if args.scenario in ("all", f.name)]
     started = time.monotonic()
