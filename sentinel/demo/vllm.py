@@ -47,6 +47,7 @@ import yaml
 
 from sentinel.config.models import Config, parse_config
 from sentinel.daemon.core import Daemon
+from sentinel.daemon.logsetup import setup_logging
 from sentinel.demo.local import (
     FOR_COMPRESSION,
     Fault,
@@ -57,7 +58,6 @@ from sentinel.demo.local import (
     _repo_rules,
     _table,
 )
-from sentinel.daemon.logsetup import setup_logging
 from sentinel.notify.testing import RecordingReceiver
 from sentinel.sim.load import LoadGenerator
 from sentinel.sim.vllm_env import VllmEnv, VllmEnvMissing, find_vllm_env
