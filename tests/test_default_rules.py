@@ -79,13 +79,17 @@ def test_promtool_test_rules_passes() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_sentinel_check_rules_is_clean() -> None:
-    done = run([sys.executable, "-m", "sentinel", "check", "rules", *map(str, rule_files())])
+@pytest.mark.parametrize("compat", ["2", "3"])
+def test_sentinel_check_rules_is_clean(compat: str) -> None:
+    argv = [sys.executable, "-m", "sentinel", "check", "rules", "--prometheus-compat", compat]
+    done = run([*argv, *map(str, rule_files())])
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_sentinel_test_rules_passes() -> None:
-    done = run([sys.executable, "-m", "sentinel", "test", "rules", *map(str, rule_test_files())])
+@pytest.mark.parametrize("compat", ["2", "3"])
+def test_sentinel_test_rules_passes(compat: str) -> None:
+    argv = [sys.executable, "-m", "sentinel", "test", "rules", "--prometheus-compat", compat]
+    done = run([*argv, *map(str, rule_test_files())])
     assert done.returncode == 0, done.stdout + done.stderr
 
 

@@ -46,7 +46,8 @@ FIXTURES = {
 
 def _sentinel(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "sentinel.promtool.ruletest", *args],
+        # These tests compare with promtool 2.42: Sentinel in its Prometheus 2 mode.
+        [sys.executable, "-m", "sentinel.promtool.ruletest", "--prometheus-compat", "2", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -78,14 +79,12 @@ def test_fixture_gives_promtools_verdict_and_report(fixture: str) -> None:
 
 
 @pytest.mark.integration
-def test_broken_rule_file_fails_in_both_and_sentinel_names_each_problem() -> None:
+def test_broken_rule_file_fails_in_both_with_promtools_words() -> None:
     ours = _sentinel(["broken.test.yml"], DATA)
     theirs = _promtool(["broken.test.yml"], DATA)
     assert (ours.returncode, theirs.returncode) == (1, 1)
-    assert ours.stdout.startswith("Unit Testing:  broken.test.yml\n")
-    assert "  FAILED:\n" in ours.stderr
-    assert "rules/broken.yml:6: group 'broken', rule 1 (alert 'Broken'): could not parse expression" in ours.stderr
-    assert "rules/broken.yml:9: group 'broken', rule 2 (record 'job:up:sum'): field severity not found" in ours.stderr
+    assert (ours.stdout, ours.stderr) == (theirs.stdout, theirs.stderr)
+    assert "rules/broken.yml: yaml: unmarshal errors:\n  line 9: field severity not found" in ours.stderr
 
 
 @pytest.mark.integration
@@ -193,17 +192,28 @@ def test_fixture_verdict(fixture: str) -> None:
     assert _sentinel([fixture], DATA).returncode == FIXTURES[fixture]
 
 
-def test_missing_test_file_is_reported_as_a_failure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prometheus_3_prints_no_unit_testing_line(tmp_path: Path) -> None:
+    # promtool 3.x dropped the `Unit Testing:  FILE` header (it writes JUnit XML instead).
+    _write(tmp_path, {"t.yml": "tests:\n- interval: 1m\n  input_series: [{series: up, values: '1'}]\n"})
+    out, err = io.StringIO(), io.StringIO()
+    assert run_files([str(tmp_path / "t.yml")], out, err)
+    assert (out.getvalue(), err.getvalue()) == ("  SUCCESS\n\n", "")
+    out = io.StringIO()
+    assert run_files([str(tmp_path / "t.yml")], out, err, prometheus_compat=2)
+    assert out.getvalue() == f"Unit Testing:  {tmp_path / 't.yml'}\n  SUCCESS\n\n"
+
+
+def test_missing_test_file_stops_the_run_before_any_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # promtool's argument check: nothing is tested when a named file does not exist.
     missing = str(tmp_path / "nope.yml")
     assert main([missing]) == 1
     captured = capsys.readouterr()
-    assert captured.out.startswith(f"Unit Testing:  {missing}\n")
-    assert f"open {missing}: no such file or directory" in captured.err
+    assert captured.out == ""
+    assert captured.err == f"sentinel: error: path '{missing}' does not exist, try --help\n"
 
 
-def test_interval_defaults_to_evaluation_interval(tmp_path: Path) -> None:
-    # The documented default. promtool 2.42 leaves it 0 and loads every sample at t=0
-    # (so it would report m=0 here): a known 2.42 bug, not reproduced.
+def test_interval_defaults_to_evaluation_interval_in_prometheus_3(tmp_path: Path) -> None:
+    # Prometheus 3's promtool (and the documentation); 2.42 loads every sample at t=0.
     _write(
         tmp_path,
         {
@@ -214,6 +224,23 @@ def test_interval_defaults_to_evaluation_interval(tmp_path: Path) -> None:
     assert parse_test_file((tmp_path / "t.yml").read_text()).tests[0].interval_ms == 30_000
     out, err = io.StringIO(), io.StringIO()
     assert run_files([str(tmp_path / "t.yml")], out, err), err.getvalue()
+
+
+@pytest.mark.integration
+def test_without_interval_prometheus_2_loads_every_sample_at_zero_first_one_winning(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "t.yml": "tests:\n- input_series:\n  - {series: m, values: '_ 7 1+1x10'}\n  - {series: n, values: '5 6'}\n"
+            "  promql_expr_test:\n  - {expr: m, eval_time: 90s, exp_samples: [{labels: m, value: 7}]}\n"
+            "  - {expr: n, eval_time: 4m, exp_samples: [{labels: n, value: 6}]}\n"
+        },
+    )
+    assert parse_test_file((tmp_path / "t.yml").read_text(), prometheus_compat=2).tests[0].interval_ms == 0
+    ours = _sentinel(["t.yml"], tmp_path)
+    theirs = _promtool(["t.yml"], tmp_path)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (theirs.returncode, theirs.stdout, theirs.stderr)
+    assert 'exp: {__name__="n"} 6E+00\n        got: {__name__="n"} 5E+00' in ours.stderr
 
 
 def test_keep_firing_for_holds_a_resolved_alert(tmp_path: Path) -> None:

@@ -27,6 +27,19 @@ def _duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def add_compat_argument(parser: argparse.ArgumentParser) -> None:
+    """`--prometheus-compat 2|3`: whose semantics the rule tools follow (default 3)."""
+    parser.add_argument(
+        "--prometheus-compat",
+        type=int,
+        choices=[2, 3],
+        default=3,
+        metavar="{2,3}",
+        help="follow Prometheus 2 (as promtool 2.42: windows closed on the left, its rule and test file formats) "
+        "or Prometheus 3 (default)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sentinel", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sentinel {__version__}")
@@ -59,16 +72,27 @@ def build_parser() -> argparse.ArgumentParser:
     check_config.add_argument("files", nargs="+", metavar="FILE")
     check_rules = check_sub.add_parser("rules", help="validate Prometheus rule files (as promtool check rules)")
     check_rules.add_argument("files", nargs="+", metavar="FILE")
+    add_compat_argument(check_rules)
+    check_rules.add_argument(
+        "--lint",
+        default="duplicate-rules",
+        metavar="CHECKS",
+        help="linting checks to apply: all, duplicate-rules, none (comma-separated; default duplicate-rules)",
+    )
+    check_rules.add_argument("--lint-fatal", action="store_true", help="make lint errors exit with exit code 3")
 
     test = sub.add_parser("test", help="run unit tests")
     test_sub = test.add_subparsers(dest="what", required=True, metavar="WHAT")
     test_rules = test_sub.add_parser("rules", help="run rule unit tests in promtool's format")
     test_rules.add_argument("files", nargs="+", metavar="FILE")
+    add_compat_argument(test_rules)
 
     promql = sub.add_parser("promql", help="PromQL tools")
     promql_sub = promql.add_subparsers(dest="what", required=True, metavar="WHAT")
     promql_test = promql_sub.add_parser("test", help="run files in Prometheus's promqltest format")
     promql_test.add_argument("files", nargs="+", metavar="FILE")
+    add_compat_argument(promql_test)
+    promql_test.add_argument("-q", "--quiet", action="store_true", help="do not list skipped evals")
 
     logs = sub.add_parser("logs", help="log tools")
     logs_sub = logs.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -116,15 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sentinel {__version__}")
         return 0
     if args.command == "check":
-        return check_config(args.files) if args.what == "config" else check_rules(args.files)
-    if args.command == "test":
-        from sentinel.promtool.ruletest import main as test_rules_main
+        if args.what == "config":
+            return check_config(args.files)
+        from sentinel.promtool.rulecheck import check_rules
 
-        return int(test_rules_main(args.files))
+        return check_rules(args.files, args.prometheus_compat, args.lint, args.lint_fatal)
+    if args.command == "test":
+        from sentinel.promtool.ruletest import run_files
+
+        return 0 if run_files(args.files, sys.stdout, sys.stderr, prometheus_compat=args.prometheus_compat) else 1
     if args.command == "promql":
         from sentinel.promtool.promqltest import main as promql_test_main
 
-        return int(promql_test_main(args.files))
+        compat = ["--prometheus-compat", str(args.prometheus_compat)]
+        return int(promql_test_main([*args.files, *compat, *(["--quiet"] if args.quiet else [])]))
     if args.command == "run":
         return run(args)
     raise AssertionError(args.command)
@@ -143,24 +172,6 @@ def check_config(files: Sequence[str]) -> int:
                 print(f"  {problem}", file=sys.stderr)
         else:
             print(f"SUCCESS: {file} is valid")
-    return 1 if failed else 0
-
-
-def check_rules(files: Sequence[str]) -> int:
-    """promtool's exit codes: 0 all valid, 1 any file invalid."""
-    from sentinel.rules.rulefile import RuleFileError, load_rule_files
-
-    failed = False
-    for file in files:
-        print(f"Checking {file}")
-        try:
-            groups = load_rule_files([file])
-        except RuleFileError as exc:
-            failed = True
-            print(f"  FAILED:\n{exc}", file=sys.stderr)
-        else:
-            print(f"  SUCCESS: {sum(len(g.rules) for g in groups)} rules found")
-        print()
     return 1 if failed else 0
 
 

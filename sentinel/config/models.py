@@ -346,6 +346,11 @@ class Config(Frozen):
     expected_gpus: int | None = Field(
         None, ge=0, description="GPUs this host should have; default the count first seen (persisted)."
     )
+    prometheus_compat: Literal[2, 3] = Field(
+        3,
+        description="Whose semantics rules follow: 3 (Prometheus 3: windows open on the left) or 2 "
+        "(Prometheus 2: windows closed on the left, 2.42's rule file format); as --prometheus-compat.",
+    )
     log: LogConfig = LogConfig()
     store: StoreConfig = StoreConfig()
     collectors: CollectorsConfig = CollectorsConfig()

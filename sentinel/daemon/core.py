@@ -187,7 +187,9 @@ class Daemon:
         self.last_reload_success_at = self.started_at
         self.bound_port: int | None = None
         self.http = SharedHttpSession()
-        self.engine = Engine(self.store, lookback_ms=int(config.store.lookback * 1000))
+        self.engine = Engine(
+            self.store, lookback_ms=int(config.store.lookback * 1000), prometheus_compat=config.prometheus_compat
+        )
         self._query_engine = engine_query(self.engine)
         # API queries get a pool, deadline and sample limit of their own (not the default executor).
         self.queries = QueryRunner(
@@ -241,7 +243,9 @@ class Daemon:
             http=self.config.http,
         )
         try:
-            groups = await self._file_threads.run(load_rule_files, self.config.rules.files)
+            groups = await self._file_threads.run(
+                load_rule_files, self.config.rules.files, self.config.prometheus_compat
+            )
         except RuleFileError as exc:
             log.error("invalid rule files:\n%s", exc)
             return 1
@@ -367,7 +371,7 @@ class Daemon:
                     log.error("reload failed, keeping the running config:\n%s", exc)
                     return False
                 try:
-                    groups = await self._file_threads.run(load_rule_files, new.rules.files)
+                    groups = await self._file_threads.run(load_rule_files, new.rules.files, new.prometheus_compat)
                 except RuleFileError as exc:
                     self.last_reload_ok = False
                     log.error("reload failed, keeping the running config and rules:\n%s", exc)
@@ -388,7 +392,9 @@ class Daemon:
                 self.config = new
                 self.store.retention_ms = int(new.store.retention * 1000)
                 self.store.lookback_ms = int(new.store.lookback * 1000)
-                self.engine = Engine(self.store, lookback_ms=self.store.lookback_ms)
+                self.engine = Engine(
+                    self.store, lookback_ms=self.store.lookback_ms, prometheus_compat=new.prometheus_compat
+                )
                 self._query_engine = engine_query(self.engine)
                 if self.rules is not None:
                     await self.rules.apply(groups, new.rules)

@@ -60,8 +60,27 @@ def binary(ev: Evaluator, node: Binary, t: int) -> Value:
         return _vector_scalar(op, rhs, lhs.value, swapped=True, return_bool=node.return_bool)
     if isinstance(lhs, Vector) and isinstance(rhs, Vector):
         assert node.matching is not None
-        return _vector_vector(op, lhs, rhs, node.matching, node.return_bool)
+        return _vector_vector(op, lhs, rhs, node.matching, node.return_bool, ev.compat)
     raise PromQLError(f"binary operator {op!r} needs scalar or instant vector operands")
+
+
+def _duplicate_pair(one: Vector, sig: Callable[[Labels], Labels], compat: int) -> tuple[str, str]:
+    """The two series a many-to-many error names, in the order Prometheus names them.
+
+    Both versions scan the series in storage order (sorted by labels) and stop at the
+    first repeated signature: 2.42 names the later series first, 3 sorts the two texts.
+    """
+    seen: dict[Labels, Labels] = {}
+    for labels in sorted(s.labels for s in one):
+        key = sig(labels)
+        earlier = seen.get(key)
+        if earlier is not None:
+            later_text, earlier_text = format_labels(labels), format_labels(earlier)
+            if compat == 2:
+                return later_text, earlier_text
+            return min(later_text, earlier_text), max(later_text, earlier_text)
+        seen[key] = labels
+    raise AssertionError("no duplicate signature")
 
 
 def _scalar_op(op: str, a: float, b: float, return_bool: bool) -> float:
@@ -127,7 +146,9 @@ def _set_op(op: str, lhs: Vector, rhs: Vector, matching: VectorMatching) -> Vect
     return out
 
 
-def _vector_vector(op: str, lhs: Vector, rhs: Vector, matching: VectorMatching, return_bool: bool) -> Vector:
+def _vector_vector(
+    op: str, lhs: Vector, rhs: Vector, matching: VectorMatching, return_bool: bool, compat: int = 3
+) -> Vector:
     card = matching.card
     if card == "many-to-many":
         raise PromQLError("many-to-many only allowed for set operators")
@@ -148,10 +169,10 @@ def _vector_vector(op: str, lhs: Vector, rhs: Vector, matching: VectorMatching, 
         duplicate = one_by_sig.get(key)
         if duplicate is not None:
             side = "left" if swapped else "right"
-            first, second = sorted((duplicate.labels, s.labels))
+            first, second = _duplicate_pair(one, sig, compat)
             raise PromQLError(
                 f"found duplicate series for the match group {format_labels(key)} on the {side} hand-side "
-                f"of the operation: [{format_labels(first)}, {format_labels(second)}];"
+                f"of the operation: [{first}, {second}];"
                 "many-to-many matching not allowed: matching labels must be unique on one side"
             )
         one_by_sig[key] = s

@@ -86,12 +86,18 @@ class _Skip(Exception):
     """An eval needs something Sentinel does not support (native histograms, new syntax)."""
 
 
+def _engine(store: Store, compat: int) -> Engine:
+    # Prometheus 2 semantics come from the engine's own mode (`Engine(prometheus_compat=2)`).
+    return Engine(store, prometheus_compat=compat)
+
+
 class _Env:
     """The store of one script plus where native histogram samples were loaded."""
 
-    def __init__(self) -> None:
+    def __init__(self, compat: int = 3) -> None:
+        self.compat = compat
         self.store = Store(retention_ms=1 << 62)
-        self.engine = Engine(self.store)
+        self.engine = _engine(self.store, compat)
         # Histogram sample timestamps per series; None means "any time" (NHCB series).
         self.histograms: dict[Labels, list[int] | None] = {}
 
@@ -161,18 +167,18 @@ def _read_windows(
     return out
 
 
-def run_script(text: str, name: str = "<script>") -> Report:
-    """Run one script's commands in order."""
+def run_script(text: str, name: str = "<script>", prometheus_compat: int = 3) -> Report:
+    """Run one script's commands in order (`prometheus_compat` 2: Prometheus 2's engine semantics)."""
     report = Report()
     try:
         commands = parse_script(text)
     except (TestFormatError, ValueError) as exc:
         report.outcomes.append(Outcome(name, getattr(exc, "line", 0), "", "failed", f"cannot parse script: {exc}"))
         return report
-    env = _Env()
+    env = _Env(prometheus_compat)
     for cmd in commands:
         if isinstance(cmd, Clear):
-            env = _Env()
+            env = _Env(prometheus_compat)
         elif isinstance(cmd, Load):
             env.load(cmd)
         else:
@@ -180,12 +186,17 @@ def run_script(text: str, name: str = "<script>") -> Report:
     return report
 
 
-def run_files(paths: Sequence[str | Path]) -> Report:
-    """Run every script; outcomes of all files in one report."""
+def run_files(paths: Sequence[str | Path], prometheus_compat: int = 3) -> Report:
+    """Run every script; outcomes of all files in one report. An unreadable file is one failure."""
     report = Report()
     for path in paths:
         p = Path(path)
-        report.outcomes.extend(run_script(p.read_text(encoding="utf-8"), str(p)).outcomes)
+        try:
+            text = p.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            report.outcomes.append(Outcome(str(p), 0, "", "failed", f"cannot read: {exc}"))
+            continue
+        report.outcomes.extend(run_script(text, str(p), prometheus_compat).outcomes)
     return report
 
 
@@ -361,8 +372,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sentinel promql test", description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="+", help="promqltest scripts (*.test)")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not list skipped evals")
+    parser.add_argument("--prometheus-compat", type=int, choices=[2, 3], default=3, help="Prometheus 2 or 3 semantics")
     args = parser.parse_args(argv)
-    report = run_files(args.files)
+    report = run_files(args.files, args.prometheus_compat)
     for o in report.outcomes:
         if o.status == "failed":
             print(f"FAIL {o.file}:{o.line}: {o.expr}\n    {o.message}")

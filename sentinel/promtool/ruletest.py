@@ -17,11 +17,12 @@ unittest.go) as shipped in Prometheus 2.42, checked against the real binary:
 - a `promql_expr_test` runs after the last step, over the samples loaded by then,
   and compares values exactly (so an expected NaN never matches, as in 2.42).
 
-Where 2.42 and the documented format differ, Sentinel follows the documentation:
-a test group without `interval` uses `evaluation_interval` (2.42 loads every sample
-at t=0). The PromQL underneath is Sentinel's (Prometheus 3.x): range windows
-(t-range, t] and the 5m lookback (t-5m, t] are open on the left, where 2.42 closes
-both; a test meant for both tools avoids samples exactly on a window's start.
+`prometheus_compat` picks whose promtool to follow. 3 (the default) is Prometheus 3's:
+a test group without `interval` uses `evaluation_interval`, and windows are open on
+the left. 2 is promtool 2.42's, byte for byte: a test group without `interval` loads
+every sample at t=0 (the first sample of a series wins, as in its storage), the rule
+files are read with 2.42's rulefmt (no group `labels` or `query_offset`), and the
+engine runs in its Prometheus 2 mode (range and lookback windows closed on the left).
 """
 
 from __future__ import annotations
@@ -42,10 +43,17 @@ import yaml
 
 from sentinel.gotemplate.values import go_quote
 from sentinel.promql import Engine
+from sentinel.promtool.seriesdesc import series_error
 from sentinel.promtool.testformat import HISTOGRAM, OMITTED, STALE, TestFormatError, parse_series_line
 from sentinel.rules.group import GroupEvaluator, QueryError, QueryFn
 from sentinel.rules.query import engine_query
-from sentinel.rules.rulefile import RuleFileError, RuleGroup, load_rule_files, parse_prom_duration
+from sentinel.rules.rulefile import (
+    DEFAULT_PROMETHEUS_COMPAT,
+    RuleFileError,
+    RuleGroup,
+    load_rule_files,
+    parse_prom_duration,
+)
 from sentinel.rules.state import AlertState
 from sentinel.store import DEFAULT_LOOKBACK_MS, STALE_NAN, Labels, Store
 
@@ -63,6 +71,7 @@ __all__ = [
     "format_go_duration",
     "format_model_duration",
     "main",
+    "make_engine",
     "parse_test_file",
     "run_file",
     "run_files",
@@ -149,23 +158,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Unit tests for Prometheus rules, in the `promtool test rules` file format.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="test files")
+    parser.add_argument("--prometheus-compat", type=int, choices=[2, 3], default=DEFAULT_PROMETHEUS_COMPAT)
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    return 0 if run_files(args.files, sys.stdout, sys.stderr) else 1
+    return 0 if run_files(args.files, sys.stdout, sys.stderr, prometheus_compat=args.prometheus_compat) else 1
 
 
-def run_files(paths: Iterable[str], stdout: TextIO, stderr: TextIO) -> bool:
-    """Run and report every file, as promtool does; True when all passed."""
+def run_files(
+    paths: Iterable[str], stdout: TextIO, stderr: TextIO, *, prometheus_compat: int = DEFAULT_PROMETHEUS_COMPAT
+) -> bool:
+    """Run and report every file, as promtool does; True when all passed.
+
+    A missing file or a directory ends the run before anything is tested, as promtool's
+    argument checks do.
+    """
+    paths = list(paths)
+    for path in paths:
+        if not os.path.exists(path):
+            stderr.write(f"sentinel: error: path '{path}' does not exist, try --help\n")
+            return False
+        if os.path.isdir(path):
+            stderr.write(f"sentinel: error: '{path}' is a directory, try --help\n")
+            return False
     ok = True
     for path in paths:
-        ok = run_file(path, stdout, stderr) and ok
+        ok = run_file(path, stdout, stderr, prometheus_compat=prometheus_compat) and ok
     return ok
 
 
-def run_file(path: str, stdout: TextIO, stderr: TextIO) -> bool:
+def run_file(path: str, stdout: TextIO, stderr: TextIO, *, prometheus_compat: int = DEFAULT_PROMETHEUS_COMPAT) -> bool:
     """Run one test file and print promtool's report for it; True when it passed."""
     out = _Report(stdout, stderr)
-    out.line(f"Unit Testing:  {path}")
-    errors = _test_file(path, out)
+    if prometheus_compat == 2:
+        # promtool 3 prints no such header (it has JUnit XML output instead).
+        out.line(f"Unit Testing:  {path}")
+    errors = _test_file(path, out, prometheus_compat)
     if errors:
         out.error("  FAILED:")
         for message in errors:
@@ -202,7 +228,7 @@ class _Report:
         self._last = stream
 
 
-def _test_file(path: str, out: _Report) -> list[str]:
+def _test_file(path: str, out: _Report, compat: int) -> list[str]:
     try:
         text = Path(path).read_bytes().decode("utf-8")
     except OSError as exc:
@@ -211,7 +237,7 @@ def _test_file(path: str, out: _Report) -> list[str]:
     except UnicodeDecodeError as exc:
         return [f"{path}: {exc}"]
     try:
-        spec = parse_test_file(text)
+        spec = parse_test_file(text, prometheus_compat=compat)
     except TestFileError as exc:
         return [str(exc)]
     rule_files = _resolve_rule_files(os.path.dirname(path), spec.rule_files, out)
@@ -222,7 +248,7 @@ def _test_file(path: str, out: _Report) -> list[str]:
         order[name] = index
     errors: list[str] = []
     for group in spec.tests:
-        errors.extend(_run_test_group(group, spec.evaluation_interval_ms, order, rule_files))
+        errors.extend(_run_test_group(group, spec.evaluation_interval_ms, order, rule_files, compat))
     return errors
 
 
@@ -250,9 +276,17 @@ _InputSample = tuple[int, Labels, float]  # (timestamp ms, labels, value)
 
 
 def _input_samples(group: TestGroup) -> list[_InputSample]:
-    """All input samples in time order; raises ValueError for a malformed series."""
+    """All input samples in time order; raises ValueError for a malformed series.
+
+    With interval 0 (Prometheus 2, no `interval`) every sample of a series falls on
+    t=0 and only the first is kept, as 2.42's storage drops the later ones.
+    """
     points: list[_InputSample] = []
     for index, item in enumerate(group.input_series):
+        if "{{" not in item.values:  # native histograms: promtool 3's syntax, not checked here
+            error = series_error(item.series, item.values, index + 1)
+            if error is not None:
+                raise ValueError(error)
         try:
             labels, values = parse_series_line(f"{item.series} {item.values}", index + 2)
         except TestFormatError as exc:
@@ -263,6 +297,8 @@ def _input_samples(group: TestGroup) -> list[_InputSample]:
             if value == HISTOGRAM:
                 raise ValueError(f"input series {go_quote(item.series)}: native histograms are not supported")
             points.append((i * group.interval_ms, labels, STALE_NAN if value == STALE else float(value)))
+            if group.interval_ms == 0:
+                break
     points.sort(key=lambda p: p[0])  # stable: series order within one timestamp
     return points
 
@@ -272,7 +308,7 @@ def _without_line(exc: TestFormatError) -> str:
 
 
 def _run_test_group(
-    group: TestGroup, eval_interval_ms: int, order: Mapping[str, int], rule_files: Sequence[str]
+    group: TestGroup, eval_interval_ms: int, order: Mapping[str, int], rule_files: Sequence[str], compat: int
 ) -> list[str]:
     """Run one test group; returns its failures in promtool's words."""
     try:
@@ -280,7 +316,7 @@ def _run_test_group(
     except ValueError as exc:
         return [str(exc)]
     try:
-        rule_groups = _ordered(load_rule_files(rule_files), order)
+        rule_groups = _ordered(load_rule_files(rule_files, compat), order)
     except RuleFileError as exc:
         return [str(p) for p in exc.problems]
     for case in group.alert_rule_tests:
@@ -293,13 +329,14 @@ def _run_test_group(
 
     store = Store(lookback_ms=DEFAULT_LOOKBACK_MS)
     # promtool's test suite steps subqueries by the evaluation interval.
-    query = engine_query(Engine(store, lookback_ms=DEFAULT_LOOKBACK_MS, subquery_step_ms=eval_interval_ms))
+    query = engine_query(make_engine(store, eval_interval_ms, compat))
     evaluators = [
         GroupEvaluator(
             g,
             store,
             query,
-            interval_ms=group.interval_ms,
+            # 2.42 gives the rule groups the test group's interval, 0 when unset.
+            interval_ms=group.interval_ms or eval_interval_ms,
             external_labels=group.external_labels,
             external_url=group.external_url,
         )
@@ -333,6 +370,11 @@ def _run_test_group(
     for expr_test in group.promql_expr_tests:
         errors.extend(_check_promql(expr_test, query))
     return errors
+
+
+def make_engine(store: Store, subquery_step_ms: int, compat: int) -> Engine:
+    """The engine of a test group: promtool steps subqueries by the evaluation interval."""
+    return Engine(store, lookback_ms=DEFAULT_LOOKBACK_MS, subquery_step_ms=subquery_step_ms, prometheus_compat=compat)
 
 
 # -- checks ----------------------------------------------------------------------------
@@ -504,7 +546,7 @@ def format_go_duration(ms: int) -> str:
 # -- strict YAML decoding --------------------------------------------------------------------
 
 
-def parse_test_file(text: str) -> UnitTestFile:
+def parse_test_file(text: str, prometheus_compat: int = DEFAULT_PROMETHEUS_COMPAT) -> UnitTestFile:
     """Decode a test file the way promtool's yaml.UnmarshalStrict does.
 
     Unknown fields and type mismatches are reported together, in document order, as
@@ -519,7 +561,7 @@ def parse_test_file(text: str) -> UnitTestFile:
         raise TestFileError(f"yaml: {where}{exc.problem or exc}") from None
     except yaml.YAMLError as exc:
         raise TestFileError(f"yaml: {exc}") from None
-    decoder = _Decoder()
+    decoder = _Decoder(prometheus_compat)
     spec = decoder.unit_test_file(root)
     # go-yaml decodes in document order; ours goes field by field, so sort by position.
     if decoder.fatal:
@@ -548,7 +590,8 @@ def _is_null(node: yaml.Node | None) -> bool:
 class _Decoder:
     """Builds the typed test file from composed YAML nodes, collecting go-yaml's errors."""
 
-    def __init__(self) -> None:
+    def __init__(self, compat: int = DEFAULT_PROMETHEUS_COMPAT) -> None:
+        self.compat = compat
         # (line, column, message): go-yaml's collected type errors, and the errors that
         # end its decoding (of which it reports the first).
         self.errors: list[tuple[int, int, str]] = []
@@ -673,8 +716,8 @@ class _Decoder:
             ),
         )
         return TestGroup(
-            # The documented default; promtool 2.42 itself leaves 0 (all samples at t=0).
-            interval_ms=self.duration(f.get("interval")) or evaluation_interval_ms,
+            # Prometheus 3 defaults to evaluation_interval; 2.42 leaves 0 (all samples at t=0).
+            interval_ms=self.duration(f.get("interval")) or (evaluation_interval_ms if self.compat >= 3 else 0),
             input_series=[self.input_series(n) for n in self.seq(f.get("input_series"), "[]main.series")],
             alert_rule_tests=[
                 self.alert_test_case(n) for n in self.seq(f.get("alert_rule_test"), "[]main.alertTestCase")
