@@ -6,6 +6,7 @@ stops leading at once, without waiting for etcd to tell it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -86,7 +87,7 @@ async def test_peer_down_raised_exactly_once_for_a_killed_host_and_resolved_once
         )
         kinds = [str(e["event"]) for e in transitions]
         assert kinds[0] == "peer_down" and kinds[-1] == "peer_up", kinds
-        assert all(a != b for a, b in zip(kinds, kinds[1:])), kinds
+        assert all(a != b for a, b in itertools.pairwise(kinds)), kinds
     finally:
         back.close()
 

@@ -309,7 +309,9 @@ def test_sighup_with_a_broken_rule_file_keeps_the_old_rules_running(tmp_path: Pa
         rule_file.write_text(RULES.replace("expr: sentinel_gpu_up == 7", "expr: sentinel_gpu_up == (7"))
         process.signal(signal.SIGHUP)
         process.wait_for_log(r"reload failed, keeping the running config and rules")
-        process.wait_for_log(r"gpu\.rules\.yml: \d+:\d+: group \"gpus\", rule 4, \"NeverFires\": could not parse expression")
+        process.wait_for_log(
+            r"gpu\.rules\.yml: \d+:\d+: group \"gpus\", rule 4, \"NeverFires\": could not parse expression"
+        )
         assert process.proc.poll() is None
         assert rule_names(process) == before
         evaluated = last_evaluation(process)
