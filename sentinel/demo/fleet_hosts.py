@@ -275,8 +275,8 @@ class SlotHold:
 class SlotRecorder:
     """Follows `slots/holders/` in etcd (list, then watch, resumed across etcd failures)."""
 
-    def __init__(self, client: EtcdClient, clock: Any) -> None:
-        self.keys = Keys(f"/sentinel/{FLEET}/")
+    def __init__(self, client: EtcdClient, clock: Any, fleet: str = FLEET) -> None:
+        self.keys = Keys(f"/sentinel/{fleet}/")
         self._clock = clock
         self.holds: list[SlotHold] = []
         self.open: dict[str, SlotHold] = {}  # key -> the hold it holds now
