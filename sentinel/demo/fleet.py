@@ -133,8 +133,9 @@ class DemoFailed(Exception):
 class FleetDemo:
     """Runs the fleet demo (module doc); `results`, `actions` and `peer_down_alerts` after `run`."""
 
-    def __init__(self, faults: Sequence[str], out: TextIO, quiet: bool) -> None:
+    def __init__(self, faults: Sequence[str], out: TextIO, quiet: bool, keep: Path | None = None) -> None:
         self.faults = faults
+        self.keep = keep  # a directory to run in and leave behind (configs, logs, state)
         self.tl = Timeline(time.monotonic(), out, quiet)
         self.wall0 = time.time()
         self.results: list[FaultResult] = []
@@ -153,10 +154,15 @@ class FleetDemo:
     # -- set-up and tear-down ------------------------------------------------------------
 
     async def run(self) -> None:
-        with tempfile.TemporaryDirectory(prefix="sentinel-fleet-demo-") as tmp:
+        with contextlib.ExitStack() as stack:
+            if self.keep is not None:
+                self.keep.mkdir(parents=True, exist_ok=True)
+                root = Path(tempfile.mkdtemp(prefix="sentinel-fleet-demo-", dir=self.keep))
+            else:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sentinel-fleet-demo-")))
             async with RecordingReceiver() as sink, aiohttp.ClientSession() as http:
                 self.sink, self.http = sink, http
-                await self._run(Path(tmp))
+                await self._run(root)
 
     async def _run(self, root: Path) -> None:
         tl = self.tl
@@ -643,10 +649,13 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser.add_argument("--scenario", default="all", choices=["all", *FAULTS], help="one fault, or all in turn")
     parser.add_argument("--json", action="store_true", help="print one JSON object with the results")
     parser.add_argument("--verbose", action="store_true", help="show the demo's own log")
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="run in a new directory under DIR and leave it (configs, logs, state)"
+    )
     args = parser.parse_args(argv)
     setup_logging("text", "info" if args.verbose else "error")
     faults = [f for f in FAULTS if args.scenario in ("all", f)]
-    demo = FleetDemo(faults, out, quiet=args.json)
+    demo = FleetDemo(faults, out, quiet=args.json, keep=args.keep)
     if not args.json:
         print("Sentinel fleet demo: four hosts coordinated on a real 3-member etcd, faults one after another", file=out)
         print(f"(rule `for:` durations divided by {FOR_COMPRESSION}; lease TTL {LEASE_TTL_S}s).", file=out, flush=True)
