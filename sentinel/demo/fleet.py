@@ -304,8 +304,12 @@ class FleetDemo:
     def _read_sink(self) -> None:
         requests = self.sink.accepted()
         for req in requests[self._seen_requests :]:
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                for a in req.json().get("alerts", []):
+            try:
+                alerts = req.json().get("alerts", [])
+            except (ValueError, AttributeError):
+                continue
+            for a in alerts:
+                with contextlib.suppress(KeyError, TypeError, AttributeError):  # one odd entry, not the rest
                     labels = dict(a.get("labels", {}))
                     self.alerts.append(
                         Alert(req.wall - self.wall0, labels.get("alertname", ""), a["status"], labels, a["startsAt"])
@@ -319,6 +323,34 @@ class FleetDemo:
             if a.at >= since and a.name in names and a.status == "firing" and matches:
                 return a
         return None
+
+    async def _page(
+        self, since: float, names: Sequence[str], timeout: float, what: str, sender: str, **labels: str
+    ) -> Alert:
+        """Wait for a firing page; on a timeout, say whether `sender`'s Sentinel fired it at all."""
+        try:
+            hit: Alert = await self._until(lambda: self._alert_after(since, names, **labels), timeout, what)
+        except DemoFailed as exc:
+            raise DemoFailed(f"{exc}; {await self._alert_state(sender, names, labels)}") from None
+        return hit
+
+    async def _alert_state(self, host: str, names: Sequence[str], labels: dict[str, str]) -> str:
+        """What `host`'s Sentinel says of these alerts, and its notification queue (for a failed wait)."""
+        handle = self.hosts[host]
+        try:
+            async with self.http.get(handle.base + "/api/v1/alerts", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                body = await r.json()
+            found = [
+                f"{a['labels'].get('alertname')} {a['state']} since {a.get('activeAt')}"
+                for a in body["data"]["alerts"]
+                if a["labels"].get("alertname") in names and all(a["labels"].get(k) == v for k, v in labels.items())
+            ]
+            async with self.http.get(handle.base + "/metrics", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                text = await r.text()
+            queue = [line for line in text.splitlines() if line.startswith("sentinel_notification")]
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError) as exc:
+            return f"{host}'s Sentinel did not answer ({type(exc).__name__})"
+        return f"{host}'s Sentinel has: {', '.join(found) or 'no such alert'}; " + "; ".join(queue[:8])
 
     def _resolved_after(self, since: float, name: str, **labels: str) -> Alert | None:
         self._read_sink()
@@ -443,10 +475,13 @@ class FleetDemo:
         tl.say(f"fault: the Sentinel of {victim} is killed with SIGKILL (leader: {view.leader})")
         r.injected_at = round(tl.now(), 2)
         await asyncio.to_thread(host.kill)
-        hit = await self._until(
-            lambda: self._alert_after(r.injected_at or 0, ["SentinelPeerDown"], host=victim),
+        hit = await self._page(
+            r.injected_at or 0,
+            ["SentinelPeerDown"],
             LEASE_TTL_S + 30,
             f"SentinelPeerDown for {victim}",
+            view.leader,
+            host=victim,
         )
         r.detected_at, r.alert = round(hit.at, 2), "SentinelPeerDown"
         tl.say(
@@ -519,9 +554,7 @@ class FleetDemo:
         for proxy in self.proxies:
             proxy.cut()
         await worker_fault(self.http, worker, {"kind": "die"})
-        hit = await self._until(
-            lambda: self._alert_after(r.injected_at or 0, ["EngineDead"], worker=worker.name), 30, "EngineDead"
-        )
+        hit = await self._page(r.injected_at or 0, ["EngineDead"], 30, "EngineDead", PARTITIONED, worker=worker.name)
         r.detected_at, r.alert = round(hit.at, 2), "EngineDead"
         tl.say(f"FIRING    EngineDead{{worker={worker.name}}} on {PARTITIONED}")
 
