@@ -84,8 +84,9 @@ class FleetGate:
         if refusal is not None or not request.disruptive:
             return refusal
         coordinator = self._coordinator
-        if coordinator.config.partition_policy == "hold" and not coordinator.up:
-            since = coordinator.session.unreachable_since if coordinator.started else None
+        since = coordinator.session.unreachable_since if coordinator.started else None
+        # Known away: the lease lapsed, or etcd failed the last call and none succeeded since.
+        if coordinator.config.partition_policy == "hold" and (not coordinator.up or since is not None):
             when = f" since {_clock(since)}" if since else ""
             return Refusal(
                 self.name,

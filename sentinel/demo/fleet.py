@@ -136,6 +136,7 @@ class FleetDemo:
     def __init__(self, faults: Sequence[str], out: TextIO, quiet: bool, keep: Path | None = None) -> None:
         self.faults = faults
         self.keep = keep  # a directory to run in and leave behind (configs, logs, state)
+        self.host_log_level = "info"
         self.tl = Timeline(time.monotonic(), out, quiet)
         self.wall0 = time.time()
         self.results: list[FaultResult] = []
@@ -210,7 +211,14 @@ class FleetDemo:
         for name, workers in fleet_plan().items():
             endpoints = [p.url for p in self.proxies] if name == PARTITIONED else self.etcd.endpoints
             self.hosts[name] = HostHandle(
-                name, workers, root, endpoints=endpoints, rule_files=rules, sink_url=self.sink.url, fleet=fleet
+                name,
+                workers,
+                root,
+                endpoints=endpoints,
+                rule_files=rules,
+                sink_url=self.sink.url,
+                fleet=fleet,
+                log_level=self.host_log_level,
             )
         self.recorder.start()
         for host in self.hosts.values():
@@ -689,6 +697,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     setup_logging("text", "info" if args.verbose else "error")
     faults = [f for f in FAULTS if args.scenario in ("all", f)]
     demo = FleetDemo(faults, out, quiet=args.json, keep=args.keep)
+    if args.verbose:
+        demo.host_log_level = "debug"  # the Sentinels' logs too (under --keep DIR)
     if not args.json:
         print("Sentinel fleet demo: four hosts coordinated on a real 3-member etcd, faults one after another", file=out)
         print(f"(rule `for:` durations divided by {FOR_COMPRESSION}; lease TTL {LEASE_TTL_S}s).", file=out, flush=True)

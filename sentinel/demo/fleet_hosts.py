@@ -93,8 +93,10 @@ class HostHandle:
         rule_files: list[str],
         sink_url: str,
         fleet: dict[str, Any],
+        log_level: str = "info",
     ) -> None:
         self.name = name
+        self.log_level = log_level
         self.workers = workers
         self.dir = root / name
         self.state = self.dir / "state"
@@ -141,7 +143,7 @@ class HostHandle:
         config = {
             "listen": f"127.0.0.1:{self.port}",
             "state_dir": str(self.state),
-            "log": {"level": "info"},
+            "log": {"level": self.log_level},
             "collectors": {"nvml": {"kernel_log": "off"}},
             "workers": workers,
             "rules": {"files": rule_files, "interval": "1s", "external_labels": {"sentinel_host": self.name}},
