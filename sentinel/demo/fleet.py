@@ -171,7 +171,7 @@ class FleetDemo:
         try:
             await asyncio.to_thread(self.etcd.start)
         except EtcdMissing as exc:
-            raise DemoFailed(f"sentinel demo --fleet needs a real etcd: {exc}") from None
+            raise DemoFailed(f"a real etcd is needed: {exc}") from None
         tl.say(f"etcd: 3 members on loopback ({', '.join(self.etcd.endpoints)})")
         self.client = EtcdClient(self.etcd.endpoints, request_timeout=2.0)
         self.recorder = SlotRecorder(self.client, tl.now)
