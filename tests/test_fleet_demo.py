@@ -42,6 +42,8 @@ def test_fleet_demo_json() -> None:
     lines = done.stdout.strip().splitlines()
     assert lines, done.stderr[-3000:]
     result = json.loads(lines[-1])
+    print(json.dumps(result, indent=1))  # shown when an assertion below fails
+    print(done.stderr[-4000:])
     assert set(result) == {"hosts", "max_unavailable", "faults", "actions", "peer_down_alerts"}
     assert result["hosts"] >= 4
     k = result["max_unavailable"]

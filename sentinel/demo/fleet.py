@@ -613,7 +613,13 @@ class FleetDemo:
         self._read_sink()
         rows: dict[str, list[dict[str, Any]]] = {}
         for name, host in self.hosts.items():
-            rows[name] = await host.actions(self.http)
+            # A loaded host may be slow to answer: the outcomes come from its journal, so ask again.
+            deadline = time.monotonic() + 60
+            journal = await host.read_actions(self.http, timeout=10)
+            while journal is None and host.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+                journal = await host.read_actions(self.http, timeout=10)
+            rows[name] = journal or []
         self.slot_holds = list(self.recorder.holds)
         self.slot_overwrites = self.recorder.overwrites
         self.slot_peak = dict(self.recorder.peak)

@@ -229,14 +229,19 @@ class HostHandle:
             return False
 
     async def actions(self, http: aiohttp.ClientSession) -> list[dict[str, Any]]:
-        """The host's journal, newest first ([] while its Sentinel is down)."""
+        """The host's journal, newest first ([] while its Sentinel is down or slow to answer)."""
+        return await self.read_actions(http) or []
+
+    async def read_actions(self, http: aiohttp.ClientSession, timeout: float = 5.0) -> list[dict[str, Any]] | None:
+        """The host's journal, newest first; None when its Sentinel did not answer."""
         try:
-            async with http.get(self.base + "/api/v1/actions?limit=500", timeout=aiohttp.ClientTimeout(total=5)) as r:
+            url = self.base + "/api/v1/actions?limit=500"
+            async with http.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 body = await r.json()
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            return []
+            return None
         data = body.get("data") if isinstance(body, dict) else None
-        return list(data) if isinstance(data, list) else []
+        return list(data) if isinstance(data, list) else None
 
 
 async def worker_tokens(http: aiohttp.ClientSession, worker: WorkerPlan) -> float | None:
