@@ -99,8 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Handled by sentinel.logs.scan's own parser (see main); listed here for --help.
     logs_sub.add_parser("scan", help="run the log pattern catalogue over files (--json, --summary)")
 
-    # Handled by sentinel.demo.local and sentinel.cli.ops (see main); listed here for --help.
-    sub.add_parser("demo", help="the whole detect-and-heal loop on a simulated host with a real tiny MoE worker")
+    # Handled by sentinel.demo, sentinel.fleet.cli and sentinel.cli.ops (see main); listed here for --help.
+    sub.add_parser(
+        "demo",
+        help="the whole detect-and-heal loop on a simulated host with a real tiny MoE worker "
+        "(--fleet: several hosts coordinated on a real etcd)",
+    )
+    sub.add_parser("fleet", help="the fleet on etcd: fleet status [--json], fleet resume ALERT, fleet forget HOST")
     sub.add_parser("status", help="GPUs, workers, firing alerts and recent actions of the running daemon")
     sub.add_parser("history", help="the action journal of the running daemon")
     sub.add_parser("pause", help="stop acting on a worker (or all): pause [WORKER]")
@@ -116,10 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         from sentinel.logs.scan import main as scan_main
 
         return int(scan_main(argv[2:]))
+    if argv[:1] == ["demo"] and "--fleet" in argv[1:]:
+        from sentinel.demo.fleet import main as fleet_demo_main
+
+        return fleet_demo_main([a for a in argv[1:] if a != "--fleet"])
     if argv[:1] == ["demo"]:
         from sentinel.demo.local import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["fleet"]:
+        from sentinel.fleet.cli import main as fleet_main
+
+        return fleet_main(argv[1:])
     if argv and argv[0] in opscli.COMMANDS:
         return int(opscli.main(argv))
     args = build_parser().parse_args(argv)

@@ -27,6 +27,7 @@ from sentinel.collectors.canary_config import CanaryConfig
 from sentinel.collectors.probe_settings import ProbeConfig
 from sentinel.config.base import Duration, Frozen, parse_duration
 from sentinel.config.yamlpos import YamlError, load_with_positions, position_of
+from sentinel.fleet.config import FleetConfig, check_against_workers
 from sentinel.notify.settings import NotifyConfig
 from sentinel.remediation.settings import Backend, ControlConfig, Profile, RemediationConfig
 
@@ -209,6 +210,7 @@ class ProcessMatch(Frozen):
 
 
 _WORKER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
+_LABEL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class LogSource(Frozen):
@@ -246,6 +248,21 @@ class WorkerConfig(Frozen):
     canary: CanaryConfig = Field(
         CanaryConfig(), description="Active canary: a one-token request that shows a stall while no traffic flows."
     )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels of the worker in the fleet (e.g. model: qwen3-480b): fleet.budget.per_label pools "
+        "and `sentinel fleet status`.",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_valid(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not _LABEL_NAME.match(name):
+                raise ValueError(f"label name {name!r}: use letters, digits and '_', not starting with a digit")
+            if not value or len(value) > 128:
+                raise ValueError(f"label {name}: the value must be 1 to 128 characters")
+        return v
 
     @model_validator(mode="after")
     def _token_needs_probe(self) -> WorkerConfig:
@@ -349,6 +366,9 @@ class Config(Frozen):
     control: ControlConfig = ControlConfig()
     http: HttpConfig = HttpConfig()
     probe: ProbeConfig = ProbeConfig()
+    fleet: FleetConfig | None = Field(
+        None, description="Join a fleet coordinated on etcd (docs/fleet.md); absent: this host heals alone."
+    )
 
     @field_validator("listen")
     @classmethod
@@ -459,9 +479,37 @@ def parse_config(text: str, file: str = "<string>") -> Config:
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, 1, 1, "", "the top level must be a mapping of settings")])
     try:
-        return Config.model_validate(data)
+        config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_problems(exc, positions, file)) from None
+    if config.fleet is not None:
+        problems = check_against_workers(config.fleet, config.fleet.host_id, [w.name for w in config.workers])
+        problems += _group_members_without_backend(config.fleet, config.workers)
+        if problems:
+            raise ConfigError([_located(p, positions, file) for p in problems])
+    return config
+
+
+def _group_members_without_backend(fleet: FleetConfig, workers: Sequence[WorkerConfig]) -> list[str]:
+    """A member of a serving group on this host must be able to carry out its steps."""
+    backend = {w.name: w.backend for w in workers}
+    problems = []
+    for gi, group in enumerate(fleet.groups):
+        for mi, m in enumerate(group.members):
+            if m.host == fleet.host_id and m.worker in backend and backend[m.worker] is None:
+                problems.append(
+                    f"fleet.groups.{gi}.members.{mi}.member: worker {m.worker!r} has no backend, so this host "
+                    f"cannot carry out its steps of group {group.name!r} (stop, start): give it one"
+                )
+    return problems
+
+
+def _located(problem: str, positions: dict[Any, Any], file: str) -> ConfigProblem:
+    """A "field.path: message" problem found after validation, with its line and column."""
+    path, _, message = problem.partition(": ")
+    loc = [int(p) if p.isdigit() else p for p in path.split(".")]
+    pos = position_of(positions, loc)
+    return ConfigProblem(file, pos.line if pos else None, pos.column if pos else None, path, message)
 
 
 def _problems(exc: ValidationError, positions: dict[Any, Any], file: str) -> list[ConfigProblem]:

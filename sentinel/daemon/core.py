@@ -34,6 +34,7 @@ from sentinel.collectors.probe_access import ProbeAccess
 from sentinel.collectors.probe_reports import ProbeRegistry
 from sentinel.collectors.probe_settings import resolve_socket_path
 from sentinel.config.models import Config, ConfigError, load_config, split_listen
+from sentinel.daemon.fleet import FleetLink
 from sentinel.daemon.gctune import tune_for_daemon
 from sentinel.daemon.healing import HealingStack
 from sentinel.daemon.logsetup import setup_logging
@@ -282,7 +283,8 @@ class Daemon:
         )
         try:
             await self.probes.start()
-            await self.healing.start(self.config, self.rules, self._external_url(host), live=self.probes)
+            fleet = FleetLink(self.config, self.store, self.bus, self.scheduler) if self.config.fleet else None
+            await self.healing.start(self.config, self.rules, self._external_url(host), live=self.probes, fleet=fleet)
         except Exception as exc:
             log.error("cannot start notifications and remediation: %s", exc)
             await self._shutdown(runner)

@@ -3,6 +3,9 @@
 Built once the rule manager exists; it subscribes to alert transitions, owns the
 worker backends and the control token, and is torn down in the reverse order it was
 built, so an action in flight is journaled as interrupted before its backend goes.
+With a `fleet:` section it also starts the fleet link (`sentinel.daemon.fleet`): its gate
+and group actions go into the engine, and it leaves the fleet after the engine has
+stopped (so the slots of actions cut short are given back first).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from aiohttp import web
 
 from sentinel.api.control import ControlToken, remediation_routes
 from sentinel.config.models import Config
+from sentinel.daemon.fleet import FleetLink
 from sentinel.notify.actions import ActionReport
 from sentinel.notify.dispatcher import Notifier
 from sentinel.remediation.backend import LiveControl, WorkerBackend
@@ -72,6 +76,7 @@ class HealingStack:
         # they are built (before `start`), so start and reload re-read it in place.
         self._token = ControlToken(None)
         self._config: Config | None = None
+        self.fleet: FleetLink | None = None
 
     @property
     def token(self) -> ControlToken:
@@ -82,9 +87,17 @@ class HealingStack:
         """Control-API routes; they look the remediator up per request, so reloads reach them."""
         return remediation_routes(lambda: self.remediator, self.token)
 
-    async def start(self, config: Config, rules: RuleManager, external_url: str, live: LiveControl | None) -> None:
-        """Build and start everything; raises when a notifier secret is missing."""
+    async def start(
+        self,
+        config: Config,
+        rules: RuleManager,
+        external_url: str,
+        live: LiveControl | None,
+        fleet: FleetLink | None = None,
+    ) -> None:
+        """Build and start everything; raises when a notifier secret (or a fleet credential) is missing."""
         self._config = config
+        self.fleet = fleet
         self.notifications = self._build_notifier(config, rules, external_url)
         await self.notifications.start()
         self.backends = {w.name: b for w in config.workers if (b := build_backend(w, self.state_dir)) is not None}
@@ -98,8 +111,13 @@ class HealingStack:
             live=live,
             scheduler=self.scheduler,
             health=self.health,
+            gates=[fleet.gate] if fleet is not None else (),
+            groups=fleet.groups if fleet is not None else None,
         )
         await self.remediator.start()
+        if fleet is not None:
+            fleet.attach(self.remediator, rules)
+            await fleet.start()
         await self._token.reload(config.control.token_file, threads=self._files)
         # Lambdas, not bound methods: a reload may swap the notifier or remediator.
         rules.subscribe(self._on_alert)
@@ -131,6 +149,8 @@ class HealingStack:
         """Apply a new config: notifier and policy follow it; worker changes need a restart."""
         old = self._config
         self._config = new
+        if old is not None and old.fleet != new.fleet:
+            log.warning("the fleet section changed: it takes effect when Sentinel restarts")
         if old is not None and old.workers != new.workers:
             log.warning(
                 "worker definitions changed: backends and the remediation engine keep the old ones "
@@ -162,6 +182,8 @@ class HealingStack:
         if self.remediator is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.remediator.close(), CLOSE_BUDGET_S)
+        if self.fleet is not None:
+            await self.fleet.stop()
         for name, backend in self.backends.items():
             try:
                 await asyncio.wait_for(backend.close(), CLOSE_BUDGET_S)

@@ -168,20 +168,28 @@ class FleetCoordinator:
                 return False
         return True
 
-    async def stop(self, *, leave: bool = True) -> None:
-        """Leave the fleet: mark this member `left` (no peer-down alert), then revoke the lease."""
+    async def stop(self, *, leave: bool = True, timeout: float | None = None) -> None:
+        """Leave the fleet: mark this member `left` (no peer-down alert), then revoke the lease.
+
+        `timeout` bounds the etcd calls of leaving (a daemon stops within its stop budget);
+        what does not make it in time is left to the lease, which lapses by itself."""
         if not self.started:
             return
         self.started = False
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.05, deadline - time.monotonic())
+
         if leave and self.session.valid():
-            with contextlib.suppress(EtcdError):
-                await self._mark_left()
+            with contextlib.suppress(EtcdError, asyncio.TimeoutError):
+                await asyncio.wait_for(self._mark_left(), left())
         session_task = self._tasks[0]
         for task in self._tasks[1:]:
             await cancel_and_wait(task)
         await self.budget.stop()
         await self.runner.close()
-        await self.session.close(session_task)
+        await self.session.close(session_task, timeout=left())
         self._tasks.clear()
         await self.client.close()
 

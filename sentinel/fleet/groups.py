@@ -13,8 +13,15 @@ names one of its own workers it runs it through its local `LocalExecutor` (the w
 backends: systemd, process, command), so no host needs credentials on another, and
 acknowledges with a key of its own. The initiator moves on when every member of the
 step acknowledged success; a failure or a missing acknowledgement past the step's
-deadline fails the plan, which every member sees and stops on. Escalation (the ladder,
-then needs_human) is the caller's: `run_group_action` returns the outcome.
+deadline fails the plan, which every member sees: a member host cancels a step of it
+still running and stops each of its members that the plan had started, so a failed
+group is never left half-started. Escalation (the ladder, then needs_human) is the
+caller's: `run_group_action` returns the outcome. A `stop` action is one step: every
+member stops (and stays stopped: a person decides what next).
+
+An executor may also follow the plans it takes part in (`PlanObserver`): it hears of
+each step before running it and of the plan's end, which is how each member host
+journals its part of a group action and keeps its own healing off the worker meanwhile.
 
 Nothing is done twice: a member runs a (plan, step) once per process, and not at all
 when its acknowledgement already exists (after a restart of Sentinel); acknowledgements
@@ -30,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -44,6 +51,7 @@ __all__ = [
     "GroupMemberRunner",
     "GroupPlan",
     "LocalExecutor",
+    "PlanObserver",
     "PlanStep",
     "StepAck",
     "StepOutcome",
@@ -75,6 +83,17 @@ class LocalExecutor(Protocol):
     async def verify(self, worker: str, *, head: bool, deadline_s: float) -> StepOutcome:
         """Head: serving and making progress; other members: alive. Poll until `deadline_s`."""
         ...
+
+
+@runtime_checkable
+class PlanObserver(Protocol):
+    """An executor that also wants to know which plan a step belongs to, and how it ended."""
+
+    async def plan_step(self, plan: GroupPlan, step: PlanStep, member: str) -> None:
+        """Before this host runs `step` of `plan` on its `member` (host:worker)."""
+
+    async def plan_ended(self, plan: GroupPlan, member: str, stopped: StepOutcome | None) -> None:
+        """`plan` is done or failed; `stopped`: the stop this host ran after a failure, if any."""
 
 
 class _Model(BaseModel):
@@ -129,9 +148,11 @@ class GroupActionResult:
         return self.ok
 
 
-def build_steps(group: GroupConfig, profile: str | None) -> tuple[PlanStep, ...]:
+def build_steps(group: GroupConfig, profile: str | None, action: str = "restart") -> tuple[PlanStep, ...]:
     everyone = tuple(m.member for m in group.members)
     kinds: list[tuple[StepKind, tuple[str, ...], float]] = [("stop", everyone, group.step_timeout)]
+    if action == "stop":
+        return (PlanStep(index=0, kind="stop", members=everyone, timeout=group.step_timeout),)
     if profile:
         kinds.append(("apply_profile", everyone, group.step_timeout))
     kinds += [("start", (m.member,), group.step_timeout) for m in group.start_order()]
@@ -185,7 +206,7 @@ async def run_plan(
         initiator=initiator,
         reason=reason,
         created_at=time.time(),
-        steps=build_steps(group, profile),
+        steps=build_steps(group, profile, action),
     )
     lock = keys.group_lock(group.name)
     plan_key = keys.group_plan(group.name)
@@ -247,6 +268,9 @@ class GroupMemberRunner:
         self._done: set[tuple[str, int, str]] = set()
         self._running: dict[tuple[str, int, str], asyncio.Task[None]] = {}
         self.executed: list[tuple[str, int, str, str]] = []
+        self._ended: set[tuple[str, str]] = set()  # (plan, member) whose end was handled here
+        self._ending: set[asyncio.Task[None]] = set()
+        self._plans: dict[str, GroupPlan] = {}  # plans this host ran steps of, by id
 
     def on_change(self, informer: Informer) -> None:
         """Called with the groups/ mirror after every change."""
@@ -254,7 +278,16 @@ class GroupMemberRunner:
             if not key.endswith("/plan"):
                 continue
             plan = parse_plan(kv)
-            if plan is None or plan.phase != "running" or not 0 <= plan.current < len(plan.steps):
+            if plan is None:
+                continue
+            for old in [p for p in self._plans.values() if p.group == plan.group and p.id != plan.id]:
+                # Its end and the next plan came in one watch batch: the next plan stops
+                # every member first, so only the bookkeeping is left to do.
+                self._plan_over(old.model_copy(update={"phase": "failed", "failure": f"superseded by {plan.id}"}))
+            if plan.phase != "running":
+                self._plan_over(plan, stop=True)
+                continue
+            if not 0 <= plan.current < len(plan.steps):
                 continue
             step = plan.steps[plan.current]
             for member in step.members:
@@ -268,18 +301,54 @@ class GroupMemberRunner:
                     continue
                 self._running[ident] = asyncio.ensure_future(self._execute(plan, step, member))
 
+    def _plan_over(self, plan: GroupPlan, *, stop: bool = False) -> None:
+        """A plan this host took part in ended: tell the executor; after a failure (`stop`),
+        stop each member of this host that the plan had started (never a half-started group)."""
+        self._plans.pop(plan.id, None)
+        for member in {m for pid, _, m, _ in self.executed if pid == plan.id}:
+            if (plan.id, member) in self._ended:
+                continue
+            self._ended.add((plan.id, member))
+            task = asyncio.ensure_future(self._end(plan, member, stop))
+            self._ending.add(task)
+            task.add_done_callback(self._ending.discard)
+
+    async def _end(self, plan: GroupPlan, member: str, stop: bool) -> None:
+        for ident, task in list(self._running.items()):
+            if ident[0] == plan.id and ident[2] == member:
+                await cancel_and_wait(task)  # a step of a finished plan is moot
+                self._running.pop(ident, None)
+        started = any(pid == plan.id and m == member and k == "start" for pid, _, m, k in self.executed)
+        stopped: StepOutcome | None = None
+        if stop and plan.phase == "failed" and started and self.executor is not None:
+            worker = member.partition(":")[2]
+            try:
+                stopped = await self.executor.stop(worker)
+            except Exception as exc:  # reported to the executor below, and logged
+                log.exception("fleet: stopping %s after the failed plan %s raised", member, plan.id)
+                stopped = StepOutcome(False, f"{type(exc).__name__}: {exc}")
+            log.warning("fleet: plan %s of group %s failed; stopped %s: %s", plan.id, plan.group, member, stopped)
+        if isinstance(self.executor, PlanObserver):
+            try:
+                await self.executor.plan_ended(plan, member, stopped)
+            except Exception:
+                log.exception("fleet: the executor failed on the end of plan %s", plan.id)
+
     async def _execute(self, plan: GroupPlan, step: PlanStep, member: str) -> None:
         ident = (plan.id, step.index, member)
         worker = member.partition(":")[2]
         started = time.time()
+        self.executed.append((plan.id, step.index, member, step.kind))
+        self._plans[plan.id] = plan
         try:
+            if isinstance(self.executor, PlanObserver):
+                await self.executor.plan_step(plan, step, member)
             outcome = await asyncio.wait_for(self._run_step(plan, step, worker), step.timeout)
         except asyncio.TimeoutError:
             outcome = StepOutcome(False, f"{step.kind} did not finish within {step.timeout:.0f}s")
         except Exception as exc:  # the executor's bug becomes a failed step, not a silent hang
             log.exception("fleet: group step %s on %s failed", step.kind, member)
             outcome = StepOutcome(False, f"{type(exc).__name__}: {exc}")
-        self.executed.append((plan.id, step.index, member, step.kind))
         self._done.add(ident)
         ack = StepAck(member=member, ok=outcome.ok, detail=outcome.detail, started_at=started, ended_at=time.time())
         key = self.keys.group_ack(plan.group, plan.id, step.index, member)
@@ -307,5 +376,5 @@ class GroupMemberRunner:
         return await ex.verify(worker, head=head, deadline_s=max(1.0, step.timeout - 1.0))
 
     async def close(self) -> None:
-        for task in list(self._running.values()):
+        for task in [*self._running.values(), *self._ending]:
             await cancel_and_wait(task)

@@ -197,11 +197,11 @@ class Session:
             await self.client.lease_revoke(self._stale[0])
             self._stale.pop(0)
 
-    async def close(self, task: asyncio.Task[None] | None = None) -> None:
+    async def close(self, task: asyncio.Task[None] | None = None, *, timeout: float | None = None) -> None:
         """Stop keeping alive and revoke the lease (so peers see this host leave at once)."""
         if task is not None:
             await cancel_and_wait(task)
         lease, self.lease_id = self.lease_id, None
         if lease is not None:
             with contextlib.suppress(EtcdError):
-                await self.client.lease_revoke(lease, timeout=self.client.request_timeout)
+                await self.client.lease_revoke(lease, timeout=timeout or self.client.request_timeout)

@@ -9,7 +9,10 @@ An alert's path, top to bottom in this file:
                              and an action to run becomes a task:
       _carry_out(...)        1. journal    the write-ahead row (held in memory if the disk fails)
                              2. admission  the gates: the host-wide slot, a fleet budget (gate.py)
-                             3. perform    the backend verb, the live batch limit or the command
+                             3. perform    the backend verb, the live batch limit or the command;
+                                           on a member of a serving group that spans hosts, a
+                                           disruptive action is one group action instead
+                                           (groups.py): every member, in order, verified
                              4. verify     until verify.judge() says healthy, or the deadline
                              5. finish     the row's outcome and the worker's state
                              6. report     metrics and the notification; a failure escalates
@@ -50,10 +53,12 @@ from sentinel.remediation.backend import (
     WorkerBackend,
 )
 from sentinel.remediation.backends.tracked import has_leftovers, settle_leftovers
-from sentinel.remediation.gate import ActionGate, Admission, Gates, HostSlots
+from sentinel.remediation.gate import ActionGate, Admission, Gates, HostSlots, Refusal
+from sentinel.remediation.groups import GroupActions, GroupMemberSteps, GroupRequest
 from sentinel.remediation.journal import ActionRow, Journal, WorkerRecord
 from sentinel.remediation.perform import perform
 from sentinel.remediation.policy import (
+    DISRUPTIVE,
     HistoryEntry,
     Plan,
     Request,
@@ -130,6 +135,7 @@ class Remediator:
         scheduler: Scheduler | None = None,
         health: StateHealth | None = None,
         gates: Sequence[ActionGate] = (),
+        groups: GroupActions | None = None,
         tick_interval: float = 5.0,
         startup_grace: float = 60.0,
         backend_timeout: float = 5.0,
@@ -152,6 +158,12 @@ class Remediator:
         # The host-wide slot first; a fleet-wide disruption budget would come after it.
         self._host_slots = HostSlots(config.max_concurrent)
         self._gates = Gates([self._host_slots, *gates])
+        # A group action takes its fleet slot itself (one for the whole group).
+        self._host_gate = Gates([self._host_slots])
+        self._groups = groups
+        # This host's part in group actions other hosts (or it) started: the executor of
+        # the fleet's group steps.
+        self.group_steps = GroupMemberSteps(self)
 
         self._history: list[HistoryEntry] = []
         self._episodes: dict[tuple[str, str], float] = {}  # (episode, action) -> when it acted (steady)
@@ -365,15 +377,27 @@ class Remediator:
         )
         started = self._clocks.steady()
         healthy_after: float | None = None
-        async with self._gates.admit(Admission(rt.name, plan.action, plan.disruptive)) as refusal:  # 2. admission
-            error = refusal.reason if refusal is not None else await self._perform(rt, plan, ctx, target)  # 3.
-            if not error and refusal is None and plan.verify:
-                rt.enter("verifying", self._clocks.steady())
-                ok, detail = await self._verify(rt, self._clocks.wall())  # 4. verify
-                if ok:
+        admission = Admission(rt.name, plan.action, plan.disruptive, alert=why.alertname)
+        group = self._group_of(rt.name, plan)
+        gates = self._gates if group is None else self._host_gate
+        async with gates.admit(admission) as refusal:  # 2. admission
+            if refusal is None and group is not None:  # 3+4. the group action, verified by its plan
+                error, refusal = await self._group_action(rt, plan, target.name, why, trigger, admission)
+                if not error and refusal is None:
                     healthy_after = self._clocks.steady() - started
-                else:
-                    error = f"not healthy within {self.config.verify_timeout:g}s: {detail}"
+            else:
+                error = refusal.reason if refusal is not None else await self._perform(rt, plan, ctx, target)  # 3.
+                if not error and refusal is None and plan.verify:
+                    rt.enter("verifying", self._clocks.steady())
+                    ok, detail = await self._verify(rt, self._clocks.wall())  # 4. verify
+                    if ok:
+                        healthy_after = self._clocks.steady() - started
+                    else:
+                        error = f"not healthy within {self.config.verify_timeout:g}s: {detail}"
+        if admission.notes:
+            reason = "; ".join([reason, *admission.notes])
+            if error and refusal is None:
+                error = "; ".join([error, *admission.notes])
         if refusal is not None:
             # It never ran: as if it had not been decided (no budget, cooldown or ladder step used).
             rt.state = replace(before, in_flight=rt.state.in_flight)
@@ -406,6 +430,32 @@ class Remediator:
             rt.deferred[request.action or "escalate"] = (request, why)
         elif error and refusal is None:
             self._handle(Request(rt.name, None, "escalation"), why)
+
+    def _group_of(self, worker: str, plan: Plan) -> str | None:
+        """The serving group a disruptive action on `worker` must become (None: act alone)."""
+        if self._groups is None or not plan.disruptive or plan.action not in DISRUPTIVE:
+            return None
+        return self._groups.group_of(worker)
+
+    async def _group_action(
+        self, rt: WorkerRuntime, plan: Plan, profile: str, why: Why, trigger: Trigger, admission: Admission
+    ) -> tuple[str, Refusal | None]:
+        """Run `plan` as one action of the worker's serving group; (error, refusal)."""
+        assert self._groups is not None
+        rt.enter("group", self._clocks.steady())
+        request = GroupRequest(rt.name, plan.action, profile, why.alertname or trigger, why.alertname)
+        result = await self._groups.run(request)
+        text = f"group {result.group}: {result.detail}"
+        if result.outcome == "done":
+            admission.notes.append(text)
+            return "", None
+        if result.outcome == "failed":
+            return text, None
+        if result.outcome == "busy":  # another member host is restarting the group: handled there
+            return "", Refusal("group", f"{text}; the fault is being handled by that action", transient=False)
+        if result.outcome == "blocked":  # a member needs a human: not until a person resumes it
+            return "", Refusal("group", text, transient=False)
+        return "", Refusal("group", text, transient=True)
 
     async def _journal_start(self, rt: WorkerRuntime, plan: Plan, trigger: Trigger, why: Why) -> Entry:
         """The write-ahead row and the worker's new profile, on disk before anything happens."""
@@ -632,6 +682,78 @@ class Remediator:
         log.warning("remediation resumed on %s by the operator", worker or "all workers")
         self.publish_metrics()
 
+    # -- serving groups: what this host's part in a group action needs (groups.py) ---------
+
+    @property
+    def clocks(self) -> Clocks:
+        return self._clocks
+
+    def runtime_of(self, worker: str) -> WorkerRuntime | None:
+        return self._workers.get(worker)
+
+    async def persist_worker(self, rt: WorkerRuntime) -> None:
+        await self._persist(rt)
+
+    def latest_sample(self, worker: str, metric: str) -> Sample | None:
+        return self._latest(worker, metric)
+
+    async def with_unit(self, backend: WorkerBackend, reading: HealthReading) -> HealthReading:
+        return await self._with_unit(backend, reading)
+
+    async def backend_verb(self, rt: WorkerRuntime, verb: str, ctx: ActionContext) -> str:
+        """`start` (with the worker's current profile) or `stop`; the error text, or ""."""
+        backend = rt.backend
+        if backend is None:
+            return f"worker {rt.name} has no backend"
+        try:
+            if verb == "stop":
+                await backend.stop(ctx)
+            else:
+                await backend.start(rt.spec(self._live).profile(rt.state.profile_index), ctx)
+        except BackendError as exc:
+            return str(exc) or type(exc).__name__
+        except Exception as exc:
+            log.exception("worker %s: %s raised", rt.name, verb)
+            return f"{type(exc).__name__}: {exc}"
+        return ""
+
+    async def journal_begin(self, row: ActionRow) -> Entry:
+        return await self._require_journal().begin(row)
+
+    def note_group_action(self, entry: HistoryEntry) -> None:
+        """An action another host's group action carried out here: budgets, cooldowns, the breaker."""
+        self._history.append(entry)
+        self.publish_metrics()
+
+    def report_row(self, row: ActionRow, outcome: Outcome, detail: str) -> None:
+        self._report(self._action_report(row, outcome, detail, severity="info"))
+
+    async def journal_group_finish(
+        self,
+        rt: WorkerRuntime,
+        entry: Entry,
+        outcome: Outcome,
+        error: str,
+        healthy_after: float | None,
+        detail: str,
+    ) -> None:
+        """Finish this host's row of a group action: journal, state, counters, report."""
+        now_wall = self._clocks.wall()
+        if outcome == "succeeded":
+            rt.healed_at = now_wall
+        profile_now = rt.spec(self._live).profile(rt.state.profile_index).name
+        await self._require_journal().finish(
+            entry, outcome, now_wall, error=error, profile_after=profile_now, seconds_to_healthy=healthy_after
+        )
+        rt.end()
+        await self._persist(rt)
+        row = replace(entry.row, id=entry.id, outcome=outcome, error=error, profile_after=profile_now)
+        self._remember(rt, row, healthy_after)
+        self._count(rt.name, row.action, outcome)
+        severity = "warning" if error else "info"
+        self._report(self._action_report(row, outcome, detail, seconds_to_healthy=healthy_after, severity=severity))
+        self.publish_metrics()
+
     # -- views --------------------------------------------------------------------------
 
     def workers_json(self) -> dict[str, Any]:
@@ -718,8 +840,19 @@ class Remediator:
                     # Another action healed the worker after this alert began (the EngineDead
                     # that came with an OOM, say): acting again would only be a storm.
                     del rt.deferred[key]
+                elif self._retry_blocked(rt, request, why):
+                    continue  # the same gate would refuse again: no row, no report, until it passes
                 else:
                     self._handle(request, why)
+
+    def _retry_blocked(self, rt: WorkerRuntime, request: Request, why: Why) -> bool:
+        """Whether a gate can already tell that a deferred request would be refused again."""
+        action = request.action or "escalate"
+        disruptive = request.action is None or request.action in DISRUPTIVE
+        refusal = self._gates.precheck(Admission(rt.name, action, disruptive, alert=why.alertname))
+        if refusal is not None:
+            log.debug("worker %s: %s still held back by the %s gate: %s", rt.name, action, refusal.gate, refusal.reason)
+        return refusal is not None
 
     def _recover(self, rt: WorkerRuntime, now: float) -> None:
         step = recovery_step(self.config, rt.spec(self._live), rt.state, now)

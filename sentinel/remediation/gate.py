@@ -8,7 +8,12 @@ action across hosts) plugs in as another `ActionGate`: `admit()` may wait (bound
 own business), and returns a `Grant`, released when the action has finished, or a
 `Refusal` with a reason. The engine passes the gates in order (`Gates.admit`), and a
 refused action is journaled as skipped with the gate's reason and tried again while its
-alert still fires, if the refusal says it may pass.
+alert still fires, if the refusal says it may pass. A gate that can tell cheaply that it
+would still refuse (`PrecheckGate`: the fleet breaker still open, etcd still away) is
+asked before such a retry, so a standing obstacle costs no journal row and no report per
+tick. A gate may leave notes on the request (`Admission.notes`: "acted under local
+limits only", "the fleet slot was lost mid-action"); the engine adds them to the action's
+report.
 
     async with gates.admit(Admission(worker, plan.action, plan.disruptive)) as refusal:
         if refusal is None:
@@ -20,19 +25,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
-__all__ = ["ActionGate", "Admission", "Gates", "Grant", "HostSlots", "Refusal"]
+__all__ = ["ActionGate", "Admission", "Gates", "Grant", "HostSlots", "PrecheckGate", "Refusal"]
 
 
 @dataclass(frozen=True)
 class Admission:
-    """What asks to be let through: an action on a worker."""
+    """What asks to be let through: an action on a worker, and the alert behind it ("" for none)."""
 
     worker: str
     action: str
     disruptive: bool
+    alert: str = field(default="", compare=False)
+    notes: list[str] = field(default_factory=list, compare=False)  # what gates want said in the report
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,15 @@ class ActionGate(Protocol):
     name: str
 
     async def admit(self, request: Admission) -> Grant | Refusal: ...
+
+
+@runtime_checkable
+class PrecheckGate(Protocol):
+    """A gate that can say, without waiting or asking anyone, that it would refuse now."""
+
+    name: str
+
+    def precheck(self, request: Admission) -> Refusal | None: ...
 
 
 class _NoGrant:
@@ -103,6 +119,15 @@ class Gates:
 
     def __init__(self, gates: Sequence[ActionGate]) -> None:
         self.gates = list(gates)
+
+    def precheck(self, request: Admission) -> Refusal | None:
+        """The first refusal a gate can foresee without waiting (None: worth trying)."""
+        for gate in self.gates:
+            if isinstance(gate, PrecheckGate):
+                refusal = gate.precheck(request)
+                if refusal is not None:
+                    return refusal
+        return None
 
     @contextlib.asynccontextmanager
     async def admit(self, request: Admission) -> AsyncIterator[Refusal | None]:

@@ -54,12 +54,12 @@ class WorkerThreads(Executor):
             if self._closed:
                 raise RuntimeError(f"{self.name}: cannot run new work after shutdown")
             self._queue.put((future, fn, args, kwargs))
-            if self._idle == 0 and len(self._threads) < self.max_workers:
+            # `_idle` counts the threads waiting in get() right now (each takes one item in
+            # turn): another thread only when more work waits than threads do.
+            if self._queue.qsize() > self._idle and len(self._threads) < self.max_workers:
                 thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
-            else:
-                self._idle = max(0, self._idle - 1)
         return future
 
     async def run(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
@@ -94,18 +94,28 @@ class WorkerThreads(Executor):
             return len(self._threads) - self._idle
 
     def _work(self) -> None:
+        # A thread is idle exactly while it waits in get(): counted in and out under the
+        # lock, so submit() never trusts a thread that has left or is busy (it once did, and
+        # a call could wait in the queue with no thread until the next call came).
         while True:
+            with self._lock:
+                self._idle += 1
             try:
                 item = self._queue.get(timeout=self.idle_exit_s)
             except queue.Empty:
                 with self._lock:
+                    self._idle -= 1
                     # Under the lock, as submit() is: no work can slip in between the check and the exit.
                     if self._queue.empty():
-                        self._idle -= 1
                         self._threads.remove(threading.current_thread())
                         return
                 continue
+            with self._lock:
+                self._idle -= 1
             if item is None:
+                with self._lock:
+                    if threading.current_thread() in self._threads:
+                        self._threads.remove(threading.current_thread())
                 return
             future, fn, args, kwargs = item
             if future.set_running_or_notify_cancel():
@@ -116,5 +126,3 @@ class WorkerThreads(Executor):
                 else:
                     future.set_result(result)
             del item, future, fn, args, kwargs
-            with self._lock:
-                self._idle += 1

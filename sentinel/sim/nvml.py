@@ -17,6 +17,14 @@ A scenario is YAML (see `sentinel/sim/scenarios/`):
     xids: [{gpu: 3, xid: 79, at_s: 20}]            # repeat: N, every_s: S for storms
     lost: [{gpu: 3, at_s: 20}]                     # until_s: recovery; error: gpu_is_lost | ...
     hangs: [{gpu: 2, function: nvmlDeviceGetPowerUsage, at_s: 15, duration_s: 20}]
+    control_file: /tmp/host-b.faults.json           # optional: faults injected while running
+
+A `control_file` lets a program outside the process (the fleet demo drives several
+`sentinel run --simulate` daemons) inject faults while the simulator runs. It holds
+`{"lost": [3], "xids": [[3, 79]]}`: GPUs lost from now on (one taken out of the list
+answers again, as after a reset), and Xid events raised once each (the list only
+grows). It is re-read when its modification time changes, at most every 0.2 s, by
+whichever NVML call comes first; a file that is missing or not such JSON changes nothing.
 
 Values that change over time are signals: a number (constant), or
 `{kind: constant, value}`, `{kind: sine, mean, amplitude, period_s, phase}` (phase in
@@ -27,6 +35,7 @@ Time is seconds since the simulator was built, read from `clock` (injectable).
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
@@ -276,6 +285,7 @@ class Scenario(_Model):
     xids: tuple[XidSpec, ...] = ()
     lost: tuple[LostSpec, ...] = ()
     hangs: tuple[HangSpec, ...] = ()
+    control_file: Path | None = Field(None, description="Faults injected while running (module doc).")
 
     @property
     def gpu_count(self) -> int:
@@ -522,6 +532,11 @@ class SimulatedNvml:
         self._init_count = 0
         self._released = threading.Event()
         self.calls: Counter[str] = Counter()
+        self._control_lock = threading.Lock()
+        self._control_checked = -math.inf
+        self._control_mtime: int | None = None
+        self._control_lost: dict[int, LostSpec] = {}
+        self._control_xids = 0
 
     # -- controls for tests and the demo ------------------------------------------------
 
@@ -542,6 +557,41 @@ class SimulatedNvml:
         """Make `gpu` answer every call with a lost-GPU error from now on (the demo's fault)."""
         target = self._gpu_at(gpu)
         target.lost.append(LostSpec(gpu=gpu, at_s=self.now(), error=error))
+
+    def _poll_control(self) -> None:
+        """Apply what the scenario's control file asks, when it changed (module doc)."""
+        path = self.scenario.control_file
+        if path is None:
+            return
+        now = self._clock()
+        with self._control_lock:
+            if now - self._control_checked < 0.2:
+                return
+            self._control_checked = now
+            try:
+                mtime = path.stat().st_mtime_ns
+                if mtime == self._control_mtime:
+                    return
+                self._control_mtime = mtime
+                data = json.loads(path.read_text(encoding="utf-8"))
+                lost = {int(g) for g in data.get("lost", [])}
+                xids = [(int(g), int(x)) for g, x in data.get("xids", [])]
+            except (OSError, ValueError, TypeError, AttributeError):
+                return
+            for gpu in sorted(lost - set(self._control_lost)):
+                if 0 <= gpu < len(self._gpus):
+                    spec = LostSpec(gpu=gpu, at_s=self.now())
+                    self._control_lost[gpu] = spec
+                    self._gpus[gpu].lost.append(spec)
+            for gpu in sorted(set(self._control_lost) - lost):
+                spec = self._control_lost.pop(gpu)
+                lost_list = self._gpus[gpu].lost
+                until = max(self.now(), spec.at_s + 1e-6)
+                lost_list[lost_list.index(spec)] = spec.model_copy(update={"until_s": until})
+            new_xids, self._control_xids = xids[self._control_xids :], max(self._control_xids, len(xids))
+        for gpu, xid in new_xids:
+            if 0 <= gpu < len(self._gpus) and xid > 0:
+                self.inject_xid(gpu, xid)
 
     def close(self) -> None:
         """End every hang now and for good, so no thread stays blocked after a test."""
@@ -782,6 +832,7 @@ class SimulatedNvml:
 
     def _enter(self, function: str, handle: Any) -> tuple[_SimGpu, float]:
         """Checks shared by every per-device call: init, handle, hang, lost, unsupported."""
+        self._poll_control()
         if function != "nvmlDeviceGetHandleByIndex":
             self._host_call(function)
         if not isinstance(handle, SimDevice) or not 0 <= handle.index < len(self._gpus):
