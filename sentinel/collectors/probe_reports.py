@@ -201,6 +201,7 @@ class _Probe:
     up: bool = True
     reported_limit: int | None = None
     ooms: dict[str, int] = field(default_factory=dict)  # per GPU, highest seen from this probe_id
+    reports: int = 0  # interval reports received from this probe_id
 
 
 @dataclass
@@ -426,6 +427,7 @@ class ProbeRegistry:
         probe.interval_s = report.interval_s
         probe.last_report = self._monotonic()
         probe.reported_limit = report.batch_limit
+        probe.reports += report.kind == "interval"
         if not was_up:
             log.info("probe of worker %s reports again", report.worker)
         ts = probe.last_report_ms = now_ms()
@@ -672,6 +674,28 @@ class ProbeRegistry:
         finally:
             if waiter in state.waiters:
                 state.waiters.remove(waiter)
+
+    async def still_reporting(self, worker: str, reports: int = 2) -> bool:
+        """Whether the worker's probe sends `reports` more interval reports (False: it went down first).
+
+        A limit acknowledged by a process whose engine just died (the OOM that asked for
+        the limit killed it) would otherwise pass for a live change: its probe still
+        reports for a moment while the process shuts down, then stops.
+        """
+        state = self._workers.get(worker)
+        probe = state.probe if state is not None else None
+        if probe is None:
+            return False
+        target = probe.reports + reports
+        deadline = self._monotonic() + (STALE_AFTER_INTERVALS + reports) * probe.interval_s + 2.0
+        while self._monotonic() < deadline:
+            current = state.probe if state is not None else None
+            if current is not probe or not self.probe_up(worker):
+                return False
+            if probe.reports >= target:
+                return True
+            await asyncio.sleep(min(0.1, probe.interval_s / 4))
+        return self.probe_up(worker)
 
     def _resolve_waiters(self, name: str, state: _Worker) -> None:
         probe = state.probe

@@ -60,7 +60,16 @@ async def perform(
         if live.supports_live_batch_limit(ctx.worker):
             try:
                 await live.set_batch_limit(ctx.worker, profile.batch_limit)
-                return ""
+                still_reporting = getattr(live, "still_reporting", None)
+                if backend is None or still_reporting is None or await still_reporting(ctx.worker):
+                    return ""
+                # Acknowledged by a process on its way down (the OOM killed its engine).
+                log.warning(
+                    "worker %s: the probe stopped reporting right after taking the batch limit; "
+                    "restarting it with profile %s",
+                    ctx.worker,
+                    profile.name,
+                )
             except BackendError as exc:
                 if backend is None or live.supports_live_batch_limit(ctx.worker):
                     raise  # the probe still reports: the limit was refused or lost, not the engine
