@@ -353,7 +353,12 @@ def decide(
             "skip", f"waiting for a human (sentinel resume {spec.name}): {state.needs_human_reason}", escalation=keep
         )
     if state.in_flight is not None:
-        return Decision("skip", f"{state.in_flight} already in flight on this worker", escalation=keep, transient=True)
+        # The same action already in flight answers this request too (two series of one
+        # alert firing together): waiting to run it a second time would only be a storm.
+        again = request.action is not None and request.action == state.in_flight
+        return Decision(
+            "skip", f"{state.in_flight} already in flight on this worker", escalation=keep, transient=not again
+        )
 
     mode = config.mode
     if circuit_open(history, config.circuit_breaker, mode, now, total_workers, spec.name):
