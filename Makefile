@@ -37,8 +37,12 @@ typecheck: $(VENV)/.sim-installed
 	$(PY) -m mypy
 
 # The probe and test-worker tests need torch: under CI=true they must run, not skip.
+# Line coverage of the package, measured in the test process (the daemons the tests start
+# as subprocesses are not traced): a table of the modules below 100 % and the total.
+COVERAGE ?= --cov=sentinel --cov-report=term:skip-covered
+
 unit: $(VENV)/.sim-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(COVERAGE)
 
 test: lint typecheck unit
 

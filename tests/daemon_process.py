@@ -13,12 +13,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 LISTENING = re.compile(r"listening on http://([^\s:]+|\[[^\]]+\]):(\d+)")
 
@@ -31,23 +28,29 @@ class DaemonProcess:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sentinel", "run", "--listen", "127.0.0.1:0", *args],
-            stdout=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
             env=full_env,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-        match = self.wait_for_log(LISTENING, timeout=60)
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
+        try:
+            match = self.wait_for_log(LISTENING, timeout=60)
+        except BaseException:
+            self._reap(kill=True)
+            raise
         self.port = int(match.group(2))
         self.base = f"http://127.0.0.1:{self.port}"
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line)
-            self._queue.put(line)
+        with self.proc.stderr:  # closed at EOF, however the process ended (kill -9 included)
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                self._queue.put(line)
 
     def wait_for_log(self, pattern: re.Pattern[str] | str, timeout: float = 10) -> re.Match[str]:
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
@@ -89,9 +92,18 @@ class DaemonProcess:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+            self._reap(kill=True)
             raise
+        finally:
+            self._reap(kill=False)
+
+    def _reap(self, *, kill: bool) -> None:
+        """Kill (if asked) and wait for the process and for the pump to read its last lines."""
+        if kill and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc.poll() is not None or kill:
+            self.proc.wait()
+            self._pump_thread.join(timeout=10)
 
     def metric(self, name: str, **labels: str) -> float | None:
         """The value of one series in /metrics (None when absent)."""
@@ -112,18 +124,6 @@ class DaemonProcess:
         _, _, body = self.get(path)
         data = json.loads(body)
         return data["data"] if isinstance(data, dict) and "data" in data else data
-
-
-def eventually(check: Callable[[], T], timeout: float = 30.0, what: str = "condition") -> T:
-    """Poll `check` until it returns something truthy (and return that); generous for a loaded machine."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout}s")
-        time.sleep(0.2)
 
 
 def free_port() -> int:

@@ -15,15 +15,13 @@ from sentinel.fleet.etcd import EtcdClient, cancel_and_wait
 from sentinel.fleet.keys import Keys
 from sentinel.fleet.session import Session
 from sentinel.fleet.status import HostStatus, WorkerStatus
+from tests.support import eventually_async
 
 
 async def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
     """Poll a condition (no fixed sleeps); the seconds it took. Fails with `what`."""
     start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+    await eventually_async(predicate, timeout, what)
     return time.monotonic() - start
 
 

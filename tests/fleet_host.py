@@ -60,15 +60,17 @@ class HostProcess:
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump_thread = threading.Thread(target=self._pump, daemon=True)
+        self._pump_thread.start()
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.lines.append(json.loads(line))
-            except ValueError:
-                continue
+        with self.proc.stdout:  # closed at EOF, however the process ended
+            for line in self.proc.stdout:
+                try:
+                    self.lines.append(json.loads(line))
+                except ValueError:
+                    continue
 
     def events(self, kind: str) -> list[dict[str, object]]:
         return [line for line in list(self.lines) if line.get("event") == kind]
@@ -80,13 +82,20 @@ class HostProcess:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=30)
+        self._release()
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+        self._release()
 
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=30)
+        self._release()
+
+    def _release(self) -> None:
+        """Let the pump read what the process printed last (it closes the pipe at EOF)."""
+        self._pump_thread.join(timeout=10)

@@ -51,6 +51,7 @@ class WorkerProcess:
     port: int = 0
 
     def start(self) -> None:
+        self.stop()  # a start after a crash reaps the old process and its pipe
         self.proc = subprocess.Popen(
             [sys.executable, "-c", WORKER_SOURCE, self.profile], stdout=subprocess.PIPE, text=True
         )
@@ -61,6 +62,8 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(timeout=30)
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.proc = None
 
     def alive(self) -> bool:

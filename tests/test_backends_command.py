@@ -168,6 +168,7 @@ async def test_nonzero_exit_is_a_backend_error_quoting_the_output(cmds: Commands
     assert await backend.active_profile() is None  # a failed verb records nothing
 
 
+@pytest.mark.wallclock
 async def test_timeout_kills_the_command_and_what_it_spawned(cmds: Commands, tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     backend = CommandBackend("qwen", state_dir=tmp_path, stop=[sys.executable, str(cmds.hang), str(pids)], timeout=1.0)

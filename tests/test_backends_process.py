@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from sentinel.remediation.backend import ActionContext, BackendError, ProfileRec
 from sentinel.remediation.backends import ProcessBackend, worker_files
 from sentinel.remediation.backends.envfile import read_env_file
 from sentinel.remediation.settings import Profile
+from tests.support import eventually_async as eventually
 
 # The worker stand-in: records its argv and environment (one JSON line per start),
 # talks on stdout and stderr, optionally ignores SIGTERM, spawns a grandchild or exits.
@@ -40,18 +41,6 @@ time.sleep(60)
 CTX = ActionContext(worker="qwen", action="restart", alertname="WorkerOOM")
 FULL = Profile(name="full", env={"MAX_NUM_SEQS": "64"})
 REDUCED = Profile(name="reduced", env={"MAX_NUM_SEQS": "16", "EXTRA": "$(not expanded)"})
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Poll `check` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 def alive(pid: int) -> bool:
@@ -160,6 +149,7 @@ async def test_custom_log_file_is_used(worker: Worker, tmp_path: Path, cleanup: 
     await eventually(lambda: "stdout line from full" in (tmp_path / "logs" / "qwen.out").read_text())
 
 
+@pytest.mark.wallclock
 async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(worker: Worker, cleanup: list[ProcessBackend]) -> None:
     backend = worker.backend(env={"IGNORE_TERM": "1"}, stop_timeout=0.5)
     cleanup.append(backend)
@@ -174,6 +164,7 @@ async def test_stop_escalates_to_sigkill_when_sigterm_is_ignored(worker: Worker,
     assert await backend.state() == UnitState("inactive", "stopped with SIGKILL after stop_timeout")
 
 
+@pytest.mark.wallclock
 async def test_stop_with_a_cooperative_child_needs_no_sigkill(worker: Worker, cleanup: list[ProcessBackend]) -> None:
     backend = worker.backend(stop_timeout=30.0)
     cleanup.append(backend)

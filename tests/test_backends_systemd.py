@@ -239,6 +239,7 @@ def test_systemd_backend_is_a_worker_backend_that_records_its_profile(tmp_path: 
     assert isinstance(b, ProfileRecord)
 
 
+@pytest.mark.wallclock
 async def test_restart_writes_the_env_file_before_restart_unit_and_waits_for_the_job(
     systemd: FakeManager, backend: SystemdBackend
 ) -> None:
@@ -270,6 +271,7 @@ async def test_a_job_that_does_not_end_done_is_a_backend_error_naming_its_result
         await backend.restart(FULL, CTX)
 
 
+@pytest.mark.wallclock
 async def test_a_job_that_never_finishes_times_out(systemd: FakeManager, bus_address: str) -> None:
     systemd.results["RestartUnit"] = None
     b = SystemdBackend("qwen", UNIT, systemd.env_file, bus="session", bus_address=bus_address, job_timeout=0.5)

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.daemon_process import DaemonProcess, Receiver, eventually
+from tests.daemon_process import DaemonProcess, Receiver
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -104,6 +104,7 @@ def test_sighup_with_broken_config_keeps_running(simulated: DaemonProcess) -> No
     wait_for_metric(simulated, lambda m: m.get("sentinel_config_last_reload_successful", [({}, 0)])[0][1] == 1)
 
 
+@pytest.mark.wallclock
 def test_sigterm_exits_zero_within_two_seconds(simulated: DaemonProcess) -> None:
     wait_for_metric(simulated, lambda m: "sentinel_gpu_up" in m)
     started = time.monotonic()
@@ -114,6 +115,7 @@ def test_sigterm_exits_zero_within_two_seconds(simulated: DaemonProcess) -> None
     assert elapsed < 2.0, f"took {elapsed:.2f}s to stop"
 
 
+@pytest.mark.wallclock
 def test_hung_driver_does_not_hold_up_the_exit(tmp_path: Path) -> None:
     daemon = DaemonProcess("--simulate", "hung-driver", state_dir=tmp_path)
     try:
@@ -186,9 +188,7 @@ def test_without_a_driver_nvml_is_down_with_its_reason_and_the_rest_runs(tmp_pat
 
 def test_sighup_with_unchanged_config_keeps_alerts_firing(tmp_path: Path) -> None:
     rules = tmp_path / "rules.yml"
-    rules.write_text(
-        "groups:\n  - name: gpu\n    rules:\n      - alert: GpuUp\n        expr: sentinel_gpu_up == 1\n"
-    )
+    rules.write_text("groups:\n  - name: gpu\n    rules:\n      - alert: GpuUp\n        expr: sentinel_gpu_up == 1\n")
     config = tmp_path / "sentinel.yaml"
     config.write_text(f"collectors:\n  nvml:\n    kernel_log: 'off'\nrules:\n  files: ['{rules}']\n")
     daemon = DaemonProcess("-c", str(config), "--simulate", "healthy-8gpu", state_dir=tmp_path / "state")

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import IN_CI, require_tool
-from tests.daemon_process import DaemonProcess, eventually
+from tests.daemon_process import DaemonProcess
+from tests.support import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

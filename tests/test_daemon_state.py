@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_process import DaemonProcess, Receiver, eventually
+from tests.daemon_process import DaemonProcess, Receiver
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(180)
 

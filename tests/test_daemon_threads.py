@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon_process import DaemonProcess, eventually
+from tests.daemon_process import DaemonProcess
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(240)
 

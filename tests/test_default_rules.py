@@ -199,6 +199,7 @@ def test_default_rules_run_clean_on_a_healthy_host() -> None:
     assert firing == []
 
 
+@pytest.mark.wallclock
 def test_an_xid_fires_its_alert_within_a_second_in_the_real_daemon(tmp_path: Path) -> None:
     """xid-storm: GPU 5 raises Xid 13 ten seconds in; GPUXidApplication fires at once (event-driven)."""
     config = tmp_path / "sentinel.yaml"

@@ -332,6 +332,7 @@ async def test_idle_engine_with_frozen_counters_is_not_stalled(
     assert value(store, "sentinel_endpoint_last_progress_timestamp_seconds", worker="w0") == clock.now
 
 
+@pytest.mark.wallclock
 async def test_endpoint_that_accepts_and_never_answers_is_bounded_by_its_timeouts(
     session: SharedHttpSession, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -102,6 +102,7 @@ async def test_no_live_workers_means_no_disruption_for_a_percentage(etcd1: EtcdC
         assert "allows no action in pool fleet: max_unavailable 10% of 0 live workers is 0" in d.reason
 
 
+@pytest.mark.wallclock
 async def test_a_dead_holders_slot_frees_itself_with_its_lease(etcd1: EtcdCluster, fleet_name: str) -> None:
     async with budget_hosts(etcd1.endpoints, fleet_name, BudgetConfig(max_unavailable=1), count=2, ttl=2) as (a, b):
         held = await a.budget.acquire(worker="w0", action="restart")
@@ -117,6 +118,7 @@ async def test_a_dead_holders_slot_frees_itself_with_its_lease(etcd1: EtcdCluste
         assert 1.0 < time.monotonic() - crashed_at < 2 + 4
 
 
+@pytest.mark.wallclock
 async def test_refusal_after_a_bounded_wait_names_the_holders(etcd1: EtcdCluster, fleet_name: str) -> None:
     async with budget_hosts(etcd1.endpoints, fleet_name, BudgetConfig(max_unavailable=1), count=2) as (a, b):
         held = await a.budget.acquire(worker="w0", action="quantized_fallback")

@@ -111,6 +111,7 @@ async def test_watch_lists_again_when_its_history_was_compacted(etcd1: EtcdClust
             await proxy.close()
 
 
+@pytest.mark.wallclock
 async def test_calls_fail_over_to_a_live_member(etcd3: EtcdCluster, fleet_name: str) -> None:
     """A dead member first in the list costs a refused connect, then the next one answers."""
     leader = etcd3.leader_index()
@@ -125,6 +126,7 @@ async def test_calls_fail_over_to_a_live_member(etcd3: EtcdCluster, fleet_name: 
         assert c.endpoints[c._endpoints.current] != etcd3.endpoints[dead]  # and it sticks to the live one
 
 
+@pytest.mark.wallclock
 async def test_an_unreachable_or_silent_endpoint_fails_within_the_deadline() -> None:
     closed = f"http://127.0.0.1:{free_port()}"
     async with EtcdClient([closed], request_timeout=0.5) as c:

@@ -6,6 +6,7 @@ stops leading at once, without waiting for etcd to tell it."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Iterator
 
@@ -41,6 +42,7 @@ def leader_of(procs: list[HostProcess]) -> HostProcess | None:
     return None
 
 
+@pytest.mark.wallclock
 async def test_one_leader_and_a_new_one_within_the_ttl_when_it_dies(etcd1: EtcdCluster, fleet_name: str) -> None:
     configs = [fleet_config(etcd1.endpoints, fleet_name, f"h{i}") for i in range(3)]
     async with coordinators(configs) as coords:
@@ -86,7 +88,7 @@ async def test_peer_down_raised_exactly_once_for_a_killed_host_and_resolved_once
         )
         kinds = [str(e["event"]) for e in transitions]
         assert kinds[0] == "peer_down" and kinds[-1] == "peer_up", kinds
-        assert all(a != b for a, b in zip(kinds, kinds[1:])), kinds
+        assert all(a != b for a, b in itertools.pairwise(kinds)), kinds
     finally:
         back.close()
 
@@ -112,6 +114,7 @@ async def test_a_clean_stop_raises_no_peer_down(hosts: list[HostProcess]) -> Non
     assert [e for p in hosts for e in p.events("peer_down")] == []
 
 
+@pytest.mark.wallclock
 async def test_a_leader_cut_off_from_etcd_stops_leading_by_its_own_clock(etcd1: EtcdCluster, fleet_name: str) -> None:
     port = int(etcd1.endpoints[0].rsplit(":", 1)[1])
     proxy = await TcpProxy("127.0.0.1", port).start()

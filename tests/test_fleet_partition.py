@@ -33,6 +33,7 @@ async def proxy(etcd1: EtcdCluster) -> AsyncIterator[TcpProxy]:
         await p.close()
 
 
+@pytest.mark.wallclock
 @pytest.mark.parametrize("cut", ["cut", "stall"])
 async def test_hold_refuses_a_disruptive_action_at_once_and_says_why(
     proxy: TcpProxy, fleet_name: str, cut: str
@@ -130,6 +131,7 @@ async def test_a_member_steps_run_once_even_when_its_watch_reconnects(
         wb.stop()
 
 
+@pytest.mark.wallclock
 async def test_an_unreachable_etcd_at_start_up_is_a_degraded_state_not_a_crash(fleet_name: str) -> None:
     from tests.etcd_cluster import free_port
 

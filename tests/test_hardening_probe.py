@@ -34,6 +34,7 @@ from sentinel.remediation.backend import BackendError
 from sentinel.store import Store
 from sentinel.store.events import EventBus
 from tests.daemon_process import DaemonProcess
+from tests.support import eventually as wait_for
 from tests.test_probe_support import serve_registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,13 +138,6 @@ def actions(daemon: DaemonProcess) -> list[dict[str, Any]]:
     _, _, body = daemon.get("/api/v1/actions")
     found: list[dict[str, Any]] = json.loads(body)["data"]
     return found
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def evaluations_after(daemon: DaemonProcess, t: float, rounds: int = 2) -> None:

@@ -333,6 +333,7 @@ def test_file_without_read_permission_is_reported(logdir: Path, tmp_path: Path) 
         assert any("Permission denied" in (m or "") for _, m in sink.wait_problem())
 
 
+@pytest.mark.wallclock
 def test_stop_saves_offsets_and_returns_quickly(logdir: Path, tmp_path: Path) -> None:
     (logdir / "a.log").write_text("")
     sink = RecordingSink()

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 from sentinel.notify.actions import ActionReport
 from sentinel.notify.delivery import backoff_delay
 from sentinel.notify.outbox import Item, Outbox, Row
-from sentinel.notify.testing import RecordingReceiver, alert_event, eventually, running_notifier, wait_drained
+from sentinel.notify.testing import RecordingReceiver, alert_event, running_notifier, wait_drained
 from sentinel.store import Store, labels_from
+from tests.support import eventually_async as eventually
 
 REPO = Path(__file__).resolve().parent.parent
 

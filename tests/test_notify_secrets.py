@@ -14,8 +14,9 @@ from sentinel.notify.actions import ActionReport
 from sentinel.notify.dispatcher import Notifier, NotifyConfigError
 from sentinel.notify.secrets import REDACTED, Scrubber, SecretError, read_secret
 from sentinel.notify.settings import NotifyConfig
-from sentinel.notify.testing import RecordingReceiver, Reply, eventually, running_notifier
+from sentinel.notify.testing import RecordingReceiver, Reply, running_notifier
 from sentinel.store import Store
+from tests.support import eventually_async as eventually
 
 SECRET_PATH = "/services/T0SECRET/B0SECRET/xoxb%7Esecret-token-4242"
 # yarl prints %7E as "~": the scrubber must know that form too.

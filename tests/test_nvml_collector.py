@@ -24,6 +24,8 @@ from sentinel.sim.nvml import SimDevice
 from sentinel.store import Store
 from sentinel.store.events import Event, EventBus
 from tests.conftest import require_tool
+from tests.support import FakeClock
+from tests.support import eventually_async as wait_until
 
 GPU_METRICS = (
     "sentinel_gpu_info",
@@ -45,16 +47,6 @@ GPU_METRICS = (
     "sentinel_gpu_nvlink_up",
     "sentinel_nvml_call_timeouts_total",
 )
-
-
-class FakeClock:
-    """Scenario time moved by hand."""
-
-    def __init__(self, t: float = 0.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass
@@ -131,13 +123,6 @@ def value(store: Store, name: str, **labels: str) -> float | None:
 
 def gpus_with(store: Store, name: str) -> set[str]:
     return {dict(s.labels).get("gpu", "") for s in store.latest(name)}
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 # -- a healthy host ---------------------------------------------------------------------
@@ -319,6 +304,7 @@ async def test_unsupported_fields_are_absent_not_zero_and_logged_once(
 # -- hung calls --------------------------------------------------------------------------------
 
 
+@pytest.mark.wallclock
 async def test_hung_nvml_call_is_bounded_counted_and_the_gpu_comes_back(
     make_rig: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -16,7 +16,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.conftest import require_module
-from tests.test_probe_support import eventually, serve_registry
+from tests.support import eventually_async as eventually
+from tests.test_probe_support import serve_registry
 
 torch = require_module("torch")
 transformers = require_module("transformers")

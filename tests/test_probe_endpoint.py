@@ -24,7 +24,8 @@ from sentinel.collectors.probe_reports import (
 )
 from sentinel.remediation.backend import BackendError, LiveControl
 from sentinel.store import is_stale_marker
-from tests.test_probe_support import Daemon, eventually, series_labels, serve_registry
+from tests.support import eventually_async as eventually
+from tests.test_probe_support import Daemon, series_labels, serve_registry
 
 GIB = 1024**3
 

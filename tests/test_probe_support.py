@@ -7,13 +7,11 @@ probe tests are the only coverage of the in-worker probe.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,16 +23,6 @@ from tests.conftest import require_module
 
 if TYPE_CHECKING:
     from sentinel.collectors.probe_reports import ProbeRegistry
-
-
-async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0, step_s: float = 0.02) -> bool:
-    """Poll `predicate` until it holds or `timeout_s` passes; returns its last value."""
-    deadline = time.monotonic() + timeout_s
-    for _ in range(int(timeout_s / step_s) + 1):
-        if predicate() or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(step_s)
-    return predicate()
 
 
 PROBED_WORKERS = ("w0", "w1", "fair", "hot")

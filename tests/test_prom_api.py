@@ -8,7 +8,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.daemon_process import DaemonProcess
+from tests.support import eventually
 
 RULES = """\
 groups:
@@ -78,22 +79,6 @@ def call(daemon: DaemonProcess, path: str, form: dict[str, str] | None = None, *
     except urllib.error.HTTPError as err:
         assert err.headers.get("Content-Type", "").startswith("application/json"), err.read()
         return err.code, json.loads(err.read())
-
-
-def eventually(check: Callable[[], Any], timeout: float = 20.0) -> Any:
-    """Retry `check` until it returns a truthy value (assertions inside count as not yet)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError("condition never became true")
-        time.sleep(0.1)
 
 
 def rfc3339(text: str) -> datetime:
@@ -309,7 +294,9 @@ def test_sighup_with_a_broken_rule_file_keeps_the_old_rules_running(tmp_path: Pa
         rule_file.write_text(RULES.replace("expr: sentinel_gpu_up == 7", "expr: sentinel_gpu_up == (7"))
         process.signal(signal.SIGHUP)
         process.wait_for_log(r"reload failed, keeping the running config and rules")
-        process.wait_for_log(r"gpu\.rules\.yml: \d+:\d+: group \"gpus\", rule 4, \"NeverFires\": could not parse expression")
+        process.wait_for_log(
+            r'gpu\.rules\.yml: \d+:\d+: group "gpus", rule 4, "NeverFires": could not parse expression'
+        )
         assert process.proc.poll() is None
         assert rule_names(process) == before
         evaluated = last_evaluation(process)

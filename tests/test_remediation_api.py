@@ -20,7 +20,14 @@ from sentinel.api.prometheus import prometheus_api_routes
 from sentinel.api.server import ServerContext, start_server
 from sentinel.cli import ops as opscli
 from sentinel.rules.state import Alert, AlertState
-from tests.test_remediation_fakes import Harness, Wall, firing, policy, worker
+from tests.remediation_fakes import (
+    Harness,
+    Wall,
+    close_harnesses,  # noqa: F401  (autouse: closes what a failed test left open)
+    firing,
+    policy,
+    worker,
+)
 
 TOKEN = "s3cret-token-0123456789abcdef"
 GPUS = [

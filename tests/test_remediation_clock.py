@@ -10,7 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from sentinel.remediation.gate import Admission, Refusal
-from tests.test_remediation_fakes import Harness, Wall, firing, policy, worker
+from tests.remediation_fakes import (
+    Harness,
+    Wall,
+    close_harnesses,  # noqa: F401  (autouse: closes what a failed test left open)
+    firing,
+    policy,
+    worker,
+)
 
 
 async def test_a_forward_step_of_the_wall_clock_does_not_step_a_degraded_worker_up(tmp_path: Path) -> None:

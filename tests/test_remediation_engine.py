@@ -11,18 +11,19 @@ import pytest
 
 from sentinel.remediation.journal import ActionRow, Journal, WorkerRecord, episode_key
 from sentinel.store import labels_from
-from tests.test_remediation_fakes import (
+from tests.remediation_fakes import (
     T0,
     FakeBackend,
     FakeLive,
     Harness,
-    eventually,
+    close_harnesses,  # noqa: F401  (autouse: closes what a failed test left open)
     firing,
     healthy,
     policy,
     resolved,
     worker,
 )
+from tests.support import eventually_async as eventually
 
 
 async def started(h: Harness) -> Harness:

@@ -20,6 +20,7 @@ from sentinel.rules.rulefile import RuleGroup, load_rule_files
 from sentinel.rules.state import Alert, AlertState
 from sentinel.store import Store, now_ms
 from sentinel.store.events import Event, EventBus
+from tests.support import eventually_async as wait_until
 
 
 class Host:
@@ -86,14 +87,6 @@ class Host:
 def write_rules(path: Path, text: str) -> list[RuleGroup]:
     path.write_text(text)
     return load_rule_files([str(path)])
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

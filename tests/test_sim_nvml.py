@@ -16,16 +16,7 @@ import pytest
 
 from sentinel.sim import ScenarioError, SimulatedNvml, list_scenarios, load_scenario, parse_scenario
 from sentinel.sim.nvml import RampSignal, SineSignal
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, t: float = 0.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
+from tests.support import FakeClock
 
 
 @pytest.fixture

@@ -95,9 +95,10 @@ class WorkerProcess:
 
     def _pump(self) -> None:
         assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line)
+        with self.proc.stderr:  # closed at EOF, however the worker ended
+            for line in self.proc.stderr:
+                self.lines.append(line.rstrip("\n"))
+                self._queue.put(line)
 
     def wait_ready(self, timeout: float = 90) -> WorkerProcess:
         self.base = self.wait_for_log(SERVING, timeout).group(1)

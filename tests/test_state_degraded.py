@@ -11,9 +11,16 @@ import asyncio
 from pathlib import Path
 
 from sentinel.notify.outbox import Outbox
-from sentinel.notify.testing import RecordingReceiver, alert_event, eventually, running_notifier
+from sentinel.notify.testing import RecordingReceiver, alert_event, running_notifier
 from sentinel.remediation.journal import Journal
-from tests.test_remediation_fakes import Harness, firing, policy, worker
+from tests.remediation_fakes import (
+    Harness,
+    close_harnesses,  # noqa: F401  (autouse: closes what a failed test left open)
+    firing,
+    policy,
+    worker,
+)
+from tests.support import eventually_async as eventually
 
 
 def fill(db: object) -> None:

@@ -50,6 +50,8 @@ def test_the_lock_goes_with_a_killed_holder(tmp_path: Path) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
 
 
 def test_atomic_write_replaces_content_keeps_an_existing_mode_and_leaves_no_temporary(tmp_path: Path) -> None:

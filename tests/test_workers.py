@@ -17,6 +17,7 @@ import pytest
 
 from sentinel.collectors.workers import WorkerProcesses, parse_stat, read_stat
 from sentinel.config.models import ProcessMatch, WorkerConfig
+from tests.support import FakeClock
 
 UNIT = "vllm@qwen3.service"
 
@@ -57,14 +58,6 @@ class FakeProc:
 
     def remove(self, pid: int) -> None:
         shutil.rmtree(self.proc / str(pid))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def worker(name: str, **match: str) -> WorkerConfig:
@@ -149,7 +142,7 @@ def test_worker_in_root_cgroup_has_no_cgroup_dir(fake: FakeProc) -> None:
 
 
 def test_cmdline_rewritten_by_a_wrapper_exec_is_seen_after_the_refresh_period(fake: FakeProc) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     fake.add(100, 1, ["/bin/bash", "/opt/start-worker.sh"])
     wp = processes(fake, worker("w", cmdline="vllm serve"), clock=clock)
     assert not wp.resolve()["w"].up
@@ -164,7 +157,7 @@ def test_cmdline_rewritten_by_a_wrapper_exec_is_seen_after_the_refresh_period(fa
 
 
 def test_process_caught_between_fork_and_exec_is_matched_once_it_has_execd(fake: FakeProc) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     fake.add(1, 0, ["/sbin/init"], "/init.scope")
     wp = processes(fake, worker("qwen3", systemd_unit=UNIT), worker("c", cmdline="vllm serve"), clock=clock)
     wp.resolve()
@@ -179,7 +172,7 @@ def test_process_caught_between_fork_and_exec_is_matched_once_it_has_execd(fake:
 
 
 def test_new_process_is_matched_from_its_second_pass_and_its_children_at_once(fake: FakeProc) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     fake.add(1, 0, ["/sbin/init"], "/init.scope")
     wp = processes(fake, worker("w", cmdline="api_server"), clock=clock)
     wp.resolve()
@@ -199,7 +192,7 @@ def test_processes_running_at_startup_are_matched_on_the_first_pass(fake: FakePr
 
 
 def test_settled_processes_are_not_reread_every_pass(fake: FakeProc) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     vllm_tree(fake)
     wp = processes(fake, worker("w", cmdline="api_server"), clock=clock)
     wp.resolve()
@@ -268,7 +261,7 @@ def test_process_gone_between_listing_and_reading_is_skipped(fake: FakeProc) -> 
 
 
 def test_reused_pid_is_a_new_process(fake: FakeProc) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     vllm_tree(fake)
     wp = processes(fake, worker("w", cmdline="api_server"), clock=clock)
     assert wp.resolve()["w"].up
@@ -281,7 +274,7 @@ def test_reused_pid_is_a_new_process(fake: FakeProc) -> None:
 
 
 def test_child_reparented_after_root_exits_leaves_the_worker(fake: FakeProc) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     vllm_tree(fake)
     wp = processes(fake, worker("w", cmdline="api_server"), clock=clock)
     assert wp.resolve()["w"].pids == {100, 101, 102, 103}
@@ -292,7 +285,7 @@ def test_child_reparented_after_root_exits_leaves_the_worker(fake: FakeProc) -> 
 
 
 def test_zombie_member_drops_out_on_the_next_pass(fake: FakeProc) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     vllm_tree(fake)
     wp = processes(fake, worker("w", systemd_unit=UNIT), clock=clock)
     wp.resolve()

@@ -27,12 +27,13 @@ from sentinel.promql import Engine, Matrix, PromQLError, Scalar, String, Vector,
 from sentinel.promql.budget import QueryBudget
 from sentinel.promql.runner import QueryRunner
 from sentinel.promql.syntax import Node, Selector
+from sentinel.rules.group import GroupEvaluator, RuleHealth
 from sentinel.rules.manager import RuleManager
-from sentinel.rules.rulefile import parse_prom_duration
+from sentinel.rules.rulefile import Rule, parse_prom_duration
 from sentinel.rules.state import Alert, AlertState
 from sentinel.store import LabelMatcher, Series, Store, now_ms
 
-__all__ = ["prometheus_api_routes"]
+__all__ = ["PrometheusApi", "prometheus_api_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -238,28 +239,117 @@ def _client_gone(request: web.Request) -> Callable[[], bool]:
     return gone
 
 
-def prometheus_api_routes(
-    engine_fn: Callable[[], Engine],
-    rules_fn: Callable[[], RuleManager | None],
-    runner: QueryRunner | None = None,
-) -> list[web.RouteDef]:
-    """Routes for the daemon's server; the callables see the current engine and rules after a reload.
+def _rule_state(alerts: list[Alert]) -> str:
+    if any(a.state is AlertState.FIRING for a in alerts):
+        return "firing"
+    return "pending" if alerts else "inactive"
 
-    Queries run on `runner` (the daemon's, which it closes at exit); without one, a
-    runner with the default limits.
+
+def _rule_json(rule: Rule, health: RuleHealth) -> dict[str, Any]:
+    """One rule as Prometheus's /api/v1/rules shows it."""
+    out: dict[str, Any] = {
+        "name": rule.name,
+        "query": rule.expr,
+        "labels": rule.labels,
+        "health": health.health,
+        "lastError": health.last_error or None,
+        "evaluationTime": health.evaluation_time_s,
+        "lastEvaluation": _rfc3339(health.last_evaluation_ms),
+    }
+    if out["lastError"] is None:
+        del out["lastError"]
+    if not rule.is_alert:
+        out["type"] = "recording"
+        return out
+    alerts = [a for a in health.active.values() if a.state is not AlertState.INACTIVE]
+    out.update(
+        {
+            "type": "alerting",
+            "state": _rule_state(alerts),
+            "duration": rule.for_ms / 1000,
+            "keepFiringFor": rule.keep_firing_for_ms / 1000,
+            "annotations": rule.annotations,
+            "alerts": [_alert_json(a) for a in alerts],
+        }
+    )
+    return out
+
+
+def _group_json(evaluator: GroupEvaluator, kind: str | None) -> dict[str, Any]:
+    """One group; `kind` ("alert" or "record") keeps only rules of that type, as Prometheus's `type=`."""
+    rules = [
+        _rule_json(rule, health)
+        for rule, health in zip(evaluator.group.rules, evaluator.health, strict=True)
+        if kind is None or (kind == "alert") == rule.is_alert
+    ]
+    return {
+        "name": evaluator.group.name,
+        "file": evaluator.group.file,
+        "rules": rules,
+        "interval": evaluator.interval_ms / 1000,
+        "limit": evaluator.group.limit,
+        "evaluationTime": evaluator.last_duration_s,
+        "lastEvaluation": _rfc3339(evaluator.last_evaluation_ms),
+    }
+
+
+def _series_in(
+    store: Store, match: list[tuple[LabelMatcher, ...]], start: int, end: int, budget: QueryBudget
+) -> list[Series]:
+    """Series with a sample in (start, end] matching any of the `match[]` selectors (all without one)."""
+    found: dict[tuple[tuple[str, str], ...], Series] = {}
+    for matchers in match or [()]:
+        budget.check()
+        for series in store.select(list(matchers)):
+            ts, _ = series.range(start - 1, end, left_open=True)
+            if len(ts):
+                found[series.labels] = series
+    return list(found.values())
+
+
+class PrometheusApi:
+    """The read side of Prometheus's HTTP API: queries, rules, alerts and metadata.
+
+    The callables return the current engine and rules, so a reload is seen at the next
+    request. Queries run on `runner` (the daemon's, which it closes at exit); without
+    one, a runner with the default limits.
     """
-    queries = runner or QueryRunner()
 
-    async def run_query(request: web.Request, expr: str, work: Callable[[QueryBudget], bytes]) -> web.Response:
+    def __init__(
+        self,
+        engine_fn: Callable[[], Engine],
+        rules_fn: Callable[[], RuleManager | None],
+        runner: QueryRunner | None = None,
+    ) -> None:
+        self.engine_fn = engine_fn
+        self.rules_fn = rules_fn
+        self.queries = runner or QueryRunner()
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/api/v1/series", self.series),
+            web.post("/api/v1/series", self.series),
+            web.get("/api/v1/labels", self.labels),
+            web.post("/api/v1/labels", self.labels),
+            web.get("/api/v1/label/{name}/values", self.label_values),
+            web.get("/api/v1/query", self.query),
+            web.post("/api/v1/query", self.query),
+            web.get("/api/v1/query_range", self.query_range),
+            web.post("/api/v1/query_range", self.query_range),
+            web.get("/api/v1/rules", self.rules),
+            web.get("/api/v1/alerts", self.alerts),
+        ]
+
+    async def _run_query(self, request: web.Request, expr: str, work: Callable[[QueryBudget], bytes]) -> web.Response:
         try:
-            body = await queries.run(work, disconnected=_client_gone(request))
+            body = await self.queries.run(work, disconnected=_client_gone(request))
         except _BadQuery as exc:
             return _error(400, "bad_data", str(exc))
         except Exception as exc:
             return _execution_error(expr, exc)
         return web.Response(body=body, content_type="application/json")
 
-    async def query(request: web.Request) -> web.Response:
+    async def query(self, request: web.Request) -> web.Response:
         params = await _params(request)
         expr = params.get("query")
         if not expr:
@@ -269,15 +359,15 @@ def prometheus_api_routes(
         except ValueError as exc:
             return _error(400, "bad_data", f'invalid parameter "time": {exc}')
         assert t is not None
-        engine = engine_fn()
+        engine = self.engine_fn()
 
         def work(budget: QueryBudget) -> bytes:
             value = engine.instant_query(_parse_query(engine, expr), t, budget=budget).value
             return _result_body(value, t, budget)
 
-        return await run_query(request, expr, work)
+        return await self._run_query(request, expr, work)
 
-    async def query_range(request: web.Request) -> web.Response:
+    async def query_range(self, request: web.Request) -> web.Response:
         params = await _params(request)
         expr = params.get("query")
         if not expr:
@@ -299,142 +389,75 @@ def prometheus_api_routes(
                 "exceeded maximum resolution of 11,000 points per timeseries. "
                 "Try decreasing the query resolution (?step=XX)",
             )
-        engine = engine_fn()
+        engine = self.engine_fn()
 
         def work(budget: QueryBudget) -> bytes:
             value = engine.range_query(_parse_query(engine, expr), start, end, step, budget=budget).value
             return _result_body(value, end, budget)
 
-        return await run_query(request, expr, work)
+        return await self._run_query(request, expr, work)
 
-    async def rules(request: web.Request) -> web.Response:
-        manager = rules_fn()
+    async def rules(self, request: web.Request) -> web.Response:
+        manager = self.rules_fn()
         kind = request.query.get("type")
-        groups = []
-        for evaluator in manager.groups if manager else []:
-            rules_out = []
-            for rule, health in zip(evaluator.group.rules, evaluator.health, strict=True):
-                if (kind == "alert" and not rule.is_alert) or (kind == "record" and rule.is_alert):
-                    continue
-                base: dict[str, Any] = {
-                    "name": rule.name,
-                    "query": rule.expr,
-                    "labels": rule.labels,
-                    "health": health.health,
-                    "lastError": health.last_error or None,
-                    "evaluationTime": health.evaluation_time_s,
-                    "lastEvaluation": _rfc3339(health.last_evaluation_ms),
-                }
-                if rule.is_alert:
-                    alerts = [a for a in health.active.values() if a.state is not AlertState.INACTIVE]
-                    state = "inactive"
-                    if any(a.state is AlertState.FIRING for a in alerts):
-                        state = "firing"
-                    elif alerts:
-                        state = "pending"
-                    base.update(
-                        {
-                            "type": "alerting",
-                            "state": state,
-                            "duration": rule.for_ms / 1000,
-                            "keepFiringFor": rule.keep_firing_for_ms / 1000,
-                            "annotations": rule.annotations,
-                            "alerts": [_alert_json(a) for a in alerts],
-                        }
-                    )
-                else:
-                    base["type"] = "recording"
-                if base.get("lastError") is None:
-                    base.pop("lastError")
-                rules_out.append(base)
-            groups.append(
-                {
-                    "name": evaluator.group.name,
-                    "file": evaluator.group.file,
-                    "rules": rules_out,
-                    "interval": evaluator.interval_ms / 1000,
-                    "limit": evaluator.group.limit,
-                    "evaluationTime": evaluator.last_duration_s,
-                    "lastEvaluation": _rfc3339(evaluator.last_evaluation_ms),
-                }
-            )
-        return _success({"groups": groups})
+        kind = kind if kind in ("alert", "record") else None
+        return _success({"groups": [_group_json(g, kind) for g in (manager.groups if manager else [])]})
 
-    async def alerts(request: web.Request) -> web.Response:
-        manager = rules_fn()
+    async def alerts(self, request: web.Request) -> web.Response:
+        manager = self.rules_fn()
         active = manager.active_alerts() if manager else []
         return _success({"alerts": [_alert_json(a) for _, _, a in active]})
 
-    def series_in(
-        request_store: Store, match: list[tuple[LabelMatcher, ...]], start: int, end: int, budget: QueryBudget
-    ) -> list[Series]:
-        found: dict[tuple[tuple[str, str], ...], Series] = {}
-        for matchers in match or [()]:
-            budget.check()
-            for series in request_store.select(list(matchers)):
-                ts, _ = series.range(start - 1, end, left_open=True)
-                if len(ts):
-                    found[series.labels] = series
-        return list(found.values())
-
-    async def metadata_query(request: web.Request) -> tuple[list[Series], None] | tuple[None, web.Response]:
+    async def _matching_series(self, request: web.Request) -> list[Series] | web.Response:
+        """The series `match[]`, `start` and `end` select, or the error response."""
         params = await _params(request)
         try:
             texts = await _match_texts(request)
             start = _parse_time(params.get("start"), 0)
             end = _parse_time(params.get("end"), now_ms())
         except ValueError as exc:
-            return None, _error(400, "bad_data", str(exc))
+            return _error(400, "bad_data", str(exc))
         assert start is not None and end is not None  # both have defaults
-        store = engine_fn().store
+        store = self.engine_fn().store
 
         def work(budget: QueryBudget) -> list[Series]:
             match = _match_params(texts)
             budget.check()
-            return series_in(store, match, start, end, budget)
+            return _series_in(store, match, start, end, budget)
 
         try:
-            found = await queries.run(work, disconnected=_client_gone(request))
+            return await self.queries.run(work, disconnected=_client_gone(request))
         except ValueError as exc:
-            return None, _error(400, "bad_data", str(exc))
+            return _error(400, "bad_data", str(exc))
         except PromQLError as exc:
-            return None, _execution_error("match[]", exc)
-        return found, None
+            return _execution_error("match[]", exc)
 
-    async def series(request: web.Request) -> web.Response:
+    async def series(self, request: web.Request) -> web.Response:
         if not await _match_texts(request):
             return _error(400, "bad_data", "no match[] parameter provided")
-        found, failure = await metadata_query(request)
-        if failure is not None:
-            return failure
-        assert found is not None
+        found = await self._matching_series(request)
+        if isinstance(found, web.Response):
+            return found
         return _success([dict(s.labels) for s in sorted(found, key=lambda s: s.labels)])
 
-    async def labels(request: web.Request) -> web.Response:
-        found, failure = await metadata_query(request)
-        if failure is not None:
-            return failure
-        assert found is not None
+    async def labels(self, request: web.Request) -> web.Response:
+        found = await self._matching_series(request)
+        if isinstance(found, web.Response):
+            return found
         return _success(sorted({name for s in found for name, _ in s.labels}))
 
-    async def label_values(request: web.Request) -> web.Response:
-        found, failure = await metadata_query(request)
-        if failure is not None:
-            return failure
-        assert found is not None
+    async def label_values(self, request: web.Request) -> web.Response:
+        found = await self._matching_series(request)
+        if isinstance(found, web.Response):
+            return found
         name = request.match_info["name"]
         return _success(sorted({value for s in found for key, value in s.labels if key == name}))
 
-    return [
-        web.get("/api/v1/series", series),
-        web.post("/api/v1/series", series),
-        web.get("/api/v1/labels", labels),
-        web.post("/api/v1/labels", labels),
-        web.get("/api/v1/label/{name}/values", label_values),
-        web.get("/api/v1/query", query),
-        web.post("/api/v1/query", query),
-        web.get("/api/v1/query_range", query_range),
-        web.post("/api/v1/query_range", query_range),
-        web.get("/api/v1/rules", rules),
-        web.get("/api/v1/alerts", alerts),
-    ]
+
+def prometheus_api_routes(
+    engine_fn: Callable[[], Engine],
+    rules_fn: Callable[[], RuleManager | None],
+    runner: QueryRunner | None = None,
+) -> list[web.RouteDef]:
+    """Routes for the daemon's server (see `PrometheusApi`)."""
+    return PrometheusApi(engine_fn, rules_fn, runner).routes()

@@ -1,15 +1,17 @@
 """Shared pieces of the remediation tests: a fake backend, a controllable wall clock, alerts.
 
-No tests here; the other test_remediation_* modules import these.
+No tests here (hence no test_ prefix); the test_remediation_* modules import these.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from sentinel.config.models import WorkerConfig
 from sentinel.notify.actions import ActionReport
@@ -187,6 +189,19 @@ def policy(**overrides: Any) -> RemediationConfig:
     return RemediationConfig.model_validate(base)
 
 
+_OPEN: list[Harness] = []  # every Harness the running test built
+
+
+@pytest.fixture(autouse=True)
+async def close_harnesses() -> AsyncIterator[None]:
+    """Close every Remediator a test built, also when an assert failed before its own close
+    (a Remediator left open leaks its tasks and its journal's thread into later tests).
+    Autouse in each module that imports it."""
+    yield
+    while _OPEN:
+        await _OPEN.pop().remediator.close()
+
+
 class Harness:
     """A Remediator over fakes, with its reports collected."""
 
@@ -224,6 +239,7 @@ class Harness:
             tick_interval=3600.0,  # the tests call tick() themselves
             startup_grace=startup_grace,
         )
+        _OPEN.append(self)
 
     def backend(self, name: str) -> FakeBackend:
         backend = self.backends[name]
@@ -239,13 +255,3 @@ class Harness:
             if all(got.get(k) == v for k, v in labels.items()):
                 return sample.value
         return None
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait (really) until `predicate()` holds; generous, for a shared machine."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
