@@ -187,9 +187,10 @@ def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int
                     "match": {"alertname": "MoEExpertImbalance"},
                     "action": "rebalance_experts",
                     # Plan on the routing of the (compressed) `for:` window. The virtual
-                    # devices share one CPU, so balancing them cannot raise tokens/s here;
-                    # the guard only catches a collapse.
-                    "params": {"window": f"{120 // FOR_COMPRESSION}s", "min_throughput_ratio": "0.5"},
+                    # devices share one CPU, so balancing them cannot raise tokens/s here,
+                    # and a grouped matmul over more filled slots costs more (measured
+                    # 0.5-0.8x of the skewed rate): the guard only catches a collapse.
+                    "params": {"window": f"{120 // FOR_COMPRESSION}s", "min_throughput_ratio": "0.3"},
                 }
             ],
         },
