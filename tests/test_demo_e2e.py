@@ -41,7 +41,7 @@ def test_json_has_one_entry_per_fault_with_the_documented_keys(demo_run: dict[st
     [
         ("gpu-lost", {"GPUFallenOffBus", "GPULost"}, "notify_only"),
         ("oom", {"CudaOOM"}, "reduce_batch"),
-        ("hotspot", {"MoEExpertImbalance"}, "notify_only"),
+        ("hotspot", {"MoEExpertImbalance"}, "rebalance_experts"),
         ("stall", {"EngineStalled"}, "restart"),
         ("crash", {"NCCLCollectiveTimeout", "EngineDead"}, "restart"),
     ],
@@ -56,7 +56,7 @@ def test_each_fault_is_detected_and_gets_the_right_action(
     assert float(f["detected_at"]) >= float(f["injected_at"])  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", ["oom", "stall", "crash"])
+@pytest.mark.parametrize("name", ["oom", "hotspot", "stall", "crash"])
 def test_worker_recovers_after_the_action(demo_run: dict[str, list[dict[str, object]]], name: str) -> None:
     f = fault(demo_run, name)
     assert f["recovered_at"] is not None, f
@@ -70,8 +70,19 @@ def test_no_action_storm(demo_run: dict[str, list[dict[str, object]]]) -> None:
     acted = [a for a in demo_run["actions"] if a["outcome"] not in ("skipped", "would_act")]
     assert [(a["action"], a["outcome"]) for a in acted] == [
         ("reduce_batch", "succeeded"),
+        ("rebalance_experts", "succeeded"),
         ("restart", "succeeded"),
         ("restart", "succeeded"),
     ], demo_run["actions"]
     oom = next(a for a in acted if a["action"] == "reduce_batch")
     assert (oom["profile_before"], oom["profile_after"]) == ("full", "reduced")
+
+
+def test_hotspot_is_healed_live_with_measured_balancedness_above_the_threshold(
+    demo_run: dict[str, list[dict[str, object]]],
+) -> None:
+    # The probe measured the skew, the rebalance was planned from its counts, and the
+    # balancedness measured under the new placement is above the rule's 0.7.
+    figures: dict[str, float] = demo_run["rebalance"]  # type: ignore[assignment]
+    assert figures["before"] < 0.7 <= figures["after"], figures
+    assert figures["predicted"] >= 0.7, figures

@@ -350,8 +350,25 @@ def test_interval_statistics_use_the_difference_between_snapshots() -> None:
             "tokens": 40,
             "balancedness": 0.5,
             "hot_experts": [{"expert": 1, "tokens": 30, "tokens_total": 40}],
+            "expert_tokens": [10, 30, 0, 0],
         }
     ]
+
+
+def test_slot_counts_give_the_per_gpu_load_after_replication() -> None:
+    # Expert 1 is hot and has a replica on GPU 1 (slot 3): by expert -> GPU all of its
+    # 30 tokens would land on GPU 0 (0.5); counted per slot, they split 15/15.
+    layers = layer_entries(
+        {0: [10, 10, 0, 0]},
+        {0: [20, 40, 0, 0]},
+        {0: ["0", "0", "1", "1"]},
+        hot=1,
+        slots_previous={0: [10, 10, 0, 0]},
+        slots_current={0: [20, 25, 0, 15]},
+        slot_gpus={0: ["0", "0", "1", "1"]},
+    )
+    assert layers[0]["balancedness"] == 0.8  # GPU 0: 10 + 15 = 25, GPU 1: 15
+    assert layers[0]["expert_tokens"] == [10, 30, 0, 0]  # the planner's input stays logical
 
 
 async def test_biased_router_drops_balancedness_below_0_7_at_the_daemon() -> None:

@@ -69,6 +69,7 @@ from aiohttp import web
 
 from sentinel.api.guard import ConnectionGuard, GuardedSite
 from sentinel.collectors.probe_access import TCP_OFF, ProbeAccess, Refusal, Transport
+from sentinel.collectors.probe_placement import PLACEMENT_PATH, PlacementControl
 from sentinel.collectors.probe_schema import (
     MAX_LABEL,
     REPORT_VERSION,
@@ -82,6 +83,8 @@ from sentinel.collectors.probe_schema import (
 from sentinel.collectors.probe_settings import ProbeConfig
 from sentinel.collectors.probe_socket import BoundSocket, bind_probe_socket, remove_probe_socket
 from sentinel.remediation.backend import BackendError
+from sentinel.remediation.rebalance import LiveRebalancer
+from sentinel.remediation.rebalance_params import RebalanceSettings
 from sentinel.store import Store, labels_from, now_ms
 from sentinel.store.events import Event, EventBus
 
@@ -131,6 +134,7 @@ _ALLOCATED = "sentinel_probe_memory_allocated_bytes"
 _RESERVED = "sentinel_probe_memory_reserved_bytes"
 _FRAGMENTATION = "sentinel_probe_memory_fragmentation_ratio"
 _REJECTED = "sentinel_probe_reports_rejected_total"
+_PLACEMENT_VERSION = "sentinel_moe_placement_version"
 
 REJECT_REASONS = ("content_type", "too_large", "invalid", "unauthorized", "forbidden", "too_many_series")
 """Every `reason` of `sentinel_probe_reports_rejected_total` (all exported from the start)."""
@@ -158,6 +162,11 @@ PROBE_METRICS: tuple[tuple[str, str, str], ...] = (
     (_RESERVED, "gauge", "Bytes reserved (allocated plus cached) by the worker's CUDA caching allocator on the GPU."),
     (_FRAGMENTATION, "gauge", "Reserved but unallocated share of the allocator's memory: 1 - allocated / reserved."),
     (_REJECTED, "counter", "Probe reports refused, by reason (see the Security section of docs/operations.md)."),
+    (
+        _PLACEMENT_VERSION,
+        "gauge",
+        "Version of the expert placement the worker runs (0: its default; rebalance_experts raises it).",
+    ),
 )
 
 _UNIX_MAX_CONNECTIONS = 64
@@ -192,6 +201,7 @@ class _Probe:
     up: bool = True
     reported_limit: int | None = None
     ooms: dict[str, int] = field(default_factory=dict)  # per GPU, highest seen from this probe_id
+    reports: int = 0  # interval reports received from this probe_id
 
 
 @dataclass
@@ -233,6 +243,8 @@ class ProbeRegistry:
         self._runners: list[web.AppRunner] = []
         self._sockets: list[BoundSocket] = []
         self._reject_logged: dict[str, float] = {}
+        # Live expert placement (rebalance_experts): token windows, placements sent and acknowledged.
+        self.placements = PlacementControl(monotonic)
         declare_probe_metrics(store)
         for reason in REJECT_REASONS:
             store.append(labels_from(_REJECTED, reason=reason), now_ms(), 0.0)
@@ -246,7 +258,7 @@ class ProbeRegistry:
 
     def routes(self) -> list[web.RouteDef]:
         """The TCP route, for `ServerContext.extra_routes` (403 unless `probe.tcp` is on)."""
-        return [web.post(REPORT_PATH, self.handle_tcp_report)]
+        return [web.post(REPORT_PATH, self.handle_tcp_report), web.get(PLACEMENT_PATH, self.handle_tcp_placement)]
 
     async def start(self) -> None:
         """Start the watchdog that marks silent probes down."""
@@ -259,7 +271,9 @@ class ProbeRegistry:
         app = web.Application(client_max_size=self.limits.max_report_bytes)
         guard = ConnectionGuard(_UNIX_MAX_CONNECTIONS, name="probe socket")
         app.middlewares.append(guard.middleware)
-        app.add_routes([web.post(REPORT_PATH, self.handle_unix_report)])
+        app.add_routes(
+            [web.post(REPORT_PATH, self.handle_unix_report), web.get(PLACEMENT_PATH, self.handle_unix_placement)]
+        )
         runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=10.0)
         try:
             await runner.setup()
@@ -292,6 +306,34 @@ class ProbeRegistry:
                 if not waiter.future.done():
                     waiter.future.set_exception(BackendError("Sentinel is shutting down"))
             worker.waiters.clear()
+        self.placements.close("Sentinel is shutting down")
+
+    # -- placements ------------------------------------------------------------------
+
+    async def handle_tcp_placement(self, request: web.Request) -> web.Response:
+        """GET /api/v1/probe/placement?worker=W&version=N on the HTTP server."""
+        return self.handle_placement(request, "tcp")
+
+    async def handle_unix_placement(self, request: web.Request) -> web.Response:
+        """GET /api/v1/probe/placement?worker=W&version=N on the unix socket."""
+        return self.handle_placement(request, "unix")
+
+    def handle_placement(self, request: web.Request, transport: Transport) -> web.Response:
+        """A placement too large for a reply, for the worker it is meant for (same credentials as reports)."""
+        worker = request.query.get("worker", "")
+        if transport == "tcp" and not self.access.tcp:
+            return web.json_response({"error": TCP_OFF}, status=403)
+        refusal = self.access.refusal(worker, transport, request.headers.get("Authorization"))
+        if refusal is not None:
+            return web.json_response({"error": refusal.message}, status=refusal.status)
+        try:
+            version = int(request.query.get("version", ""))
+        except ValueError:
+            return web.json_response({"error": "version: expected an integer"}, status=400)
+        message = self.placements.message(worker, version)
+        if message is None:
+            return web.json_response({"error": f"no placement version {version} is wanted for {worker}"}, status=404)
+        return web.json_response(message)
 
     # -- reports -------------------------------------------------------------------
 
@@ -357,7 +399,7 @@ class ProbeRegistry:
             (layer.balancedness is not None) + min(len(layer.hot_experts), self.hot_experts_max)
             for layer in report.layers
         )
-        return 5 + per_layer + 6 * len(report.gpus)
+        return 6 + per_layer + 6 * len(report.gpus)
 
     def _refuse(self, reason: str, status: int, message: str) -> web.Response:
         self.rejected[reason] += 1
@@ -385,6 +427,7 @@ class ProbeRegistry:
         probe.interval_s = report.interval_s
         probe.last_report = self._monotonic()
         probe.reported_limit = report.batch_limit
+        probe.reports += report.kind == "interval"
         if not was_up:
             log.info("probe of worker %s reports again", report.worker)
         ts = probe.last_report_ms = now_ms()
@@ -398,7 +441,8 @@ class ProbeRegistry:
             self._write_interval(report, probe, ts)
         self._publish(report, probe, oom_news)
         self._resolve_waiters(report.worker, worker)
-        return {"batch_limit": worker.desired_limit}
+        self.placements.on_report(report)
+        return {"batch_limit": worker.desired_limit, **self.placements.reply(report.worker)}
 
     def _record_ooms(self, report: ProbeReport, probe: _Probe, *, baseline: bool) -> list[tuple[str, int, int]]:
         """Raise the per-GPU OOM counts; returns (gpu, new count, increase) where it grew."""
@@ -423,6 +467,8 @@ class ProbeRegistry:
         out.add(_HOOK_ERRORS, report.hook_errors_total, worker=w)
         if report.batch_limit is not None:
             out.add(_LIMIT, report.batch_limit, worker=w)
+        if report.placement is not None:
+            out.add(_PLACEMENT_VERSION, report.placement.version, worker=w)
         for layer in report.layers:
             lbl = str(layer.layer)
             if layer.balancedness is not None:
@@ -533,6 +579,9 @@ class ProbeRegistry:
                 continue
             probe.up = False
             downed.append(name)
+            # Nothing sent to it will be acknowledged now: fail fast (a dead engine is restarted instead).
+            self._fail_waiters(worker, f"worker {name}: the probe stopped reporting")
+            self.placements.probe_down(name)
             log.warning("probe of worker %s stopped reporting (%.1fs silent)", name, now - probe.last_report)
             ts = now_ms()
             out = self.store.appender(_source(name), ts)
@@ -564,6 +613,25 @@ class ProbeRegistry:
     def supports_live_batch_limit(self, worker: str) -> bool:
         """LiveControl: the worker's probe reported recently, so a new limit can reach it."""
         return self.probe_up(worker)
+
+    def supports_live_rebalance(self, worker: str) -> bool:
+        """LivePlacement: the probe is up and reports the placement it runs (layers included)."""
+        running = self.placements.running(worker)
+        return self.probe_up(worker) and running is not None and running.placement is not None
+
+    async def rebalance_experts(self, worker: str, settings: RebalanceSettings) -> str:
+        """LivePlacement: plan from the probe's counts, send, verify measured, roll back on failure."""
+        if not self.probe_up(worker):
+            raise BackendError(f"worker {worker} has no live probe: its experts cannot be rebalanced live")
+        rebalancer = LiveRebalancer(
+            self.placements, self.store, interval_of=self._interval_of, monotonic=self._monotonic
+        )
+        outcome = await rebalancer.run(worker, settings)
+        return outcome.describe()
+
+    def _interval_of(self, worker: str) -> float:
+        state = self._workers.get(worker)
+        return state.probe.interval_s if state is not None and state.probe is not None else 1.0
 
     def desired_batch_limit(self, worker: str) -> int | None:
         """The limit Sentinel sends the worker's probe; None when it has no opinion."""
@@ -607,6 +675,28 @@ class ProbeRegistry:
             if waiter in state.waiters:
                 state.waiters.remove(waiter)
 
+    async def still_reporting(self, worker: str, reports: int = 2) -> bool:
+        """Whether the worker's probe sends `reports` more interval reports (False: it went down first).
+
+        A limit acknowledged by a process whose engine just died (the OOM that asked for
+        the limit killed it) would otherwise pass for a live change: its probe still
+        reports for a moment while the process shuts down, then stops.
+        """
+        state = self._workers.get(worker)
+        probe = state.probe if state is not None else None
+        if probe is None:
+            return False
+        target = probe.reports + reports
+        deadline = self._monotonic() + (STALE_AFTER_INTERVALS + reports) * probe.interval_s + 2.0
+        while self._monotonic() < deadline:
+            current = state.probe if state is not None else None
+            if current is not probe or not self.probe_up(worker):
+                return False
+            if probe.reports >= target:
+                return True
+            await asyncio.sleep(min(0.1, probe.interval_s / 4))
+        return self.probe_up(worker)
+
     def _resolve_waiters(self, name: str, state: _Worker) -> None:
         probe = state.probe
         if probe is None:
@@ -639,6 +729,7 @@ class ProbeRegistry:
                     "interval_s": probe.interval_s if probe else None,
                     "batch_limit": probe.reported_limit if probe else None,
                     "desired_batch_limit": state.desired_limit,
+                    "placement": self.placements.status(name),
                 }
             )
         return out

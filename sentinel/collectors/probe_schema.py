@@ -29,6 +29,8 @@ __all__ = [
     "HotExpert",
     "LayerReport",
     "OomInfo",
+    "PlacementAnswer",
+    "PlacementReport",
     "ProbeReport",
     "ReportError",
     "parse_report",
@@ -38,6 +40,8 @@ REPORT_VERSION = 1
 MAX_LAYERS = 4096
 MAX_HOT_EXPERTS = 1024
 MAX_GPUS = 256
+MAX_EXPERTS = 4096
+MAX_SLOTS = 4096
 MAX_LABEL = 128
 MAX_MESSAGE = 1000
 MAX_COUNT = 2**63 - 1
@@ -76,6 +80,8 @@ class LayerReport(_Wire):
     tokens: Count
     balancedness: Annotated[float, Field(strict=True, ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     hot_experts: tuple[HotExpert, ...] = Field((), max_length=MAX_HOT_EXPERTS)
+    # Every expert's tokens in the interval: the planner's input, never a series.
+    expert_tokens: tuple[Count, ...] = Field((), max_length=MAX_EXPERTS)
 
 
 class GpuReport(_Wire):
@@ -86,6 +92,34 @@ class GpuReport(_Wire):
     num_alloc_retries: Count | None = None
     allocated_bytes: Count | None = None
     reserved_bytes: Count | None = None
+
+
+class PlacementAnswer(_Wire):
+    """The worker's answer to the newest placement request (`sentinel.probe.control`)."""
+
+    requested_version: Count
+    status: Literal["applied", "refused", "timed_out"]
+    reason: Annotated[str, BeforeValidator(_message)] = ""
+    version: Count | None = None
+    copies: Count | None = None
+    copy_bytes: Count | None = None
+    seconds: Annotated[float, Field(strict=False, ge=0.0, allow_inf_nan=False)] | None = None
+    step: Count | None = None
+
+
+SlotRow = Annotated[tuple[Annotated[int, Field(strict=True, ge=-1, lt=MAX_EXPERTS)], ...], Field(max_length=MAX_SLOTS)]
+
+
+class PlacementReport(_Wire):
+    """The placement the worker runs: version and digest always, the layers when they changed."""
+
+    version: Count
+    digest: Label
+    step: Count | None = None
+    num_experts: Annotated[int, Field(strict=True, ge=1, le=MAX_EXPERTS)] | None = None
+    slots_per_gpu: tuple[Count, ...] = Field((), max_length=MAX_GPUS)
+    layers: tuple[tuple[SlotRow, ...], ...] | None = Field(None, max_length=MAX_LAYERS)
+    last: PlacementAnswer | None = None
 
 
 class OomInfo(_Wire):
@@ -108,6 +142,7 @@ class ProbeReport(_Wire):
     layers: tuple[LayerReport, ...] = Field((), max_length=MAX_LAYERS)
     gpus: dict[Label, GpuReport] = Field(default_factory=dict, max_length=MAX_GPUS)
     oom: OomInfo | None = None
+    placement: PlacementReport | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ProbeReport:

@@ -9,6 +9,14 @@ worker was healthy again (the action verified: endpoint up, tokens flowing).
 So that it fits in 3 minutes, the `for:` durations of the default rules are divided by
 `FOR_COMPRESSION` (a copy of the rules is used; the shipped files are untouched). Rule
 expressions, thresholds and the remediation policy are the real ones.
+
+The worker runs Sentinel's in-worker probe, reporting over the unix socket with its
+token, as docs/operations.md recommends. So the hot-spot is healed live: the default
+rule asks for `rebalance_experts`, Sentinel plans a new expert placement from the
+probe's counts, the worker swaps it in between two steps, and the balancedness the
+probe measures afterwards must be back above the rule's threshold. The OOM fault kills
+the engine, so its `reduce_batch` cannot take the live batch-limit path: Sentinel
+restarts the worker with the reduced profile instead.
 """
 
 from __future__ import annotations
@@ -18,6 +26,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
+import os
+import secrets
 import socket
 import sys
 import tempfile
@@ -51,6 +62,11 @@ MEMORY_BUDGET_BYTES = 2_300_000
 BASE_LOAD = 4  # clients before the OOM fault: fits the full profile
 SPIKE_LOAD = 12  # extra clients of the OOM fault: a traffic spike
 LOST_GPU = 6  # not one of the worker's GPUs: the alert goes to a human
+# The OOM fault needs a GPU too small for 16 sequences; a rebalance needs room for the
+# redundant experts (vLLM reserves their memory at launch) and for staging the copies.
+# The hot-spot fault runs with this budget: the expert copies' 1.2 MB fit beside the
+# weights and a reduced batch, and the worker still refuses anything larger.
+HOTSPOT_MEMORY_BUDGET_BYTES = 4_000_000
 
 
 @dataclass
@@ -76,7 +92,7 @@ class Fault:
 FAULTS: tuple[Fault, ...] = (
     Fault("gpu-lost", f"GPU {LOST_GPU} falls off the bus (Xid 79)", ("GPUFallenOffBus", "GPULost"), False, 30),
     Fault("oom", "traffic spike: CUDA OOM at full batch", ("CudaOOM", "CudaOOMAfterReduction"), True, 75),
-    Fault("hotspot", "expert hot-spot: routing skewed to 4 experts", ("MoEExpertImbalance",), False, 60),
+    Fault("hotspot", "expert hot-spot: routing skewed to 4 experts", ("MoEExpertImbalance",), True, 75),
     Fault("stall", "engine stalls while /health stays 200", ("EngineStalled",), True, 90),
     Fault("crash", "NCCL collective timeout, engine dies", ("NCCLCollectiveTimeout", "EngineDead"), True, 75),
 )
@@ -117,11 +133,16 @@ def _compress_rules(source: Path, target: Path, factor: int) -> list[str]:
 def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int, sink_url: str) -> Config:
     log_file = tmp / "logs" / f"{WORKER}.log"
     state = tmp / "state"
+    probe_socket = tmp / "probe.sock"
+    token_file = tmp / "probe-token"
+    token_file.write_text(secrets.token_hex(16))
+    os.chmod(token_file, 0o600)
     data = {
         "listen": f"127.0.0.1:{daemon_port}",
         "state_dir": str(state),
         "log": {"level": "warning"},
         "collectors": {"nvml": {"kernel_log": "off"}},
+        "probe": {"socket": str(probe_socket), "socket_mode": "0600"},
         "workers": [
             {
                 "name": WORKER,
@@ -129,18 +150,19 @@ def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int
                 "endpoint": f"http://127.0.0.1:{worker_port}",
                 "engine": "vllm",
                 "process": {"pid_file": str(state / "workers" / f"{WORKER}.pid")},
+                "probe": True,
+                "probe_token_file": str(token_file),
                 "logs": [{"path": str(log_file)}],
                 "backend": {
                     "type": "process",
                     "argv": [sys.executable, "-m", "sentinel.sim.worker", "--port", str(worker_port)],
-                    # No in-worker probe: reports are accepted only for `probe: true`
-                    # workers, and with it reduce_batch would take the live path, which
-                    # fails here because the OOM has already killed the engine (the
-                    # hot-spot is seen through the worker's EPLB metrics instead).
+                    # The in-worker probe reports over the socket, with the worker's token.
                     "env": {
                         "MEMORY_BUDGET_BYTES": str(MEMORY_BUDGET_BYTES),
                         "SENTINEL_WORKER": WORKER,
                         "VLLM_LOG_STATS_INTERVAL": "2",
+                        "SENTINEL_PROBE_URL": f"unix:{probe_socket}",
+                        "SENTINEL_PROBE_TOKEN_FILE": str(token_file),
                     },
                     "log_file": str(log_file),
                     "stop_timeout": "5s",
@@ -160,6 +182,17 @@ def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int
             "verify_timeout": "60s",
             "verify_interval": "500ms",
             "stable_for": "30m",
+            "routes": [
+                {
+                    "match": {"alertname": "MoEExpertImbalance"},
+                    "action": "rebalance_experts",
+                    # Plan on the routing of the (compressed) `for:` window. The virtual
+                    # devices share one CPU, so balancing them cannot raise tokens/s here,
+                    # and a grouped matmul over more filled slots costs more (measured
+                    # 0.5-0.8x of the skewed rate): the guard only catches a collapse.
+                    "params": {"window": f"{120 // FOR_COMPRESSION}s", "min_throughput_ratio": "0.3"},
+                }
+            ],
         },
         "notify": {"webhook": [{"name": "demo-sink", "url": sink_url}]},
     }
@@ -199,6 +232,7 @@ class Demo:
         self.timeline = Timeline(time.monotonic(), out, quiet)
         self.results: list[FaultResult] = []
         self.actions: list[dict[str, Any]] = []  # every journaled action, for the JSON and tests
+        self.rebalance: dict[str, float | None] = {}  # balancedness around the hot-spot's rebalance
         self._seen_actions: set[int] = set()
 
     async def run(self) -> list[FaultResult]:
@@ -291,6 +325,10 @@ class Demo:
             loads.append(LoadGenerator(self.worker_url, concurrency=SPIKE_LOAD, prompt_len=16, max_tokens=48, seed=1))
             loads[-1].start()
         elif fault.name == "hotspot":
+            await self._admin({"kind": "memory_budget", "bytes": HOTSPOT_MEMORY_BUDGET_BYTES})
+            self.timeline.say(
+                f"(simulated GPU memory {HOTSPOT_MEMORY_BUDGET_BYTES / 1e6:.1f} MB: room for redundant experts)"
+            )
             await self._admin({"kind": "skew", "experts": [0, 1, 2, 3], "bias": 10.0})
         elif fault.name == "stall":
             await self._admin({"kind": "stall", "seconds": 300})
@@ -313,10 +351,6 @@ class Demo:
                 hit = next(((t, name) for t, name, _ in tl.firing if t >= injected and name in fault.alerts), None)
                 if hit is not None:
                     result.detected_at, result.alert = round(hit[0], 2), hit[1]
-                    if fault.name == "hotspot":
-                        # No automatic action fits an imbalance; the operator rebalances.
-                        await self._admin({"kind": "clear"})
-                        tl.say("operator clears the routing skew (MoE imbalance is notify-only)")
             action = await self._new_action(injected)
             if action is not None and (result.action is None or action.get("outcome") == "succeeded"):
                 result.action = action["action"]
@@ -328,14 +362,33 @@ class Demo:
             await asyncio.sleep(0.25)
         if fault.name == "gpu-lost" and result.detected_at is not None:
             result.action, result.note = "notify_only", "hardware: a human drains the host"
-        if fault.name == "hotspot" and result.detected_at is not None:
-            result.action, result.note = "notify_only", "rebalance experts (EPLB)"
+        if fault.name == "hotspot":
+            self.rebalance = self._rebalance_figures()
+            if result.recovered_at is not None:
+                b = self.rebalance
+                result.note = f"balancedness {_fmt(b.get('before'))} -> {_fmt(b.get('after'))} measured"
+            # The skew is the traffic's, not the worker's: it ends with the fault (a restarted
+            # worker would otherwise start skewed on its default placement).
+            await self._admin({"kind": "clear"})
         if result.detected_at is None:
             result.note = "not detected within the time limit"
         elif fault.expects_action and result.recovered_at is None:
             result.note = "no verified recovery within the time limit"
         await asyncio.sleep(2)
         return result
+
+    def _rebalance_figures(self) -> dict[str, float | None]:
+        """The last rebalance's balancedness: before and after (measured), predicted."""
+        from sentinel.store import LabelMatcher, MatchOp
+
+        matchers = [LabelMatcher("__name__", MatchOp.EQ, "sentinel_moe_rebalance_balancedness")]
+        samples = self.daemon.store.instant(matchers, int(time.time() * 1000))
+        out: dict[str, float | None] = {}
+        for sample in samples:
+            labels = dict(sample.labels)
+            if labels.get("worker") == WORKER:
+                out[labels["stage"]] = None if math.isnan(sample.value) else round(sample.value, 3)
+        return out
 
     def _wall0(self) -> float:
         # Journal times are wall-clock; convert to seconds since the demo started.
@@ -361,6 +414,10 @@ class Demo:
         if succeeded:
             return succeeded[0]
         return mine[0] if mine else None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _table(results: Sequence[FaultResult]) -> str:
@@ -426,7 +483,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
             {k: row.get(k) for k in ("action", "outcome", "alertname", "profile_before", "profile_after")}
             for row in demo.actions
         ]
-        print(json.dumps({"faults": faults_json, "actions": actions_json}), file=out)
+        print(json.dumps({"faults": faults_json, "actions": actions_json, "rebalance": demo.rebalance}), file=out)
     else:
         print(f"\n{_table(results)}\n\nfinished in {time.monotonic() - started:.0f}s", file=out)
     missed = [r for r in results if r.detected_at is None]

@@ -99,6 +99,7 @@ class ExpertCounters:
             for i, spec in enumerate(group):
                 self._rows[spec.layer] = _Row(counts, i, spec.num_experts)
         self._handles: list[RemovableHandle] = []
+        self._uninstall: list[Callable[[], None]] = []
         self.hook_errors_total = 0
 
     @property
@@ -111,22 +112,33 @@ class ExpertCounters:
     def install(self) -> None:
         """Register one forward hook per router."""
         for spec in self._specs:
-            self._handles.append(spec.module.register_forward_hook(self._hook_for(spec)))
+            count = self._count_for(spec)
+            if spec.install is not None:
+                self._uninstall.append(spec.install(count))
+                continue
+
+            def hook(module: nn.Module, args: Any, output: Any, count: Callable[[Any], None] = count) -> None:
+                count(output)
+
+            self._handles.append(spec.module.register_forward_hook(hook))
 
     def remove(self) -> None:
         """Remove every hook (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for uninstall in self._uninstall:
+            uninstall()
+        self._uninstall.clear()
 
-    def _hook_for(self, spec: RouterSpec) -> Callable[[nn.Module, Any, Any], None]:
+    def _count_for(self, spec: RouterSpec) -> Callable[[Any], None]:
         row = self._rows[spec.layer]
         target = row.counts.tensor[row.index]  # a view: updates land in the device tensor
         ones = row.counts.ones
         extract = spec.extract_indices
         state = {"broken": False}
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
+        def count(output: Any) -> None:
             if state["broken"]:
                 return
             try:
@@ -144,7 +156,7 @@ class ExpertCounters:
                     spec.layer,
                 )
 
-        return hook
+        return count
 
     def snapshot(self) -> dict[int, list[int]]:
         """Cumulative tokens per expert of each layer (the overflow bucket dropped)."""

@@ -16,11 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from sentinel.probe.control import PlacementApplier, PlacementChannel, PlacementSource
 from sentinel.probe.counters import ExpertCounters
 from sentinel.probe.cuda_stats import StatsReader, read_allocator_stats
 from sentinel.probe.placement import ExpertLayout, GpuNamer, expert_placement, module_device
 from sentinel.probe.report import REPORT_VERSION, gpu_entries, layer_entries
 from sentinel.probe.routers import RouterFinder, RouterSpec, find_routers
+from sentinel.probe.slots import SlotFinder, SlotSpec, default_slot_finder, slot_layout, slot_router_specs
 from sentinel.probe.transport import TOKEN_FILE_ENV, DeliveryError, Target, parse_target, post_json, read_token_file
 
 __all__ = ["Probe", "attach", "is_cuda_oom"]
@@ -61,6 +63,7 @@ class Probe:
         oom_timeout_s: float = 0.5,
         stats_reader: StatsReader | None = None,
         on_batch_limit: Callable[[int], None] | None = None,
+        slots: Sequence[SlotSpec] = (),
     ) -> None:
         if not worker:
             raise ValueError("worker: a non-empty worker name is needed (it is the `worker` label)")
@@ -88,6 +91,12 @@ class Probe:
         self._on_batch_limit = on_batch_limit
         self._counters = ExpertCounters(self.routers)
         self._previous: dict[int, list[int]] = {}
+        # Per physical slot, where the engine dispatches to replicas (sentinel.probe.slots).
+        self._slot_counters = ExpertCounters(slot_router_specs(slots)) if slots else None
+        self._slot_gpus = slot_layout(slots)
+        self._slot_previous: dict[int, list[int]] = {}
+        self.control = PlacementChannel(target, worker)
+        self._want_placement = False
         self._guard_ooms: dict[str, int] = {}
         self._seq = itertools.count(1)
         self._tick_lock = threading.Lock()
@@ -104,6 +113,9 @@ class Probe:
             return
         self._previous = self._counters.snapshot()
         self._counters.install()
+        if self._slot_counters is not None:
+            self._slot_previous = self._slot_counters.snapshot()
+            self._slot_counters.install()
         self._thread = threading.Thread(target=self._run, name=f"sentinel-probe-{self.worker}", daemon=True)
         self._thread.start()
 
@@ -114,6 +126,8 @@ class Probe:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout_s)
         self._counters.remove()
+        if self._slot_counters is not None:
+            self._slot_counters.remove()
 
     def __enter__(self) -> Probe:
         return self
@@ -138,6 +152,18 @@ class Probe:
         """
         with self._tick_lock:
             yield
+
+    def serve_placement(self, current: PlacementSource, apply: PlacementApplier | None = None) -> None:
+        """Report the placement the worker runs (`current()`), and take Sentinel's new ones (`apply`).
+
+        The live `rebalance_experts` path; see `sentinel.probe.control`. `apply` runs on
+        a thread of the probe's own and may block until the engine's next step boundary.
+        """
+        self.control.bind(current, apply)
+
+    def slot_counts(self) -> dict[int, list[int]]:
+        """Tokens per physical slot of each layer since attach (empty without slot dispatch)."""
+        return self._slot_counters.snapshot() if self._slot_counters is not None else {}
 
     def token_counts(self) -> dict[int, list[int]]:
         """Tokens per expert of each hooked layer since attach (a host copy; waits for the device)."""
@@ -168,11 +194,29 @@ class Probe:
         """
         with self._tick_lock:
             current = self._counters.snapshot()
-            layers = layer_entries(self._previous, current, self.placement, self.hot_experts)
+            slots = self._slot_counters.snapshot() if self._slot_counters is not None else None
+            layers = layer_entries(
+                self._previous,
+                current,
+                self.placement,
+                self.hot_experts,
+                slots_previous=self._slot_previous,
+                slots_current=slots,
+                slot_gpus=self._slot_gpus,
+            )
             self._previous = current
-            gpus = gpu_entries(current, self.placement, self._stats_reader())
+            if slots is not None:
+                self._slot_previous = slots
+            gpus = gpu_entries(
+                current, self.placement, self._stats_reader(), slots_current=slots, slot_gpus=self._slot_gpus
+            )
             self._merge_guard_ooms(gpus)
-            report = self._envelope("interval", layers=layers, gpus=gpus)
+            body: dict[str, Any] = {"layers": layers, "gpus": gpus}
+            placement = self.control.report_entry(full=self._want_placement)
+            if placement is not None:
+                body["placement"] = placement
+                self._want_placement = False
+            report = self._envelope("interval", **body)
             return self._deliver(report, self.report_timeout_s)
 
     def _envelope(self, kind: str, **body: Any) -> dict[str, Any]:
@@ -218,6 +262,8 @@ class Probe:
         return True
 
     def _apply_reply(self, reply: Mapping[str, Any]) -> None:
+        self._want_placement = reply.get("want_placement") is True
+        self.control.on_reply(reply.get("placement"))
         limit = reply.get("batch_limit")
         if limit is None:
             return  # Sentinel has no opinion: leave whatever the serving loop set
@@ -290,6 +336,7 @@ def attach(
     hot_experts: int = 4,
     on_batch_limit: Callable[[int], None] | None = None,
     token_file: str | None = None,
+    slot_finder: SlotFinder | None = None,
 ) -> Probe:
     """Hook `model`'s MoE routers and start reporting to Sentinel every `interval_s`.
 
@@ -302,7 +349,11 @@ def attach(
     run (one GPU per expert for every layer, or a mapping layer -> that list);
     `router_finder` finds the routers of a custom model (see `sentinel.probe.routers`);
     `hot_experts` is how many of each layer's busiest experts are reported by name;
-    `on_batch_limit` is called (on the probe's thread) when Sentinel changes the limit.
+    `on_batch_limit` is called (on the probe's thread) when Sentinel changes the limit;
+    `slot_finder` finds the engine's dispatch to physical expert slots (replicas), so
+    per-GPU load is counted where it lands (`sentinel.probe.slots`; the default finds
+    experts modules exposing `dispatch` and `slot_gpus`). A worker that can change its
+    placement live calls `probe.serve_placement(current, apply)` after attach.
     """
     token_source = token_file or os.environ.get(TOKEN_FILE_ENV) or None
     target = parse_target(sentinel, token=read_token_file(token_source) if token_source else None)
@@ -314,6 +365,7 @@ def attach(
         )
     namer = GpuNamer(os.environ.get("CUDA_VISIBLE_DEVICES"))
     placement = expert_placement(model, routers, namer, expert_to_gpu)
+    slots = list((slot_finder or default_slot_finder)(model, routers))
     probe = Probe(
         worker,
         target,
@@ -323,6 +375,7 @@ def attach(
         interval_s=interval_s,
         hot_experts=hot_experts,
         on_batch_limit=on_batch_limit,
+        slots=slots,
     )
     probe.start()
     return probe

@@ -10,7 +10,11 @@ Report shape (version 1; `sentinel.collectors.probe_reports` validates it):
      "interval_s": float, "time": float, "batch_limit": int | null,
      "report_failures_total": int, "hook_errors_total": int,
      "layers": [{"layer": int, "tokens": int, "balancedness": float | null,
-                 "hot_experts": [{"expert": int, "tokens": int, "tokens_total": int}]}],
+                 "hot_experts": [{"expert": int, "tokens": int, "tokens_total": int}],
+                 "expert_tokens": [int, ...]}],                 # every expert, this interval
+     "placement": {"version": int, "digest": str, "step": int | null, "num_experts": int,
+                   "slots_per_gpu": [int], "layers": [[[int]]] (when it changed),
+                   "last": {"requested_version": int, "status": str, "reason": str, ...}},
      "gpus": {gpu: {"tokens_total": int, "num_ooms": int, "num_alloc_retries": int,
                     "allocated_bytes": int, "reserved_bytes": int}},  # every field optional
      "oom": {"gpu": str, "message": str} | null}
@@ -19,6 +23,13 @@ Report shape (version 1; `sentinel.collectors.probe_reports` validates it):
 fields are cumulative since the probe started (`probe_id` changes on every attach,
 which tells the daemon a counter went back to zero on purpose). A GPU's `tokens_total`
 is present when it holds experts, its allocator fields when CUDA is.
+
+`expert_tokens` is the planner's input (the daemon sums a window of them and never
+makes series of them). Where the engine dispatches to physical slots (replicas after a
+rebalance, `sentinel.probe.slots`), a layer's `balancedness` and the GPUs'
+`tokens_total` come from the slot counts, i.e. the load each GPU really computed;
+otherwise from expert -> GPU. `placement` is present when the worker serves
+placements (`sentinel.probe.control`).
 """
 
 from __future__ import annotations
@@ -68,26 +79,39 @@ def hottest_experts(delta: Sequence[int], totals: Sequence[int], n: int) -> list
     return [{"expert": e, "tokens": delta[e], "tokens_total": totals[e]} for e in ranked[:n]]
 
 
+def _delta(before: Sequence[int] | None, totals: Sequence[int]) -> list[int]:
+    # max(0, ...): a copy that raced an index_add_ can only lag, never lead, but a
+    # negative delta must not turn into negative load either way.
+    return [max(0, t - (before[e] if before else 0)) for e, t in enumerate(totals)]
+
+
 def layer_entries(
     previous: Mapping[int, Sequence[int]],
     current: Mapping[int, Sequence[int]],
     placement: Mapping[int, Sequence[str]],
     hot: int,
+    *,
+    slots_previous: Mapping[int, Sequence[int]] | None = None,
+    slots_current: Mapping[int, Sequence[int]] | None = None,
+    slot_gpus: Mapping[int, Sequence[str]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-layer interval statistics between two cumulative snapshots."""
+    """Per-layer interval statistics between two cumulative snapshots (slot counts where given)."""
     out: list[dict[str, Any]] = []
     for layer in sorted(current):
         totals = current[layer]
-        before = previous.get(layer)
-        # max(0, ...): a copy that raced an index_add_ can only lag, never lead, but a
-        # negative delta must not turn into negative load either way.
-        delta = [max(0, t - (before[e] if before else 0)) for e, t in enumerate(totals)]
+        delta = _delta(previous.get(layer), totals)
+        if slots_current is not None and slot_gpus is not None and layer in slots_current and layer in slot_gpus:
+            slot_delta = _delta((slots_previous or {}).get(layer), slots_current[layer])
+            per_gpu = tokens_per_gpu(slot_delta, slot_gpus[layer])
+        else:
+            per_gpu = tokens_per_gpu(delta, placement[layer])
         out.append(
             {
                 "layer": layer,
                 "tokens": sum(delta),
-                "balancedness": balancedness(tokens_per_gpu(delta, placement[layer])),
+                "balancedness": balancedness(per_gpu),
                 "hot_experts": hottest_experts(delta, totals, hot),
+                "expert_tokens": delta,
             }
         )
     return out
@@ -97,11 +121,18 @@ def gpu_entries(
     current: Mapping[int, Sequence[int]],
     placement: Mapping[int, Sequence[str]],
     allocator: Mapping[str, AllocatorStats],
+    *,
+    slots_current: Mapping[int, Sequence[int]] | None = None,
+    slot_gpus: Mapping[int, Sequence[str]] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Per-GPU cumulative expert tokens, with the allocator's counters where CUDA has them."""
+    """Per-GPU cumulative expert tokens (by slot where counted), with the allocator's counters."""
     out: dict[str, dict[str, int]] = {}
     for layer, totals in current.items():
-        for gpu, n in tokens_per_gpu(totals, placement[layer]).items():
+        if slots_current is not None and slot_gpus is not None and layer in slots_current and layer in slot_gpus:
+            per_gpu = tokens_per_gpu(slots_current[layer], slot_gpus[layer])
+        else:
+            per_gpu = tokens_per_gpu(totals, placement[layer])
+        for gpu, n in per_gpu.items():
             entry = out.setdefault(gpu, {"tokens_total": 0})
             entry["tokens_total"] += n
     for gpu, stats in allocator.items():

@@ -77,6 +77,10 @@ class RouterSpec:
     name: str = ""
     experts: nn.Module | None = None
     experts_name: str = ""
+    # Engines whose router is not a module (vLLM's FusedMoERouter) offer a callback on the
+    # routed expert ids instead of a forward hook: `install(count)` registers `count(ids)`
+    # and returns a function that unregisters it.
+    install: Callable[[Callable[[Any], None]], Callable[[], None]] | None = None
 
 
 RouterFinder: TypeAlias = Callable[[nn.Module], Sequence[RouterSpec | RouterTuple]]

@@ -18,7 +18,15 @@ from urllib.parse import urlsplit
 
 from sentinel.probe.report import REPORT_PATH
 
-__all__ = ["TOKEN_FILE_ENV", "DeliveryError", "Target", "parse_target", "post_json", "read_token_file"]
+__all__ = [
+    "TOKEN_FILE_ENV",
+    "DeliveryError",
+    "Target",
+    "get_json",
+    "parse_target",
+    "post_json",
+    "read_token_file",
+]
 
 _MAX_REPLY_BYTES = 64 * 1024
 _MAX_TOKEN_BYTES = 4096
@@ -101,18 +109,34 @@ class _UnixConnection(http.client.HTTPConnection):
 def post_json(target: Target, payload: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     """POST `payload`; returns the daemon's JSON object or raises `DeliveryError`."""
     body = json.dumps(payload, separators=(",", ":")).encode()
+    return _exchange(target, "POST", target.path, body, timeout_s, _MAX_REPLY_BYTES)
+
+
+def get_json(target: Target, path: str, timeout_s: float, max_bytes: int = 16 * 1024 * 1024) -> dict[str, Any]:
+    """GET `path` (on the daemon that `target` names, with its token); the JSON object, or `DeliveryError`.
+
+    For what does not fit in a report's reply, e.g. a placement (up to `max_bytes`).
+    """
+    if not path.startswith("/"):
+        raise DeliveryError(f"{target.describe()}: expected an absolute path, got {path!r}")
+    return _exchange(target, "GET", path, None, timeout_s, max_bytes)
+
+
+def _exchange(
+    target: Target, method: str, path: str, body: bytes | None, timeout_s: float, max_bytes: int
+) -> dict[str, Any]:
     conn: http.client.HTTPConnection = (
         _UnixConnection(target.unix_socket, timeout_s)
         if target.unix_socket
         else http.client.HTTPConnection(target.host, target.port, timeout=timeout_s)
     )
     try:
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json"} if body is not None else {}
         if target.token:
             headers["Authorization"] = f"Bearer {target.token}"
-        conn.request("POST", target.path, body=body, headers=headers)
+        conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        raw = response.read(_MAX_REPLY_BYTES)
+        raw = response.read(max_bytes)
         if response.status != 200:
             raise DeliveryError(f"{target.describe()} answered HTTP {response.status}: {raw[:200]!r}")
         reply = json.loads(raw)

@@ -12,9 +12,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from sentinel.remediation.rebalance_params import RebalanceSettings
 from sentinel.remediation.settings import Profile
 
-__all__ = ["ActionContext", "BackendError", "LiveControl", "ProfileRecord", "UnitState", "WorkerBackend"]
+__all__ = [
+    "ActionContext",
+    "BackendError",
+    "LiveControl",
+    "LivePlacement",
+    "ProfileRecord",
+    "UnitState",
+    "WorkerBackend",
+]
 
 
 class BackendError(Exception):
@@ -92,3 +101,13 @@ class LiveControl(Protocol):
     def supports_live_batch_limit(self, worker: str) -> bool: ...
 
     async def set_batch_limit(self, worker: str, limit: int) -> None: ...
+
+
+@runtime_checkable
+class LivePlacement(Protocol):
+    """A worker whose expert placement can change while it runs (the probe's live `rebalance_experts`)."""
+
+    def supports_live_rebalance(self, worker: str) -> bool: ...
+
+    async def rebalance_experts(self, worker: str, settings: RebalanceSettings) -> str:
+        """Plan, apply and verify a new placement; returns what it did, raises `BackendError`."""

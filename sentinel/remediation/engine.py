@@ -422,13 +422,13 @@ class Remediator:
             outcome,
             error or reason,
             seconds_to_healthy=healthy_after,
-            severity="warning" if error else "info",
+            severity=("warning" if plan.escalates else "critical") if error else "info",
         )
         self._report(report)
         self.publish_metrics()
         if refusal is not None and refusal.transient and trigger == "alert":
             rt.deferred[request.action or "escalate"] = (request, why)
-        elif error and refusal is None:
+        elif error and refusal is None and plan.escalates:
             self._handle(Request(rt.name, None, "escalation"), why)
 
     def _group_of(self, worker: str, plan: Plan) -> str | None:
@@ -482,7 +482,7 @@ class Remediator:
     async def _perform(self, rt: WorkerRuntime, plan: Plan, ctx: ActionContext, target: Any) -> str:
         """Run the action; the error text, or "" when it went through."""
         try:
-            await perform(
+            note = await perform(
                 plan,
                 ctx,
                 target,
@@ -490,7 +490,10 @@ class Remediator:
                 live=self._live,
                 state_dir=self._state_dir,
                 threads=self._threads,
+                verify_timeout=self.config.verify_timeout,
             )
+            if note:
+                log.info("worker %s: %s: %s", rt.name, plan.action, note)
         except BackendError as exc:
             return str(exc) or type(exc).__name__
         except Exception as exc:

@@ -9,6 +9,9 @@ worker's new state, what to carry out).
 How one decision is made (`decide`), in order:
 
 1. `notify_only` always goes through; it touches nothing and counts nowhere.
+   `rebalance_experts` that cannot run on the worker (no live placement, no EPLB
+   profile, budget spent) becomes `notify_only` with the reason: a routing skew is
+   not something the restart ladder heals, so it never escalates to it.
 2. Paused (the worker or all of them), marked needs_human, or already acting: skip.
 3. Circuit breaker: if acting on this worker would make more than `max_ratio` of the
    workers (and at least `min_workers`) remediated within the breaker's window, skip.
@@ -77,11 +80,13 @@ __all__ = [
 DEFAULT_PROFILE = Profile(name="default")
 
 # Actions that take the worker out of service for a while (bounded by max_concurrent).
-DISRUPTIVE = frozenset({"restart", "reduce_batch", "quantized_fallback", "restore", "stop"})
+DISRUPTIVE = frozenset({"restart", "reduce_batch", "quantized_fallback", "restore", "stop", "rebalance_experts"})
 # Actions after which the worker must prove itself healthy.
-_VERIFIED = frozenset({"restart", "reduce_batch", "quantized_fallback", "restore"})
-# Actions that need the worker's backend (the live batch path aside).
-_NEEDS_BACKEND = frozenset({"restart", "reduce_batch", "quantized_fallback", "restore", "stop"})
+_VERIFIED = frozenset({"restart", "reduce_batch", "quantized_fallback", "restore", "rebalance_experts"})
+# Actions that need the worker's backend (the live paths aside).
+_NEEDS_BACKEND = frozenset({"restart", "reduce_batch", "quantized_fallback", "restore", "stop", "rebalance_experts"})
+# Asked for by an alert but impossible on this worker: tell a human instead of escalating.
+_NOTIFY_WHEN_IMPOSSIBLE = frozenset({"rebalance_experts"})
 
 Trigger = Literal["alert", "escalation", "recovery"]
 
@@ -98,6 +103,7 @@ class WorkerSpec:
     home_index: int = 0
     has_backend: bool = True
     live_batch: bool = False  # runs the probe and a LiveControl can reach it
+    live_placement: bool = False  # its probe serves placements: experts can be rebalanced live
 
     def profile(self, index: int) -> Profile:
         """The profile at `index` (the empty default when the worker has none)."""
@@ -149,7 +155,12 @@ class Plan:
     from_index: int
     to_index: int
     params: Mapping[str, str] = field(default_factory=dict)
-    live: bool = False  # batch limit changed through the probe: no restart
+    live: bool = False  # through the probe (batch limit, expert placement): no restart
+
+    @property
+    def escalates(self) -> bool:
+        """Whether a failure walks the escalation ladder (a failed rebalance is reported, critical, instead)."""
+        return self.action != "rebalance_experts"
 
     @property
     def disruptive(self) -> bool:
@@ -161,6 +172,8 @@ class Plan:
     def verify(self) -> bool:
         if self.action == "exec":
             return self.params.get("verify") == "true"
+        if self.action == "rebalance_experts" and self.live:
+            return False  # the live rebalance verifies itself: measured balancedness and tokens/s
         return self.action in _VERIFIED
 
 
@@ -288,6 +301,15 @@ def plan_action(spec: WorkerSpec, state: WorkerState, action: str, params: Mappi
         if spec.profile(here).quantized or here > quantized:
             return "already on a quantized profile"
         target = quantized
+    elif action == "rebalance_experts":
+        if spec.live_placement:
+            return Plan(action, here, here, params, live=True)
+        eplb = next((i for i, p in enumerate(spec.profiles) if p.eplb), None)
+        if eplb is None:
+            return "the worker cannot rebalance live (no probe serving placements) and has no profile marked eplb"
+        if here == eplb:
+            return "the worker already runs its EPLB profile"
+        target = eplb
     elif action in ("restart", "stop"):
         target = here
     else:
@@ -331,7 +353,12 @@ def decide(
             "skip", f"waiting for a human (sentinel resume {spec.name}): {state.needs_human_reason}", escalation=keep
         )
     if state.in_flight is not None:
-        return Decision("skip", f"{state.in_flight} already in flight on this worker", escalation=keep, transient=True)
+        # The same action already in flight answers this request too (two series of one
+        # alert firing together): waiting to run it a second time would only be a storm.
+        again = request.action is not None and request.action == state.in_flight
+        return Decision(
+            "skip", f"{state.in_flight} already in flight on this worker", escalation=keep, transient=not again
+        )
 
     mode = config.mode
     if circuit_open(history, config.circuit_breaker, mode, now, total_workers, spec.name):
@@ -358,6 +385,10 @@ def decide(
             why_not = f"{request.action} budget spent ({budget.count} per {budget.window:g}s)"
         else:
             why_not = f"{request.action}: {planned}"
+        if request.action in _NOTIFY_WHEN_IMPOSSIBLE:
+            return Decision(
+                "act", f"notify only: {why_not}", Plan("notify_only", state.profile_index, state.profile_index), keep
+            )
         if request.trigger == "recovery":
             # Stepping up is optional: never escalate on its behalf, just try again later.
             return Decision("skip", why_not, escalation=keep)

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sentinel.config.base import Duration, Frozen, parse_duration
+from sentinel.remediation.rebalance_params import REBALANCE_PARAMS, RebalanceSettings
 
 __all__ = [
     "ACTIONS",
@@ -26,12 +27,23 @@ __all__ = [
     "SystemdBackendConfig",
 ]
 
-ACTIONS = ("restart", "reduce_batch", "quantized_fallback", "restore", "stop", "exec", "notify_only")
-Action = Literal["restart", "reduce_batch", "quantized_fallback", "restore", "stop", "exec", "notify_only"]
+ACTIONS = (
+    "restart",
+    "reduce_batch",
+    "quantized_fallback",
+    "restore",
+    "stop",
+    "exec",
+    "notify_only",
+    "rebalance_experts",
+)
+Action = Literal[
+    "restart", "reduce_batch", "quantized_fallback", "restore", "stop", "exec", "notify_only", "rebalance_experts"
+]
 
 # Parameters each action understands; anything else is a typo and refused at load.
 EXEC_PARAMS = ("argv", "timeout", "verify", "disruptive")
-_ACTION_PARAMS: dict[str, tuple[str, ...]] = {"exec": EXEC_PARAMS}
+_ACTION_PARAMS: dict[str, tuple[str, ...]] = {"exec": EXEC_PARAMS, "rebalance_experts": REBALANCE_PARAMS}
 _LADDER_ACTIONS = ("restart", "reduce_batch", "quantized_fallback", "stop")
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -44,6 +56,11 @@ class Profile(Frozen):
     env: dict[str, str] = Field(default_factory=dict, description="Environment the worker starts with.")
     batch_limit: int | None = Field(None, gt=0, description="Batch limit this profile implies (live probe path).")
     quantized: bool = Field(False, description="A quantized profile (the target of quantized_fallback).")
+    eplb: bool = Field(
+        False,
+        description="The engine balances experts itself with this profile (vLLM --enable-eplb, SGLang "
+        "--enable-eplb): the target of rebalance_experts for a worker that cannot rebalance live.",
+    )
 
     @field_validator("env")
     @classmethod
@@ -137,6 +154,8 @@ class RouteConfig(Frozen):
             for flag in ("verify", "disruptive"):
                 if self.params.get(flag, "false") not in ("true", "false"):
                     raise ValueError(f"params.{flag}: expected 'true' or 'false'")
+        if self.action == "rebalance_experts":
+            RebalanceSettings.from_params(self.params)  # a ValueError names the parameter
         return self
 
 

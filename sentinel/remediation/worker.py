@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sentinel.config.models import WorkerConfig
-from sentinel.remediation.backend import LiveControl, UnitState, WorkerBackend
+from sentinel.remediation.backend import LiveControl, LivePlacement, UnitState, WorkerBackend
 from sentinel.remediation.journal import WorkerRecord, episode_key
 from sentinel.remediation.policy import Request, WorkerSpec, WorkerState
 from sentinel.rules.manager import AlertEvent
@@ -80,8 +80,12 @@ class WorkerRuntime:
 
     def spec(self, live: LiveControl | None) -> WorkerSpec:
         """What the policy needs; asked each time, since a probe may connect (or vanish) any time."""
-        live_batch = bool(self.config.probe and live is not None and live.supports_live_batch_limit(self.name))
-        return WorkerSpec(self.name, self.config.profiles, self.home_index, self.backend is not None, live_batch)
+        probed = self.config.probe and live is not None
+        live_batch = bool(probed and live is not None and live.supports_live_batch_limit(self.name))
+        live_placement = bool(probed and isinstance(live, LivePlacement) and live.supports_live_rebalance(self.name))
+        return WorkerSpec(
+            self.name, self.config.profiles, self.home_index, self.backend is not None, live_batch, live_placement
+        )
 
     # -- in flight ----------------------------------------------------------------------
 

@@ -23,7 +23,15 @@ from typing import Any
 from sentinel.moe import Placement, PlacementError
 from sentinel.sim.worker.engine import ServingEngine
 
-__all__ = ["DEFAULT_TIMEOUT_S", "MAX_TIMEOUT_S", "MessageError", "apply_placement_message", "placement_ack"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "MAX_TIMEOUT_S",
+    "MessageError",
+    "apply_placement_message",
+    "placement_ack",
+    "placement_state",
+    "serve_placement_through",
+]
 
 DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 300.0
@@ -73,3 +81,23 @@ def placement_ack(engine: ServingEngine) -> dict[str, Any]:
         "step": engine.placement_step,
         "digest": engine.ep.placement.digest(),
     }
+
+
+def placement_state(engine: ServingEngine) -> dict[str, Any]:
+    """What the probe reports every interval: `placement_ack` plus the slot shape and the layers."""
+    placement = engine.ep.placement
+    return {
+        **placement_ack(engine),
+        "num_experts": placement.num_experts,
+        "slots_per_gpu": list(placement.slots_per_gpu),
+        "layers": placement.to_json()["layers"],
+    }
+
+
+def serve_placement_through(probe: object, engine: ServingEngine) -> bool:
+    """Let Sentinel's live rebalance reach `engine` through an attached probe; False if it cannot."""
+    serve = getattr(probe, "serve_placement", None)
+    if not callable(serve):
+        return False
+    serve(lambda: placement_state(engine), lambda message: apply_placement_message(engine, message))
+    return True

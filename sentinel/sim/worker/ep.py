@@ -257,6 +257,15 @@ class ExpertParallelExperts(nn.Module):
                 self._window[d] += n
         return out.view(tokens, k, -1).sum(dim=1)
 
+    @property
+    def slot_gpus(self) -> list[int]:
+        """The device of every global slot (fixed: a placement changes what a slot holds, not where it is).
+
+        With `dispatch`, this is what `sentinel.probe`'s default slot finder hooks to
+        count each device's real load after replication.
+        """
+        return [int(d) for d in self.state.slot_device.tolist()]
+
     def swap(self, state: LayerState) -> None:
         """Install a new placement; only between forward passes (the engine's step boundary)."""
         self.state = state

@@ -183,6 +183,11 @@ async def serve(profile: WorkerProfile) -> int:
     )
     if profile.skew_experts:
         engine.set_skew(profile.skew_experts, profile.skew_bias)
+    if probe is not None:
+        from sentinel.sim.worker.control import serve_placement_through
+
+        # Sentinel's live rebalance_experts: placements arrive in the probe's replies.
+        serve_placement_through(probe, engine)
     kv_tokens = profile.max_num_seqs * profile.max_model_len
     log.info("GPU KV cache size: %s tokens", f"{kv_tokens:,}")
     log.info(
