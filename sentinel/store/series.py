@@ -649,6 +649,7 @@ class Store:
         with self._lock:
             written = 0
             limited = source in self._limits
+            refused = False
             # One version for the whole pass, published after its last write (see __init__).
             version = self._version + 1
             name_version = self._name_version
@@ -656,6 +657,7 @@ class Store:
                 series = self._series.get(labels)
                 if series is None:
                     if limited and not self._room_for(source, samples):
+                        refused = True
                         continue
                     version = max(version, self._version + 1)  # an eviction may have used one
                     series = self._get_or_create(labels, source if limited else None)
@@ -667,8 +669,9 @@ class Store:
             if written:
                 self._version = version
             previous = self._owned.get(source, set())
-            # A refused series never became one, so it has nothing to go stale.
-            current = {labels for labels in samples if labels in self._series} if limited else set(samples)
+            # A refused series never became one, so it has nothing to go stale. (Evictions
+            # spare this pass's series, so without a refusal every one of them exists.)
+            current = {labels for labels in samples if labels in self._series} if refused else set(samples)
             for labels in previous - current:
                 self.mark_stale(labels, ts)
             self._owned[source] = current
