@@ -57,6 +57,9 @@ async def test_breaker_trips_on_a_systemic_alert_pages_once_and_resumes(etcd1: E
         for c in coords:
             c.notify_status_changed()
         await wait_for(lambda: all(c.breaker("EngineStalled") for c in coords), 15, "every host to see the breaker")
+        # The leader announces after etcd answers its transaction; the watches that show
+        # every host the breaker may arrive first.
+        await wait_for(lambda: any(e.kind == "breaker_open" for _, e in events), 10, "the breaker_open event")
         opened = [(h, e) for h, e in events if e.kind == "breaker_open"]
         assert len(opened) == 1 and opened[0][1].labels == {"alert": "EngineStalled"}
         assert "EngineStalled started on 3 of 4 hosts" in opened[0][1].message

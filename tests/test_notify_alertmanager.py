@@ -134,6 +134,7 @@ async def test_alertmanager_forwards_firing_then_resolved_pushed_by_sentinel(
     assert ms(resolved["endsAt"]) <= time.time() * 1000
 
 
+@pytest.mark.wallclock
 async def test_push_carries_endsat_from_resend_delay_and_resends_firing_alerts(tmp_path: Path) -> None:
     async with RecordingReceiver() as am:
         config = {"alertmanager": [{"name": "am", "urls": [am.url + "/prefix/"], "resend_delay": 0.4}]}
@@ -149,7 +150,9 @@ async def test_push_carries_endsat_from_resend_delay_and_resends_firing_alerts(t
         # endsAt = send time + 4 * max(eval interval, resend_delay): here 1.6 s after the push.
         assert abs(ms(alert["endsAt"]) - (request.wall * 1000 + 1600)) < 400
     gaps = [b.at - a.at for a, b in itertools.pairwise(requests)]
-    assert all(0.3 < gap < 2.0 for gap in gaps), gaps  # re-sent about every resend_delay
+    # Re-sent about every resend_delay (0.4 s), not every evaluation (0.1 s). Arrival times
+    # carry delivery jitter on a loaded machine, so the mean is checked, not each gap.
+    assert all(gap < 2.0 for gap in gaps) and sum(gaps) / len(gaps) > 0.3, gaps
 
 
 async def test_alertmanager_outage_delivers_only_the_latest_state_per_alert(tmp_path: Path) -> None:
