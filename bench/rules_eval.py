@@ -387,14 +387,16 @@ def main() -> None:
     baseline_pass(host.store, plans, ts)
 
     full: list[float] = []
+    full_cpu: list[float] = []
     base: list[float] = []
     tune_for_daemon()  # the daemon's own GC settings, applied once it has started
     for _ in range(args.evaluations):
         ts = host.tick()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for ev in evaluators:
             ev.evaluate(ts)
         full.append(time.perf_counter() - t0)
+        full_cpu.append(time.thread_time() - c0)
         t0 = time.perf_counter()
         touched = baseline_pass(host.store, plans, ts)
         base.append(time.perf_counter() - t0)
@@ -424,10 +426,12 @@ def main() -> None:
         print(f"  error: {name}: {err}")
     med, p90 = statistics.median(full) * 1000, pct(full, 0.9) * 1000
     bmed, bp90 = statistics.median(base) * 1000, pct(base, 0.9) * 1000
+    cmed = statistics.median(full_cpu) * 1000
     print(f"full evaluation      : median {med:8.1f} ms   p90 {p90:8.1f} ms   ({args.evaluations} evaluations)")
+    print(f"full evaluation, CPU : median {cmed:8.1f} ms   (thread CPU time: less disturbed by a busy machine)")
     print(f"baseline (store reads): median {bmed:8.1f} ms   p90 {bp90:8.1f} ms   ({touched:,} series reads each)")
     print(f"ratio full/baseline  : {med / bmed:.1f}x (median)")
-    print(f"target <= 50 ms      : {'met' if p90 <= 50 else 'NOT met'} (p90 {p90:.1f} ms)")
+    print(f"target <= 10 ms      : {'met' if med <= 10 else 'NOT met'} (median {med:.1f} ms, issue 16)")
     print("slowest rules (last evaluation): " + ", ".join(f"{n} {s * 1000:.1f} ms" for s, n in slowest))
     times = [(r, h.evaluation_time_s) for ev in evaluators for r, h in zip(ev.group.rules, ev.health, strict=True)]
     experts = [t for r, t in times if "moe_expert_tokens_total" in r.expr]
@@ -442,6 +446,7 @@ def main() -> None:
                 {
                     "median_ms": round(med, 2),
                     "p90_ms": round(p90, 2),
+                    "cpu_median_ms": round(cmed, 2),
                     "baseline_median_ms": round(bmed, 2),
                     "baseline_p90_ms": round(bp90, 2),
                     "ratio_vs_baseline": round(med / bmed, 3),

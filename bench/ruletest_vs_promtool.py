@@ -4,11 +4,12 @@ The suite is a folder of tests/data/rule-suites/ (default: the one with the most
 files, Wikimedia's alerts); both tools get all its test files in one invocation, from
 the suite's folder, as its owners run them. `--case subquery` runs only the test file
 that dominated Sentinel's time in issue 14 (a `[12h:]` subquery evaluated every minute
-over 25 hours). Each tool runs under a small launcher process, so the peak RSS is the
-tool's own (getrusage of the launcher's children). The baseline is promtool, measured
+over 25 hours); `--case long-series` the one that set its peak memory (series of 268
+million samples, evaluated for 50 minutes). Each tool runs under a small launcher
+process, so the peak RSS is the tool's own (getrusage of the launcher's children). The baseline is promtool, measured
 in the same run; the target is a ratio of at most 1 for both time and memory.
 
-    python bench/ruletest_vs_promtool.py [--suite NAME | --case subquery] [--repeat N] [--json]
+    python bench/ruletest_vs_promtool.py [--suite NAME | --case subquery|long-series] [--repeat N] [--json]
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SUITES = ROOT / "tests" / "data" / "rule-suites"
 SUBQUERY_CASE = ("wikimedia-operations-alerts", "team-wmcs/openstack_apis_response_test.yaml")
+# Input series of `0x10000000` (268 million samples each) evaluated for 50 minutes: the
+# test that set the whole suite's peak memory (3.0 GB) before series were expanded only
+# as far as a test group evaluates.
+LONG_SERIES_CASE = ("wikimedia-operations-alerts", "team-data-persistence/mysql-replication-threads_test.yaml")
+CASES = {"subquery": SUBQUERY_CASE, "long-series": LONG_SERIES_CASE}
 
 # Runs argv, discards its output, prints "seconds peak_rss_kib exit_code".
 _LAUNCHER = (
@@ -67,7 +73,7 @@ def largest_suite() -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--suite", help="a folder name under tests/data/rule-suites (default: the largest)")
-    parser.add_argument("--case", choices=["subquery"], help="one test file instead of a whole suite")
+    parser.add_argument("--case", choices=sorted(CASES), help="one test file instead of a whole suite")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each tool; the median is reported")
     parser.add_argument("--prometheus-compat", type=int, choices=[2, 3], default=2)
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
@@ -76,8 +82,8 @@ def main() -> int:
     if promtool is None:
         print("promtool not found: apt-get install prometheus", file=sys.stderr)
         return 2
-    if args.case == "subquery":
-        suite, files = SUITES / SUBQUERY_CASE[0], [SUBQUERY_CASE[1]]
+    if args.case is not None:
+        suite, files = SUITES / CASES[args.case][0], [CASES[args.case][1]]
     else:
         suite = SUITES / args.suite if args.suite else largest_suite()
         files = test_files(suite)

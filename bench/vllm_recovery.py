@@ -45,7 +45,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sentinel.demo.local import Timeline  # noqa: E402
+from sentinel.demo.common import Timeline  # noqa: E402
 from sentinel.demo.vllm import (  # noqa: E402
     BASE_LOAD,
     FAULTS,

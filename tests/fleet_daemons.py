@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from sentinel.demo.common import FOR_COMPRESSION, compress_rules, repo_rules
 from sentinel.demo.fleet_hosts import HostHandle, WorkerPlan, worker_fault, worker_tokens
-from sentinel.demo.local import FOR_COMPRESSION, _compress_rules, _repo_rules
 from sentinel.fleet import FleetConfig
 from sentinel.fleet.cli import read_fleet
 from sentinel.fleet.etcd import EtcdClient, EtcdError
@@ -101,7 +101,7 @@ async def running_fleet(
     host_endpoints: dict[str, list[str]] | None = None,
 ) -> AsyncIterator[Fleet]:
     """Start one `sentinel run` per host of `plan` in fleet `fleet["name"]`; always stop them."""
-    rules = _compress_rules(_repo_rules(), root / "rules", FOR_COMPRESSION)
+    rules = compress_rules(repo_rules(), root / "rules", FOR_COMPRESSION)
     hosts: dict[str, HostHandle] = {}
     config = FleetConfig.model_validate({**fleet, "endpoints": list(endpoints), "host_id": "test-reader"})
     client = EtcdClient(list(endpoints), request_timeout=2.0)

@@ -417,7 +417,7 @@ async def probed(engine: Any, socket_path: str) -> AsyncIterator[tuple[ProbeRegi
         engine.moe.model,
         WORKER,
         f"unix:{socket_path}",
-        interval_s=0.25,
+        interval_s=1.0,  # stale after 3 s of silence: the engine shares this loaded CPU
         expert_to_gpu=[mapping[e] for e in range(engine.moe.num_experts)],
     )
     assert serve_placement_through(probe, engine)

@@ -25,7 +25,7 @@ import pytest_asyncio
 import yaml
 
 from sentinel.collectors.endpoint import VLLM_RENAMED
-from sentinel.demo.local import Timeline
+from sentinel.demo.common import Timeline
 from sentinel.demo.vllm import FAULTS, REDUCED_SEQS, VllmHarness
 from sentinel.sim.vllm_env import VllmEnv, VllmEnvMissing, find_vllm_env
 from tests.conftest import IN_CI

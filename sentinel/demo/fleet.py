@@ -55,6 +55,7 @@ from typing import Any, TextIO
 import aiohttp
 
 from sentinel.daemon.logsetup import setup_logging
+from sentinel.demo.common import FOR_COMPRESSION, FaultResult, compress_rules, repo_rules, results_table
 from sentinel.demo.etcd import EtcdCluster, EtcdMissing
 from sentinel.demo.fleet_hosts import (
     FLEET,
@@ -67,7 +68,6 @@ from sentinel.demo.fleet_hosts import (
     worker_fault,
     worker_tokens,
 )
-from sentinel.demo.local import FOR_COMPRESSION, _compress_rules, _repo_rules
 from sentinel.demo.tcp_proxy import TcpProxy
 from sentinel.fleet import FleetConfig
 from sentinel.fleet.cli import read_fleet
@@ -86,17 +86,6 @@ SLOT_ACTIONS = ("restart", "reduce_batch", "quantized_fallback", "stop")
 PEER_DOWN, BREAKER_OPEN = "SentinelPeerDown", "FleetBreakerOpen"
 _REPO = str(Path(__file__).resolve().parents[2])
 FAULTS = ("correlated-stall", "group-gpu-lost", "sentinel-sigkill", "etcd-leader-kill", "partition-hold")
-
-
-@dataclass
-class FaultResult:
-    fault: str
-    injected_at: float | None = None
-    detected_at: float | None = None
-    alert: str | None = None
-    action: str | None = None
-    recovered_at: float | None = None
-    note: str = ""
 
 
 @dataclass
@@ -193,7 +182,7 @@ class FleetDemo:
 
     async def _set_up(self, root: Path) -> None:
         tl = self.tl
-        rules = _compress_rules(_repo_rules(), root / "rules", FOR_COMPRESSION)
+        rules = compress_rules(repo_rules(), root / "rules", FOR_COMPRESSION)
         for m in self.etcd.members:
             proxy = await TcpProxy("127.0.0.1", m.client_port).start()
             self.proxies.append(proxy)
@@ -674,23 +663,6 @@ def max_concurrent(actions: Sequence[dict[str, Any]]) -> int:
     return peak
 
 
-def _table(results: Sequence[FaultResult]) -> str:
-    def cell(v: float | str | None) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.1f}s" if isinstance(v, float) else v
-
-    head = ("fault", "injected", "detected", "alert", "action", "recovered", "note")
-    rows = [head] + [
-        (r.fault, cell(r.injected_at), cell(r.detected_at), cell(r.alert), cell(r.action), cell(r.recovered_at), r.note)
-        for r in results
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
     parser = argparse.ArgumentParser(prog="sentinel demo --fleet", description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="all", choices=["all", *FAULTS], help="one fault, or all in turn")
@@ -732,7 +704,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         )
     else:
         peak = max_concurrent(demo.actions)
-        print(f"\n{_table(demo.results)}\n", file=out)
+        print(f"\n{results_table(demo.results)}\n", file=out)
         print(
             f"disruptive actions that held a slot: {len(demo.actions)}, at most {peak} at once "
             f"(max_unavailable {MAX_UNAVAILABLE}; slot keys overwritten while held: {demo.slot_overwrites}); "

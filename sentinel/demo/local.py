@@ -29,12 +29,11 @@ import logging
 import math
 import os
 import secrets
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -44,9 +43,18 @@ import yaml
 from sentinel.config.models import Config, parse_config
 from sentinel.daemon.core import Daemon
 from sentinel.daemon.logsetup import setup_logging
+from sentinel.demo.common import (
+    FOR_COMPRESSION,
+    Fault,
+    FaultResult,
+    Timeline,
+    compress_rules,
+    free_port,
+    record_new_actions,
+    repo_rules,
+    results_table,
+)
 from sentinel.notify.testing import RecordingReceiver
-from sentinel.rules.manager import AlertEvent
-from sentinel.rules.state import AlertState
 from sentinel.sim.load import LoadGenerator
 from sentinel.sim.nvml import SimulatedNvml, load_scenario
 
@@ -54,7 +62,6 @@ __all__ = ["FAULTS", "FaultResult", "main", "run_demo"]
 
 log = logging.getLogger(__name__)
 
-FOR_COMPRESSION = 6
 WORKER = "qwen3"
 # The memory budget of the simulated GPU: 16 sequences at full batch do not fit, 4 do,
 # and the int8 profile fits 16 (measured with the load below).
@@ -69,26 +76,6 @@ LOST_GPU = 6  # not one of the worker's GPUs: the alert goes to a human
 HOTSPOT_MEMORY_BUDGET_BYTES = 4_000_000
 
 
-@dataclass
-class FaultResult:
-    fault: str
-    injected_at: float | None = None
-    detected_at: float | None = None
-    alert: str | None = None
-    action: str | None = None
-    recovered_at: float | None = None
-    note: str = ""
-
-
-@dataclass(frozen=True)
-class Fault:
-    name: str
-    description: str
-    alerts: tuple[str, ...]  # any of these firing counts as detection
-    expects_action: bool
-    timeout_s: float
-
-
 FAULTS: tuple[Fault, ...] = (
     Fault("gpu-lost", f"GPU {LOST_GPU} falls off the bus (Xid 79)", ("GPUFallenOffBus", "GPULost"), False, 30),
     Fault("oom", "traffic spike: CUDA OOM at full batch", ("CudaOOM", "CudaOOMAfterReduction"), True, 75),
@@ -96,38 +83,6 @@ FAULTS: tuple[Fault, ...] = (
     Fault("stall", "engine stalls while /health stays 200", ("EngineStalled",), True, 90),
     Fault("crash", "NCCL collective timeout, engine dies", ("NCCLCollectiveTimeout", "EngineDead"), True, 75),
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _repo_rules() -> Path:
-    rules = Path(__file__).resolve().parents[2] / "rules"  # the checkout's rules/, not the sentinel.rules package
-    if not rules.is_dir():
-        raise SystemExit(f"sentinel demo: the default rules are not at {rules} (run it from a checkout)")
-    return rules
-
-
-def _compress_rules(source: Path, target: Path, factor: int) -> list[str]:
-    """Copy the rule files with every `for:` divided by `factor`; returns the new paths."""
-    from sentinel.rules.rulefile import parse_prom_duration
-
-    target.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for path in sorted(source.glob("*.yml")):
-        data = yaml.safe_load(path.read_text())
-        for group in data.get("groups", []):
-            for rule in group.get("rules", []):
-                if rule.get("for"):
-                    ms = parse_prom_duration(str(rule["for"])) // factor
-                    rule["for"] = f"{max(ms, 1000) // 1000}s" if ms else "0s"
-        out = target / path.name
-        out.write_text(yaml.safe_dump(data, sort_keys=False))
-        paths.append(str(out))
-    return paths
 
 
 def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int, sink_url: str) -> Config:
@@ -199,33 +154,6 @@ def _config(tmp: Path, rule_files: list[str], daemon_port: int, worker_port: int
     return parse_config(yaml.safe_dump(data), "<demo>")
 
 
-@dataclass
-class Timeline:
-    """Prints what happens as it happens, with seconds since the demo started."""
-
-    started: float
-    out: TextIO
-    quiet: bool
-    firing: list[tuple[float, str, dict[str, str]]] = field(default_factory=list)
-
-    def now(self) -> float:
-        return time.monotonic() - self.started
-
-    def say(self, what: str) -> None:
-        # With --json the timeline goes to stderr, so stdout stays one JSON object.
-        print(f"  +{self.now():6.1f}s  {what}", file=sys.stderr if self.quiet else self.out, flush=True)
-
-    def on_alert(self, event: AlertEvent) -> None:
-        t = event.transition
-        labels = {k: v for k, v in t.alert.labels.items() if k in ("worker", "gpu", "xid")}
-        shown = " ".join(f"{k}={v}" for k, v in sorted(labels.items()))
-        if t.current is AlertState.FIRING:
-            self.firing.append((self.now(), event.rule.name, dict(t.alert.labels)))
-            self.say(f"FIRING    {event.rule.name} {shown}")
-        elif t.current is AlertState.INACTIVE and t.previous is AlertState.FIRING:
-            self.say(f"resolved  {event.rule.name} {shown}")
-
-
 class Demo:
     def __init__(self, faults: Sequence[Fault], out: TextIO, quiet: bool) -> None:
         self.faults = faults
@@ -244,8 +172,8 @@ class Demo:
 
     async def _run(self, tmp: Path, sink: RecordingReceiver) -> list[FaultResult]:
         tl = self.timeline
-        worker_port, daemon_port = _free_port(), _free_port()
-        rules = _compress_rules(_repo_rules(), tmp / "rules", FOR_COMPRESSION)
+        worker_port, daemon_port = free_port(), free_port()
+        rules = compress_rules(repo_rules(), tmp / "rules", FOR_COMPRESSION)
         config = _config(tmp, rules, daemon_port, worker_port, sink.url)
         self.nvml = SimulatedNvml(load_scenario("healthy-8gpu"))
         self.daemon = Daemon(config, nvml=self.nvml)
@@ -395,46 +323,18 @@ class Demo:
         return time.time() - self.timeline.now()
 
     async def _new_action(self, since: float) -> dict[str, Any] | None:
-        remediator = self.daemon.healing.remediator
-        if remediator is None:
-            return None
-        rows = await remediator.actions_json(limit=20, worker=WORKER)
-        wall_since = self._wall0() + since
-        mine = [r for r in rows if r["started"] >= wall_since and r["action"] not in ("notify_only",)]
-        for row in sorted(mine, key=lambda r: r["started"]):
-            key = int(row["id"] or 0)
-            if key not in self._seen_actions and row.get("outcome") is not None:
-                self._seen_actions.add(key)
-                self.actions.append(row)
-                detail = f" ({row['profile_before']} -> {row['profile_after']})" if row["profile_after"] else ""
-                healthy = row.get("seconds_to_healthy")
-                after = f", healthy after {healthy:.1f}s" if healthy is not None else ""
-                self.timeline.say(f"ACTION    {row['action']} {WORKER}{detail}: {row['outcome']}{after}")
-        succeeded = [r for r in mine if r.get("outcome") == "succeeded"]
-        if succeeded:
-            return succeeded[0]
-        return mine[0] if mine else None
+        return await record_new_actions(
+            self.daemon.healing.remediator,
+            WORKER,
+            self._wall0() + since,
+            self._seen_actions,
+            self.actions,
+            self.timeline,
+        )
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
-
-
-def _table(results: Sequence[FaultResult]) -> str:
-    def cell(v: float | str | None) -> str:
-        if v is None:
-            return "-"
-        return f"{v:.1f}s" if isinstance(v, float) else v
-
-    head = ("fault", "injected", "detected", "alert", "action", "recovered", "note")
-    rows = [head] + [
-        (r.fault, cell(r.injected_at), cell(r.detected_at), cell(r.alert), cell(r.action), cell(r.recovered_at), r.note)
-        for r in results
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 async def run_demo(faults: Sequence[Fault], out: TextIO, json_out: bool) -> Demo:
@@ -485,6 +385,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         ]
         print(json.dumps({"faults": faults_json, "actions": actions_json, "rebalance": demo.rebalance}), file=out)
     else:
-        print(f"\n{_table(results)}\n\nfinished in {time.monotonic() - started:.0f}s", file=out)
+        print(f"\n{results_table(results)}\n\nfinished in {time.monotonic() - started:.0f}s", file=out)
     missed = [r for r in results if r.detected_at is None]
     return 1 if missed else 0

@@ -48,15 +48,16 @@ import yaml
 from sentinel.config.models import Config, parse_config
 from sentinel.daemon.core import Daemon
 from sentinel.daemon.logsetup import setup_logging
-from sentinel.demo.local import (
+from sentinel.demo.common import (
     FOR_COMPRESSION,
     Fault,
     FaultResult,
     Timeline,
-    _compress_rules,
-    _free_port,
-    _repo_rules,
-    _table,
+    compress_rules,
+    free_port,
+    record_new_actions,
+    repo_rules,
+    results_table,
 )
 from sentinel.notify.testing import RecordingReceiver
 from sentinel.sim.load import LoadGenerator
@@ -200,8 +201,8 @@ class VllmHarness:
         self.tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sentinel-vllm-demo-")))
         (self.tmp / "logs").mkdir()
         self.sink = await stack.enter_async_context(RecordingReceiver())
-        worker_port, daemon_port = _free_port(), _free_port()
-        rules = _compress_rules(_repo_rules(), self.tmp / "rules", FOR_COMPRESSION)
+        worker_port, daemon_port = free_port(), free_port()
+        rules = compress_rules(repo_rules(), self.tmp / "rules", FOR_COMPRESSION)
         rules += [str(p) for p in self.extra_rules]
         self.config = _config(self.env, self.tmp, rules, daemon_port, worker_port, self.sink.url)
         self.config_path = str(self.tmp / "sentinel.yaml")
@@ -393,25 +394,14 @@ class VllmHarness:
         return time.time() - self.timeline.now()
 
     async def _new_action(self, since: float) -> dict[str, Any] | None:
-        remediator = self.daemon.healing.remediator
-        if remediator is None:
-            return None
-        rows = await remediator.actions_json(limit=20, worker=WORKER)
-        wall_since = self._wall0() + since
-        mine = [r for r in rows if r["started"] >= wall_since and r["action"] != "notify_only"]
-        for row in sorted(mine, key=lambda r: r["started"]):
-            key = int(row["id"] or 0)
-            if key not in self._seen_actions and row.get("outcome") is not None:
-                self._seen_actions.add(key)
-                self.actions.append(row)
-                detail = f" ({row['profile_before']} -> {row['profile_after']})" if row["profile_after"] else ""
-                healthy = row.get("seconds_to_healthy")
-                after = f", healthy after {healthy:.1f}s" if healthy is not None else ""
-                self.timeline.say(f"ACTION    {row['action']} {WORKER}{detail}: {row['outcome']}{after}")
-        succeeded = [r for r in mine if r.get("outcome") == "succeeded"]
-        if succeeded:
-            return succeeded[0]
-        return mine[0] if mine else None
+        return await record_new_actions(
+            self.daemon.healing.remediator,
+            WORKER,
+            self._wall0() + since,
+            self._seen_actions,
+            self.actions,
+            self.timeline,
+        )
 
 
 async def run_vllm_demo(
@@ -462,6 +452,6 @@ def main(argv: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
         ]
         print(json.dumps({"faults": faults_json, "actions": actions_json}), file=out)
     else:
-        print(f"\n{_table(results)}\n\nfinished in {time.monotonic() - started:.0f}s", file=out)
+        print(f"\n{results_table(results)}\n\nfinished in {time.monotonic() - started:.0f}s", file=out)
     missed = [r for r in results if r.detected_at is None or r.recovered_at is None]
     return 1 if missed else 0

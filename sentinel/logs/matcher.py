@@ -107,9 +107,13 @@ class LogMatcher:
         """
         return self._scan(text.encode("utf-8", "surrogatepass"), line_numbers, "surrogatepass")
 
-    def scan_bytes(self, data: bytes, *, line_numbers: bool = False) -> list[Match]:
-        """`scan(data.decode("utf-8", "replace"))`, decoding only the lines that hold an event."""
-        return self._scan(data, line_numbers, "replace")
+    def scan_bytes(self, data: bytes, *, line_numbers: bool = False, first_line: int = 0) -> list[Match]:
+        """`scan(data.decode("utf-8", "replace"))`, decoding only the lines that hold an event.
+
+        With `line_numbers`, `first_line` is the number of the block's first line (a
+        reader of many blocks numbers them all without copying each match).
+        """
+        return self._scan(data, line_numbers, "replace", first_line)
 
     # -- the work ------------------------------------------------------------------------
 
@@ -120,12 +124,12 @@ class LogMatcher:
                 hits[start] = hits.get(start, 0) | block_filter.bit
         return hits
 
-    def _scan(self, data: bytes, line_numbers: bool, errors: str) -> list[Match]:
+    def _scan(self, data: bytes, line_numbers: bool, errors: str, first_line: int = 0) -> list[Match]:
         hits = self._candidates(data)
         if not hits:
             return []
         out: list[Match] = []
-        index, counted_to = 0, 0
+        index, counted_to = first_line, 0
         find, count, n = data.find, data.count, len(data)
         # The keyword scanners report lines in order; the block filters may add earlier ones.
         for start in sorted(hits) if self._filters else hits:

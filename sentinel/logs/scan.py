@@ -55,14 +55,14 @@ def scan_batches(stream: BinaryIO, matcher: LogMatcher, max_line_bytes: int = _M
             break
         block, _ = splitter.feed(data)
         if block:
-            found = matcher.scan_bytes(block, line_numbers=True)
+            found = matcher.scan_bytes(block, line_numbers=True, first_line=base)
             if found:
-                yield [m._replace(line_index=m.line_index + base) for m in found] if base else found
+                yield found
             base += block.count(b"\n")
     if splitter.carry:  # a last line without a newline is still a line
-        found = matcher.scan_bytes(splitter.carry, line_numbers=True)
+        found = matcher.scan_bytes(splitter.carry, line_numbers=True, first_line=base)
         if found:
-            yield [m._replace(line_index=m.line_index + base) for m in found]
+            yield found
 
 
 def scan_stream(stream: BinaryIO, matcher: LogMatcher, max_line_bytes: int = _MAX_LINE_BYTES) -> Iterator[Match]:

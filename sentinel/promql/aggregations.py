@@ -96,21 +96,66 @@ def aggregate(ev: Evaluator, node: Aggregate, t: int) -> Value:
 
 
 def _reduce(vec: Vector, group_of: Callable[[Labels], Labels], reducer: Callable[[Sequence[float]], float]) -> Vector:
-    groups: dict[Labels, list[float]] = {}
     labelsets = [s.labels for s in vec]
-    keys = group_of.map(labelsets) if isinstance(group_of, LabelMemo) else [group_of(ls) for ls in labelsets]
-    for key, value in zip(keys, [s.value for s in vec], strict=True):
-        values = groups.get(key)
-        if values is None:
-            groups[key] = [value]
-        else:
-            values.append(value)
+    values = [s.value for s in vec]
+    keys, members = _GROUPINGS.get(group_of, labelsets)
     # Delayed name removal: a group kept by `__name__` drops it if any member would.
     drops = [s.drop_name for s in vec]
     if all(drops):
-        return Vector([Sample(key, reducer(values), True) for key, values in groups.items()])
+        return Vector([Sample(key, reducer([values[i] for i in idx]), True) for key, idx in members])
     dropped = {key for key, drop in zip(keys, drops, strict=True) if drop}
-    return Vector([Sample(key, reducer(values), key in dropped) for key, values in groups.items()])
+    return Vector([Sample(key, reducer([values[i] for i in idx]), key in dropped) for key, idx in members])
+
+
+class _Groupings:
+    """The groups of an aggregation's input, kept while the next input has the same label sets.
+
+    A rule's `sum by (job) (rate(x[5m]))` sees the same series in the same order every
+    second, so which input goes to which group is worked out once and then checked:
+    the label sets are compared by identity (the store's own tuples), one C loop, far
+    cheaper than hashing each one into its group again. Groups keep the order of their
+    first member and members their input order, so every reducer sees its values in
+    exactly the order it would otherwise.
+    """
+
+    _SLOTS = 256
+    _MIN_INPUT = 16  # smaller inputs group faster than they are checked and stored
+
+    def __init__(self) -> None:
+        # (id(group_of), len, id(first labels), id(last labels)) -> (group_of, label sets, keys, members)
+        self._slots: dict[
+            tuple[int, int, int, int],
+            tuple[Callable[[Labels], Labels], list[Labels], list[Labels], list[tuple[Labels, list[int]]]],
+        ] = {}
+
+    def get(
+        self, group_of: Callable[[Labels], Labels], labelsets: list[Labels]
+    ) -> tuple[list[Labels], list[tuple[Labels, list[int]]]]:
+        """Each input's group key, and each group's key with its members' positions."""
+        slot = None
+        if len(labelsets) >= self._MIN_INPUT:
+            slot = (id(group_of), len(labelsets), id(labelsets[0]), id(labelsets[-1]))
+            entry = self._slots.get(slot)
+            if entry is not None and entry[0] is group_of and entry[1] == labelsets:
+                return entry[2], entry[3]
+        keys = group_of.map(labelsets) if isinstance(group_of, LabelMemo) else [group_of(ls) for ls in labelsets]
+        groups: dict[Labels, list[int]] = {}
+        for i, key in enumerate(keys):
+            idx = groups.get(key)
+            if idx is None:
+                groups[key] = [i]
+            else:
+                idx.append(i)
+        members = list(groups.items())
+        if slot is not None:
+            if len(self._slots) >= self._SLOTS:
+                self._slots.clear()
+            # The entry holds the label sets, so their ids cannot be reused while it lives.
+            self._slots[slot] = (group_of, labelsets, keys, members)
+        return keys, members
+
+
+_GROUPINGS = _Groupings()
 
 
 def _select_k(ev: Evaluator, op: str, param: float, vec: Vector, group_of: Callable[[Labels], Labels]) -> Vector:

@@ -245,6 +245,11 @@ def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: boo
     per_second = range_ms / 1000
     # Series with 2+ samples, for the annotation (which needs them only without a name).
     summed: list[Labels] | None = [] if counter and not sel.name else None
+    # The terms that depend only on the window's timestamps, kept from the previous
+    # series: series sampled together share them (one collector's pass), so most series
+    # cost a subtraction, a comparison and a product. Same operations, same order.
+    shape: tuple[int, int, int] | None = None
+    to_start = to_end = sampled = factor = 0.0
     for series in ev.series_for(sel):
         summary = series.window_summary(read_start, range_end)
         if summary is None:
@@ -274,23 +279,28 @@ def _rate_of_selector(ev: Evaluator, arg: syntax.MatrixSel, t: int, counter: boo
                 result = last_v - first_v
                 if counter:
                     result += correction
-                to_start = (first_t - range_start) / 1000
-                to_end = (range_end - last_t) / 1000
-                sampled = (last_t - first_t) / 1000
-                average = sampled / (n - 1)
-                threshold = average * 1.1
-                if to_start >= threshold:
-                    to_start = average / 2
-                if counter and result > 0 and first_v >= 0:
-                    to_zero = sampled * (first_v / result)
-                    if to_zero < to_start:
-                        to_start = to_zero
-                if to_end >= threshold:
-                    to_end = average / 2
-                factor = (sampled + to_start + to_end) / sampled
-                if is_rate:
-                    factor /= per_second
-                value = result * factor
+                if shape != (n, first_t, last_t):
+                    shape = (n, first_t, last_t)
+                    to_start = (first_t - range_start) / 1000
+                    to_end = (range_end - last_t) / 1000
+                    sampled = (last_t - first_t) / 1000
+                    average = sampled / (n - 1)
+                    threshold = average * 1.1
+                    if to_start >= threshold:
+                        to_start = average / 2
+                    if to_end >= threshold:
+                        to_end = average / 2
+                    factor = (sampled + to_start + to_end) / sampled
+                    if is_rate:
+                        factor /= per_second
+                if counter and result > 0 and first_v >= 0 and sampled * (first_v / result) < to_start:
+                    # Extrapolation stops at the counter's zero point: this series' own factor.
+                    series_factor = (sampled + sampled * (first_v / result) + to_end) / sampled
+                    if is_rate:
+                        series_factor /= per_second
+                    value = result * series_factor
+                else:
+                    value = result * factor
         if summed is not None and n > 1:
             summed.append(series.labels)
         if value is not None:

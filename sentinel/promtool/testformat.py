@@ -234,11 +234,15 @@ def _parse_float(token: str) -> float | None:
     return float(token)
 
 
-def parse_series_line(line: str, line_no: int) -> tuple[Labels, list[Point]]:
-    """`metric{a="b"} 1 2+3x4 _ stale` into labels and expanded values."""
+def parse_series_line(line: str, line_no: int, limit: int | None = None) -> tuple[Labels, list[Point]]:
+    """`metric{a="b"} 1 2+3x4 _ stale` into labels and expanded values.
+
+    `limit` keeps only the first `limit` values (every token is still checked): a test
+    that evaluates up to 50m needs 51 values of `0x10000000`, not 268 million of them.
+    """
     metric, rest = _split_metric(line, line_no)
     labels = _labels_of(metric, line_no)
-    return labels, _expand_values(rest, line_no)
+    return labels, _expand_values(rest, line_no, limit)
 
 
 def _split_metric(line: str, line_no: int) -> tuple[str, str]:
@@ -311,41 +315,46 @@ def _tokens(text: str) -> list[str]:
     return tokens
 
 
-def _expand_values(text: str, line_no: int) -> list[Point]:
+def _expand_values(text: str, line_no: int, limit: int | None = None) -> list[Point]:
     values: list[Point] = []
     for token in _tokens(text):
+        room = None if limit is None else max(0, limit - len(values))
         if "{{" in token:
             # `{{...}}`, `{{...}}x3` or `{{...}}+{{...}}x3`: only the count matters here.
             suffix = re.fullmatch(r"x(\d+)", token.rsplit("}}", 1)[-1])
-            values.extend([HISTOGRAM] * (int(suffix.group(1)) + 1 if suffix else 1))
+            values.extend([HISTOGRAM] * _bounded(int(suffix.group(1)) + 1 if suffix else 1, room))
             continue
         if token == "_":
-            values.append(OMITTED)
+            values.extend([OMITTED] * _bounded(1, room))
             continue
         if token == "stale":
-            values.append(STALE)
+            values.extend([STALE] * _bounded(1, room))
             continue
         number = _parse_float(token)
         if number is not None:
-            values.append(number)
+            values.extend([number] * _bounded(1, room))
             continue
         m = _REPEAT.match(token)
         if m is None:
             raise TestFormatError(line_no, f"invalid value {token!r}")
         head, times = m.group(1), int(m.group(2))
         if head == "_":
-            values.extend([OMITTED] * times)
+            values.extend([OMITTED] * _bounded(times, room))
             continue
         if head == "stale":
-            values.extend([STALE] * (times + 1))
+            values.extend([STALE] * _bounded(times + 1, room))
             continue
         start, step = _split_increment(head, line_no)
         current = start
-        for _ in range(times + 1):
+        for _ in range(_bounded(times + 1, room)):
             values.append(current)
             # Repeated addition, like Prometheus, so float rounding matches exactly.
             current += step
     return values
+
+
+def _bounded(count: int, room: int | None) -> int:
+    return count if room is None else min(count, room)
 
 
 def _split_increment(head: str, line_no: int) -> tuple[float, float]:

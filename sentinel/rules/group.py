@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from sentinel.gotemplate import Template, TemplateContext, TemplateError
 from sentinel.gotemplate import parse as parse_template
+from sentinel.rules.rendercache import RenderCache
 from sentinel.rules.rulefile import Rule, RuleGroup
 from sentinel.rules.state import Alert, AlertState, Candidate, LimitExceeded, Transition, step
 from sentinel.store import Appender, Store, labels_from
@@ -74,6 +75,7 @@ class GroupEvaluator:
         self.last_duration_s = 0.0
         self.failures_total = 0
         self._templates: dict[str, Template] = {}
+        self._rendered = RenderCache()
 
     @property
     def key(self) -> str:
@@ -120,6 +122,7 @@ class GroupEvaluator:
                 out.commit()
             health.last_evaluation_ms = ts
             health.evaluation_time_s = time.perf_counter() - rule_started
+        self._rendered.next_evaluation()
         self.last_evaluation_ms = ts
         self.last_duration_s = time.perf_counter() - started
         return transitions
@@ -174,11 +177,7 @@ class GroupEvaluator:
         template = self._templates.get(text)
         if template is None:
             template = self._templates[text] = parse_template(text)
-        try:
-            return template.render(ctx)
-        except TemplateError as exc:
-            # Prometheus renders the error into the text rather than failing the rule.
-            return f"<error expanding template: {exc}>"
+        return self._rendered.render(text, ctx.labels, ctx.value, lambda: _render_or_error(template, ctx))
 
     @staticmethod
     def _write_alert_series(alert: Alert, out: Appender) -> None:
@@ -210,3 +209,11 @@ class GroupEvaluator:
         for rule, health in zip(self.group.rules, self.health, strict=True):
             out.extend((rule, a) for a in health.active.values() if a.state is not AlertState.INACTIVE)
         return out
+
+
+def _render_or_error(template: Template, ctx: TemplateContext) -> str:
+    try:
+        return template.render(ctx)
+    except TemplateError as exc:
+        # Prometheus renders the error into the text rather than failing the rule.
+        return f"<error expanding template: {exc}>"

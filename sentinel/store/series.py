@@ -179,6 +179,8 @@ class Series:
         "_head",
         "_nan_at",
         "_neg_at",
+        "_regular_from",
+        "_step",
         "_ts",
         "_vals",
         "labels",
@@ -201,6 +203,12 @@ class Series:
         self._break_before = -1
         self._nan_at = -1
         self._neg_at = -1
+        # Every timestamp from buffer index `_regular_from` on is `_step` after the one
+        # before it (collectors sample at a steady interval), so a window's first
+        # timestamp is known from the last one by arithmetic, without reading the
+        # buffer where the window starts (`window_summary`: a cache miss per series).
+        self._regular_from = 0
+        self._step = 0
 
     def __len__(self) -> int:
         return len(self._ts) - self._head
@@ -243,6 +251,11 @@ class Series:
             if not value >= self._vals[-1]:
                 self._break_before = self._break_at
                 self._break_at = n
+            if ts - last != self._step:
+                self._step = ts - last
+                self._regular_from = n - 1
+        else:
+            self._regular_from = n
         if value != value:
             self._nan_at = n
         if not value >= 0:
@@ -263,6 +276,7 @@ class Series:
             self._break_before -= head
             self._nan_at -= head
             self._neg_at -= head
+            self._regular_from = max(0, self._regular_from - head)
 
     def _after(self, t_ms: int) -> int:
         """`bisect_right(self._ts, t_ms, self._head)`, usually without the search.
@@ -355,8 +369,27 @@ class Series:
         if n == self._head:
             return 0, 0, 0, 0.0, 0.0, 0.0
         last = tss[-1]
-        # `_after(start_ms)` for the usual window inside the buffer, inlined (it runs for
-        # every series of every rate() window); anything else takes the general path.
+        step = self._step
+        if end_ms >= last and start_ms < last and step > 0:
+            # The usual window of a steadily sampled series (this runs for every series
+            # of every rate() window): where it starts, and its first timestamp, follow
+            # from the last timestamp and the step, without reading the buffer there.
+            count = (last - start_ms + step - 1) // step  # samples in (start, last]
+            lo = n - count
+            if lo > self._head and lo - 1 >= self._regular_from:
+                if self._nan_at >= lo:
+                    return None
+                last_break = self._break_at
+                vals = self._vals
+                if last_break <= lo or (last_break >= n and self._break_before <= lo):
+                    correction = 0.0
+                elif self._break_before <= lo:
+                    correction = 0.0 + vals[last_break - 1]
+                else:
+                    return None
+                return count, last - (count - 1) * step, last, vals[lo], vals[-1], correction
+        # `_after(start_ms)` for the usual window inside the buffer, inlined; anything
+        # else takes the general path.
         lo = n + (start_ms - last) // (last - tss[-2]) if n - self._head > 1 and start_ms < last else -1
         if not (self._head < lo < n and tss[lo - 1] <= start_ms < tss[lo]):
             lo = self._after(start_ms)
@@ -616,6 +649,7 @@ class Store:
         with self._lock:
             written = 0
             limited = source in self._limits
+            refused = False
             # One version for the whole pass, published after its last write (see __init__).
             version = self._version + 1
             name_version = self._name_version
@@ -623,6 +657,7 @@ class Store:
                 series = self._series.get(labels)
                 if series is None:
                     if limited and not self._room_for(source, samples):
+                        refused = True
                         continue
                     version = max(version, self._version + 1)  # an eviction may have used one
                     series = self._get_or_create(labels, source if limited else None)
@@ -634,8 +669,9 @@ class Store:
             if written:
                 self._version = version
             previous = self._owned.get(source, set())
-            # A refused series never became one, so it has nothing to go stale.
-            current = {labels for labels in samples if labels in self._series} if limited else set(samples)
+            # A refused series never became one, so it has nothing to go stale. (Evictions
+            # spare this pass's series, so without a refusal every one of them exists.)
+            current = {labels for labels in samples if labels in self._series} if refused else set(samples)
             for labels in previous - current:
                 self.mark_stale(labels, ts)
             self._owned[source] = current
