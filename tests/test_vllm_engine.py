@@ -201,11 +201,21 @@ async def test_the_probe_plugin_counts_the_experts_vllm_routes_and_reports_them(
     assert not harness.daemon.probes.supports_live_batch_limit("vllm")
 
     start = await _quiet_point(harness)
-    # One long request, during which each layer's balancedness must reach the store.
-    long_request = asyncio.create_task(_completion(harness, "the probe watches a long answer", 96))
+    # Requests one after another until each layer's balancedness and hottest experts have
+    # reached the store (they are per-interval series: present while the layer routes).
+    usages: list[dict[str, int]] = []
+    enough = asyncio.Event()
+
+    async def send() -> None:
+        while not enough.is_set():
+            usages.append(await _completion(harness, f"the probe watches answer {len(usages)}", 24))
+
+    sender = asyncio.create_task(send())
     balanced: dict[str, list[float]] = {}
     hot: dict[str, list[float]] = {}
-    while not long_request.done() and (len(balanced) < MOE_LAYERS or len(hot) < MOE_LAYERS):
+    deadline = time.monotonic() + 240
+    while (len(balanced) < MOE_LAYERS or len(hot) < MOE_LAYERS) and time.monotonic() < deadline:
+        assert not sender.done() or sender.exception() is None, sender.exception()
         for layer in map(str, range(MOE_LAYERS)):
             values = _live(_store_values(harness, "sentinel_moe_balancedness", worker="vllm", layer=layer))
             if values:
@@ -213,8 +223,9 @@ async def test_the_probe_plugin_counts_the_experts_vllm_routes_and_reports_them(
             tokens = _live(_store_values(harness, "sentinel_moe_expert_tokens_total", worker="vllm", layer=layer))
             if tokens:
                 hot[layer] = tokens
-        await harness_sleep(0.2)
-    usages = [await long_request]
+        await harness_sleep(0.1)
+    enough.set()
+    await sender  # the request in flight finishes: its tokens are counted below
     more = (("a", 3), ("expert " * 20, 9), ("b c", 17))
     usages += await asyncio.gather(*(_completion(harness, prompt, n) for prompt, n in more))
     end = await _quiet_point(harness)
