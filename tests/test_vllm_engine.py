@@ -16,8 +16,10 @@ import re
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
@@ -124,6 +126,127 @@ async def test_health_and_scraped_series_land_in_the_store_under_the_worker_labe
     # The progress tracker reads vLLM's own counters: the engine is judged, not skipped.
     assert _store_values(harness, "sentinel_endpoint_last_progress_timestamp_seconds", worker="vllm")
     assert _store_values(harness, "sentinel_endpoint_stalled", worker="vllm") == [0.0]
+
+
+# -- Sentinel's probe inside vLLM's worker (sentinel.probe.vllm_plugin) ----------------------
+
+TOP_K, MOE_LAYERS = 2, 2  # the tiny Qwen3-MoE (sentinel.sim.vllm_model)
+_VLLM_COUNTERS = ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total")
+
+
+def _live(values: list[float]) -> list[float]:
+    return [v for v in values if v == v]  # a stale marker is a NaN
+
+
+@dataclass(frozen=True)
+class _QuietPoint:
+    """A moment with no request in vLLM, after which a probe report was taken."""
+
+    at: float  # monotonic: the receipt of the probe report that covers everything before it
+    counters: tuple[float, ...]  # vLLM's own token and request counters then
+    gpu_tokens: float  # Sentinel's sentinel_moe_gpu_tokens_total{gpu="cpu"} then
+
+
+async def _vllm_counters(h: VllmHarness) -> tuple[float, ...] | None:
+    values = [await h.engine_metric(name) for name in (*_VLLM_COUNTERS, "vllm:num_requests_running")]
+    if any(v is None for v in values) or values[-1] != 0:
+        return None
+    return tuple(v for v in values[:-1] if v is not None)
+
+
+async def _quiet_point(h: VllmHarness, deadline_s: float = 240.0) -> _QuietPoint:
+    """vLLM idle, then two probe reports (the second was snapshotted after the first
+    arrived, so after the idle moment), then vLLM's counters unchanged: the counts up to
+    that report are exactly those of the requests finished before it. A canary request
+    that slips in between makes it try again."""
+    placements = h.daemon.probes.placements
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        before = await _vllm_counters(h)
+        since = time.monotonic()
+        while len(placements.loads_since("vllm", since)) < 2 and time.monotonic() < deadline:
+            await harness_sleep(0.1)
+        loads = placements.loads_since("vllm", since)
+        after = await _vllm_counters(h)
+        if before is not None and before == after and len(loads) >= 2:
+            tokens = _live(_store_values(h, "sentinel_moe_gpu_tokens_total", worker="vllm", gpu="cpu"))
+            assert len(tokens) == 1, tokens
+            return _QuietPoint(loads[1].at, before, tokens[0])
+    raise AssertionError(f"vLLM never went quiet with the probe reporting for {deadline_s:g}s")
+
+
+async def _completion(h: VllmHarness, prompt: str, max_tokens: int) -> dict[str, int]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    async with h.http.post(h.worker_url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=300)) as r:
+        assert r.status == 200, await r.text()
+        usage: dict[str, int] = (await r.json())["usage"]
+        return usage
+
+
+async def test_the_probe_plugin_counts_the_experts_vllm_routes_and_reports_them(harness: VllmHarness) -> None:
+    if not harness.env.has_probe_plugin():
+        how = f"Sentinel's vLLM plugin is not installed in {harness.env.root}: run `make vllm-env`"
+        if IN_CI:
+            pytest.fail(how, pytrace=False)
+        pytest.skip(how)
+    # vLLM loaded the plugin in its worker process, which attached to its Qwen3-MoE.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _store_values(harness, "sentinel_probe_up", worker="vllm") != [1.0]:
+        await harness_sleep()
+    assert _store_values(harness, "sentinel_probe_up", worker="vllm") == [1.0]
+    log_text = harness.log_file.read_text(errors="replace")
+    assert re.search(r"Worker pid=\d+\).*Sentinel probe attached to Qwen3MoeForCausalLM \(2 MoE layers\)", log_text)
+    # vLLM's scheduler is in another process: the probe must not pose as a live batch knob.
+    assert harness.daemon.probes.probe_up("vllm")
+    assert not harness.daemon.probes.supports_live_batch_limit("vllm")
+
+    start = await _quiet_point(harness)
+    # Requests one after another until each layer's balancedness and hottest experts have
+    # reached the store (they are per-interval series: present while the layer routes).
+    usages: list[dict[str, int]] = []
+    enough = asyncio.Event()
+
+    async def send() -> None:
+        while not enough.is_set():
+            usages.append(await _completion(harness, f"the probe watches answer {len(usages)}", 24))
+
+    sender = asyncio.create_task(send())
+    balanced: dict[str, list[float]] = {}
+    hot: dict[str, list[float]] = {}
+    deadline = time.monotonic() + 240
+    while (len(balanced) < MOE_LAYERS or len(hot) < MOE_LAYERS) and time.monotonic() < deadline:
+        assert not sender.done() or sender.exception() is None, sender.exception()
+        for layer in map(str, range(MOE_LAYERS)):
+            values = _live(_store_values(harness, "sentinel_moe_balancedness", worker="vllm", layer=layer))
+            if values:
+                balanced[layer] = values
+            tokens = _live(_store_values(harness, "sentinel_moe_expert_tokens_total", worker="vllm", layer=layer))
+            if tokens:
+                hot[layer] = tokens
+        await harness_sleep(0.1)
+    enough.set()
+    await sender  # the request in flight finishes: its tokens are counted below
+    more = (("a", 3), ("expert " * 20, 9), ("b c", 17))
+    usages += await asyncio.gather(*(_completion(harness, prompt, n) for prompt, n in more))
+    end = await _quiet_point(harness)
+
+    # One CPU "GPU" holds every expert: each layer's balancedness is 1 whenever it routed.
+    assert balanced == {layer: [1.0] for layer in map(str, range(MOE_LAYERS))}, balanced
+    # vLLM forwards each request's prompt and every generated token but the last.
+    ours = sum(u["prompt_tokens"] + u["completion_tokens"] - 1 for u in usages)
+    prompt, generated, finished = (b - a for a, b in zip(start.counters, end.counters, strict=True))
+    forwarded = int(prompt + generated - finished)  # ours, plus any canary that slipped in
+    assert finished >= len(usages) and forwarded >= ours
+    if finished == len(usages):
+        assert forwarded == ours
+    # Per layer: every forwarded token was routed to top_k experts, each counted once.
+    loads = [m for m in harness.daemon.probes.placements.loads_since("vllm", start.at) if m.at <= end.at]
+    per_layer = [sum(m.layers[i][0] for m in loads) for i in range(MOE_LAYERS)]
+    assert per_layer == [TOP_K * forwarded] * MOE_LAYERS, (per_layer, forwarded, usages)
+    # The same total reached Sentinel's metrics.
+    assert end.gpu_tokens - start.gpu_tokens == MOE_LAYERS * TOP_K * forwarded
+    # The hottest experts of each layer (at most 4 of 8) with their running totals.
+    assert sorted(hot) == ["0", "1"] and all(0 < len(v) <= 4 and min(v) > 0 for v in hot.values()), hot
 
 
 async def test_stall_under_load_is_detected_restarted_and_serving_again(harness: VllmHarness) -> None:

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from sentinel.demo.local import main as demo_main
-from sentinel.sim.vllm_env import ENV_VAR, STAMP, VllmEnvMissing, default_env_dir, find_vllm_env, repo_root
+from sentinel.sim.vllm_env import (
+    ENV_VAR,
+    PLUGIN_GROUP,
+    PLUGIN_TARGET,
+    STAMP,
+    VllmEnvMissing,
+    default_env_dir,
+    find_vllm_env,
+    repo_root,
+)
 from sentinel.sim.vllm_serve import LaunchError, build_argv
 
 
@@ -45,6 +54,24 @@ def test_a_built_env_is_found_with_its_versions_and_models(tmp_path: Path) -> No
     served = env.serve_env()
     assert served["VLLM_MODEL_DIR"] == str(tmp_path / "env" / "m")
     assert served["HF_HUB_OFFLINE"] == "1"
+
+
+def test_the_probe_plugin_is_seen_from_the_environments_package_metadata(tmp_path: Path) -> None:
+    env = find_vllm_env(_fake_env(tmp_path / "env"))
+    assert not env.has_probe_plugin()
+    dist = tmp_path / "env" / "lib" / "python3.11" / "site-packages" / "sentinel_moe-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sentinel-moe\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[vllm.general_plugins]\nother = elsewhere:register\n")
+    assert not env.has_probe_plugin()
+    (dist / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\nsentinel_probe = {PLUGIN_TARGET}\n")
+    assert env.has_probe_plugin()
+
+
+def test_the_package_declares_the_entry_point_make_vllm_env_checks() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((repo_root() / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"][PLUGIN_GROUP]["sentinel_probe"] == PLUGIN_TARGET
 
 
 @pytest.mark.parametrize(

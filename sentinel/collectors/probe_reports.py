@@ -200,6 +200,7 @@ class _Probe:
     last_report_ms: int = 0  # wall clock, for sentinel_probe_last_report_timestamp_seconds
     up: bool = True
     reported_limit: int | None = None
+    live_batch_limit: bool = True  # the probe's serving loop takes a batch limit live
     ooms: dict[str, int] = field(default_factory=dict)  # per GPU, highest seen from this probe_id
     reports: int = 0  # interval reports received from this probe_id
 
@@ -427,6 +428,7 @@ class ProbeRegistry:
         probe.interval_s = report.interval_s
         probe.last_report = self._monotonic()
         probe.reported_limit = report.batch_limit
+        probe.live_batch_limit = report.live_batch_limit
         probe.reports += report.kind == "interval"
         if not was_up:
             log.info("probe of worker %s reports again", report.worker)
@@ -611,8 +613,10 @@ class ProbeRegistry:
         return self._monotonic() - probe.last_report <= STALE_AFTER_INTERVALS * probe.interval_s
 
     def supports_live_batch_limit(self, worker: str) -> bool:
-        """LiveControl: the worker's probe reported recently, so a new limit can reach it."""
-        return self.probe_up(worker)
+        """LiveControl: the worker's probe reported recently and its serving loop takes a limit live."""
+        state = self._workers.get(worker)
+        probe = state.probe if state is not None else None
+        return self.probe_up(worker) and probe is not None and probe.live_batch_limit
 
     def supports_live_rebalance(self, worker: str) -> bool:
         """LivePlacement: the probe is up and reports the placement it runs (layers included)."""
@@ -657,6 +661,8 @@ class ProbeRegistry:
         probe = state.probe if state is not None else None
         if state is None or probe is None or not self.probe_up(worker):
             raise BackendError(f"worker {worker} has no live probe: its batch limit cannot change without a restart")
+        if not probe.live_batch_limit:
+            raise BackendError(f"worker {worker}: its probe cannot change the batch limit live (a restart can)")
         if state.desired_limit != limit:
             self._fail_waiters(state, f"superseded by batch limit {limit}")
         state.desired_limit = limit

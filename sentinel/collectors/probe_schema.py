@@ -137,6 +137,9 @@ class ProbeReport(_Wire):
     seq: Count
     interval_s: Annotated[float, Field(strict=True, gt=0.0, le=3600.0, allow_inf_nan=False)]
     batch_limit: Count | None = None
+    # False: the serving loop cannot take a batch limit live (vLLM's plugin: the
+    # scheduler lives in another process), so `reduce_batch` must restart on a profile.
+    live_batch_limit: Annotated[bool, Field(strict=True)] = True
     report_failures_total: Annotated[Count, BeforeValidator(_zero_if_null)] = 0
     hook_errors_total: Annotated[Count, BeforeValidator(_zero_if_null)] = 0
     layers: tuple[LayerReport, ...] = Field((), max_length=MAX_LAYERS)

@@ -63,7 +63,7 @@ from sentinel.notify.testing import RecordingReceiver
 from sentinel.sim.load import LoadGenerator
 from sentinel.sim.vllm_env import VllmEnv, VllmEnvMissing, find_vllm_env
 
-__all__ = ["FAULTS", "Phases", "VllmHarness", "main", "run_vllm_demo"]
+__all__ = ["FAULTS", "Phases", "VllmHarness", "main", "probe_env", "run_vllm_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ BASE_LOAD = {"concurrency": 2, "prompt_len": 32, "max_tokens": 48}
 PRESSURE_LOAD = {"concurrency": 8, "prompt_len": 200, "max_tokens": 300}
 START_TIMEOUT_S = 600.0  # vLLM on 2 busy cores: import, model load and warm-up take minutes
 CANARY = {"mode": "when_idle", "interval": "5s", "deadline": "5s"}
+PROBE_SOCKET = "probe.sock"
+PROBE_INTERVAL_S = 1.0
+
+
+def probe_env(socket: Path) -> dict[str, str]:
+    """What vLLM's worker needs for Sentinel's plugin (sentinel.probe.vllm_plugin) to report to `socket`."""
+    return {
+        "SENTINEL_PROBE_URL": f"unix:{socket}",
+        "SENTINEL_WORKER": WORKER,
+        "SENTINEL_PROBE_INTERVAL": f"{PROBE_INTERVAL_S:g}",
+    }
+
 
 FAULTS: tuple[Fault, ...] = (
     Fault("stall-load", "engine worker stopped (SIGSTOP) under load, /health stays 200", ("EngineStalled",), True, 900),
@@ -130,10 +142,16 @@ def _config(env: VllmEnv, tmp: Path, rule_files: list[str], daemon_port: int, wo
                 "process": {"pid_file": str(state / "workers" / f"{WORKER}.pid")},
                 "logs": [{"path": str(log_file)}],
                 "canary": CANARY,
+                # sentinel.probe.vllm_plugin in vLLM's worker reports routed experts here.
+                "probe": True,
                 "backend": {
                     "type": "process",
                     "argv": env.serve_argv(worker_port),
-                    "env": {**env.serve_env(), "VLLM_EXTRA_ARGS": f"--num-gpu-blocks-override {KV_BLOCKS}"},
+                    "env": {
+                        **env.serve_env(),
+                        "VLLM_EXTRA_ARGS": f"--num-gpu-blocks-override {KV_BLOCKS}",
+                        **probe_env(tmp / PROBE_SOCKET),
+                    },
                     "log_file": str(log_file),
                     "stop_timeout": "10s",
                 },
@@ -148,6 +166,7 @@ def _config(env: VllmEnv, tmp: Path, rule_files: list[str], daemon_port: int, wo
                 ],
             }
         ],
+        "probe": {"socket": str(tmp / PROBE_SOCKET)},
         "rules": {"files": rule_files, "interval": "1s"},
         "remediation": {
             "mode": "act",
@@ -200,7 +219,8 @@ class VllmHarness:
         self.daemon.rules.subscribe(self.timeline.on_alert)
         self.timeline.say(
             f"Sentinel on :{daemon_port}, vLLM {self.env.vllm_version} (CPU) worker {WORKER} on :{worker_port} "
-            f"(process backend, profiles full -> reduced -> int8, canary when idle)"
+            f"(process backend, profiles full -> reduced -> int8, canary when idle, "
+            f"{'probe plugin' if self.env.has_probe_plugin() else 'no probe plugin: run make vllm-env'})"
         )
         if not await self.wait_serving(START_TIMEOUT_S):
             raise RuntimeError(f"vLLM never served a completion; its log: {self.log_file}")

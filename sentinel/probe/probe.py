@@ -64,6 +64,7 @@ class Probe:
         stats_reader: StatsReader | None = None,
         on_batch_limit: Callable[[int], None] | None = None,
         slots: Sequence[SlotSpec] = (),
+        live_batch_limit: bool = True,
     ) -> None:
         if not worker:
             raise ValueError("worker: a non-empty worker name is needed (it is the `worker` label)")
@@ -81,6 +82,7 @@ class Probe:
         self.report_timeout_s = report_timeout_s if report_timeout_s is not None else default_timeout
         self.oom_timeout_s = oom_timeout_s
         self.batch_limit: int | None = None
+        self.live_batch_limit = live_batch_limit
         self.probe_id = secrets.token_hex(8)
         self.reports_sent_total = 0
         self.report_failures_total = 0
@@ -229,6 +231,7 @@ class Probe:
             "interval_s": self.interval_s,
             "time": time.time(),
             "batch_limit": self.batch_limit,
+            "live_batch_limit": self.live_batch_limit,
             "report_failures_total": self.report_failures_total,
             "hook_errors_total": self.hook_errors_total,
             "layers": [],
@@ -265,8 +268,8 @@ class Probe:
         self._want_placement = reply.get("want_placement") is True
         self.control.on_reply(reply.get("placement"))
         limit = reply.get("batch_limit")
-        if limit is None:
-            return  # Sentinel has no opinion: leave whatever the serving loop set
+        if limit is None or not self.live_batch_limit:
+            return  # no opinion, or nobody here would apply it (the daemon knows: the report says so)
         if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
             log.warning("sentinel probe: ignoring batch_limit %r from the daemon", limit)
             return
@@ -337,6 +340,7 @@ def attach(
     on_batch_limit: Callable[[int], None] | None = None,
     token_file: str | None = None,
     slot_finder: SlotFinder | None = None,
+    live_batch_limit: bool = True,
 ) -> Probe:
     """Hook `model`'s MoE routers and start reporting to Sentinel every `interval_s`.
 
@@ -354,6 +358,9 @@ def attach(
     per-GPU load is counted where it lands (`sentinel.probe.slots`; the default finds
     experts modules exposing `dispatch` and `slot_gpus`). A worker that can change its
     placement live calls `probe.serve_placement(current, apply)` after attach.
+    `live_batch_limit=False` tells Sentinel that nothing reads `probe.batch_limit` (an
+    engine whose scheduler runs in another process, like vLLM's), so `reduce_batch`
+    restarts on a profile instead of sending a limit nobody would apply.
     """
     token_source = token_file or os.environ.get(TOKEN_FILE_ENV) or None
     target = parse_target(sentinel, token=read_token_file(token_source) if token_source else None)
@@ -376,6 +383,7 @@ def attach(
         hot_experts=hot_experts,
         on_batch_limit=on_batch_limit,
         slots=slots,
+        live_batch_limit=live_batch_limit,
     )
     probe.start()
     return probe

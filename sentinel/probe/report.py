@@ -8,6 +8,7 @@ Report shape (version 1; `sentinel.collectors.probe_reports` validates it):
 
     {"version": 1, "kind": "interval" | "oom", "worker": str, "probe_id": str, "seq": int,
      "interval_s": float, "time": float, "batch_limit": int | null,
+     "live_batch_limit": bool (default true: the serving loop applies the daemon's limit),
      "report_failures_total": int, "hook_errors_total": int,
      "layers": [{"layer": int, "tokens": int, "balancedness": float | null,
                  "hot_experts": [{"expert": int, "tokens": int, "tokens_total": int}],

@@ -21,11 +21,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 __all__ = [
     "ENV_VAR",
     "MODEL_NAME",
+    "PLUGIN_GROUP",
+    "PLUGIN_TARGET",
     "STAMP",
     "VllmEnv",
     "VllmEnvMissing",
@@ -37,6 +40,8 @@ __all__ = [
 ENV_VAR = "SENTINEL_VLLM_ENV"
 STAMP = "sentinel-vllm-env.json"
 MODEL_NAME = "tiny-qwen3-moe"  # the served model name, `"model"` of every request
+PLUGIN_GROUP = "vllm.general_plugins"
+PLUGIN_TARGET = "sentinel.probe.vllm_plugin:register"  # what `make vllm-env` registers there
 HOW_TO = "run `make vllm-env` in the Sentinel checkout (about 10 minutes; needs PyPI)"
 
 
@@ -65,6 +70,14 @@ class VllmEnv:
     torch_version: str
     model_dir: Path
     int8_model_dir: Path
+
+    def has_probe_plugin(self) -> bool:
+        """Whether Sentinel's vLLM plugin is registered in the environment (read from metadata, no import)."""
+        for site in sorted(self.root.glob("lib/python*/site-packages")):
+            for dist in metadata.distributions(path=[str(site)]):
+                if any(ep.group == PLUGIN_GROUP and ep.value == PLUGIN_TARGET for ep in dist.entry_points):
+                    return True
+        return False
 
     def serve_argv(self, port: int) -> list[str]:
         """argv that serves the tiny model on 127.0.0.1:`port` (profile flags from the environment)."""
