@@ -130,9 +130,7 @@ async def _escalated(f: Fleet, since: float) -> bool:
     return any(r["trigger"] == "escalation" for r in rows)
 
 
-async def test_budget_across_daemons_and_hold_under_partition(
-    etcd1: EtcdCluster, fleet_name: str, tmp_path: Path
-) -> None:
+async def test_budget_across_daemons_one_restart_at_a_time(etcd1: EtcdCluster, fleet_name: str, tmp_path: Path) -> None:
     proxy = await TcpProxy("127.0.0.1", int(etcd1.endpoints[0].rsplit(":", 1)[1])).start()
     plan = {h: [WorkerPlan(f"coder-{h[-1]}", (0, 1, 2, 3), CODER)] for h in ("host-a", "host-b", "host-c")}
     recorder: SlotRecorder | None = None
@@ -170,8 +168,33 @@ async def test_budget_across_daemons_and_hold_under_partition(
                     ran = [r for r in rows if r["outcome"] in ("succeeded", "failed")]
                     assert len(ran) == 1 and ran[0]["outcome"] == "succeeded", (host, rows)
 
-                # -- host-c cut off from etcd under hold ------------------------------------
-                await until(lambda: not recorder.open, 30, "every slot given back")
+            except BaseException:
+                dump_logs(f)
+                raise
+    finally:
+        if recorder is not None:
+            await recorder.stop()
+        await proxy.close()
+
+
+async def test_hold_under_partition_takes_no_action_says_why_and_acts_once_after_the_heal(
+    etcd1: EtcdCluster, fleet_name: str, tmp_path: Path
+) -> None:
+    # A fleet of its own: a fault left over from another scenario (an alert still firing
+    # on its log window) would make the death below part of an episode already healed.
+    proxy = await TcpProxy("127.0.0.1", int(etcd1.endpoints[0].rsplit(":", 1)[1])).start()
+    plan = {h: [WorkerPlan(f"coder-{h[-1]}", (0, 1, 2, 3), CODER)] for h in ("host-a", "host-c")}
+    recorder: SlotRecorder | None = None
+    try:
+        async with running_fleet(
+            tmp_path, etcd1.endpoints, _fleet(fleet_name), plan, host_endpoints={"host-c": [proxy.url]}
+        ) as f:
+            recorder = SlotRecorder(f.client, time.monotonic, fleet=fleet_name)
+            recorder.start()
+            started = time.monotonic()
+            every = [w for ws in plan.values() for w in ws]
+            try:
+                await until(lambda: f.serving(every), 60, "every worker to serve", every=0.5)
                 since = time.time()
                 proxy.cut()
                 await f.fault("host-c", "coder-c", {"kind": "die"})
@@ -195,7 +218,7 @@ async def test_budget_across_daemons_and_hold_under_partition(
                 ran = [r for r in rows if r["outcome"] in ("succeeded", "failed")]
                 assert len(ran) == 1, rows
                 again = [h for h in recorder.holds if h.worker == "coder-c" and h.taken_at >= started]
-                assert len(again) == 2, again  # the correlated fault's, and this one
+                assert len(again) == 1, again
             except BaseException:
                 dump_logs(f)
                 raise
