@@ -134,7 +134,8 @@ async def test_an_unreachable_or_silent_endpoint_fails_within_the_deadline() -> 
         with pytest.raises(EtcdUnavailable, match="etcd unavailable for /v3/kv/range"):
             await c.get("/x")
         assert time.monotonic() - started < 1.5
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # accepts, never answers
+    accepted: list[asyncio.StreamWriter] = []  # accepts, never answers; closed at the end
+    server = await asyncio.start_server(lambda r, w: accepted.append(w), "127.0.0.1", 0)
     silent = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         async with EtcdClient([silent], request_timeout=0.5) as c:
@@ -144,7 +145,10 @@ async def test_an_unreachable_or_silent_endpoint_fails_within_the_deadline() -> 
             assert info.value.maybe_applied  # a write that was sent: the caller must check
             assert time.monotonic() - started < 1.5
     finally:
+        for writer in accepted:
+            writer.close()
         server.close()
+        await server.wait_closed()
 
 
 async def test_election_keys_are_the_ones_etcds_election_service_reads(etcd1: EtcdCluster, fleet_name: str) -> None:
@@ -165,9 +169,12 @@ async def test_election_keys_are_the_ones_etcds_election_service_reads(etcd1: Et
             await election.campaign(session.lease_id)
             await asyncio.wait_for(election.wait_elected(), 10)
             body = json.dumps({"name": base64.b64encode(prefix.rstrip("/").encode()).decode()}).encode()
-            reply = await asyncio.to_thread(
-                lambda: urllib.request.urlopen(etcd1.endpoints[0] + "/v3/election/leader", body, timeout=5).read()
-            )
+
+            def leader() -> bytes:
+                with urllib.request.urlopen(etcd1.endpoints[0] + "/v3/election/leader", body, timeout=5) as r:
+                    return bytes(r.read())
+
+            reply = await asyncio.to_thread(leader)
             kv = json.loads(reply)["kv"]
             assert base64.b64decode(kv["value"]) == b"host-a"
         finally:

@@ -144,6 +144,14 @@ def prefix_end(prefix: bytes | str) -> bytes:
     return b"\x00"
 
 
+def _key_range(key: str, prefix: bool) -> dict[str, Any]:
+    """The gateway's `key` (and `range_end` for every key under `key` as a prefix)."""
+    body: dict[str, Any] = {"key": _b64(key)}
+    if prefix:
+        body["range_end"] = _b64(prefix_end(key))
+    return body
+
+
 @dataclass(frozen=True)
 class KeyValue:
     key: str
@@ -248,10 +256,7 @@ class DeleteOp:
     prefix: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        body = {"key": _b64(self.key)}
-        if self.prefix:
-            body["range_end"] = _b64(prefix_end(self.key))
-        return {"request_delete_range": body}
+        return {"request_delete_range": _key_range(self.key, self.prefix)}
 
 
 @dataclass(frozen=True)
@@ -260,10 +265,7 @@ class RangeOp:
     prefix: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        body = {"key": _b64(self.key)}
-        if self.prefix:
-            body["range_end"] = _b64(prefix_end(self.key))
-        return {"request_range": body}
+        return {"request_range": _key_range(self.key, self.prefix)}
 
 
 TxnOp = PutOp | DeleteOp | RangeOp
@@ -483,9 +485,7 @@ class EtcdClient:
         limit: int = 0,
         timeout: float | None = None,
     ) -> RangeResult:
-        body: dict[str, Any] = {"key": _b64(key)}
-        if prefix:
-            body["range_end"] = _b64(prefix_end(key))
+        body = _key_range(key, prefix)
         if revision:
             body["revision"] = str(revision)
         if keys_only:
@@ -511,9 +511,7 @@ class EtcdClient:
 
     async def delete(self, key: str, *, prefix: bool = False, timeout: float | None = None) -> int:
         """Delete a key (or a prefix); how many keys went. Deleting is idempotent."""
-        body: dict[str, Any] = {"key": _b64(key)}
-        if prefix:
-            body["range_end"] = _b64(prefix_end(key))
+        body = _key_range(key, prefix)
         reply = await self.request("/v3/kv/deleterange", body, timeout=timeout, idempotent=True)
         return int(reply.get("deleted", 0))
 
@@ -596,9 +594,7 @@ class EtcdClient:
         """One watch stream on one endpoint; ends (raises) when the stream breaks.
 
         `Watcher` in watch.py reconnects from the last revision seen; use that."""
-        create: dict[str, Any] = {"key": _b64(key), "progress_notify": True}
-        if prefix:
-            create["range_end"] = _b64(prefix_end(key))
+        create = {**_key_range(key, prefix), "progress_notify": True}
         if start_revision:
             create["start_revision"] = str(start_revision)
         if prev_kv:
