@@ -513,14 +513,7 @@ class Remediator:
         trigger: Trigger,
     ) -> ActionRow:
         """The row's outcome and the worker's state after the action; returns the finished row."""
-        now_wall = self._clocks.wall()
-        if outcome == "succeeded":
-            rt.healed_at = now_wall
-        profile_now = rt.spec(self._live).profile(rt.state.profile_index).name
-        await self._require_journal().finish(
-            entry, outcome, now_wall, error=error, profile_after=profile_now, seconds_to_healthy=healthy_after
-        )
-        rt.end()
+        profile_now = await self._close_row(rt, entry, outcome, error, healthy_after)
         if outcome == "succeeded" and plan.action == "stop":
             # A worker Sentinel took out of service stays out until a person says otherwise.
             reason = f"stopped by policy after {why.alertname or trigger}"
@@ -731,6 +724,20 @@ class Remediator:
     def report_row(self, row: ActionRow, outcome: Outcome, detail: str) -> None:
         self._report(self._action_report(row, outcome, detail, severity="info"))
 
+    async def _close_row(
+        self, rt: WorkerRuntime, entry: Entry, outcome: Outcome, error: str, healthy_after: float | None
+    ) -> str:
+        """Journal how an action ended and end it on the worker; the profile it runs now."""
+        now_wall = self._clocks.wall()
+        if outcome == "succeeded":
+            rt.healed_at = now_wall
+        profile_now = rt.spec(self._live).profile(rt.state.profile_index).name
+        await self._require_journal().finish(
+            entry, outcome, now_wall, error=error, profile_after=profile_now, seconds_to_healthy=healthy_after
+        )
+        rt.end()
+        return profile_now
+
     async def journal_group_finish(
         self,
         rt: WorkerRuntime,
@@ -741,14 +748,7 @@ class Remediator:
         detail: str,
     ) -> None:
         """Finish this host's row of a group action: journal, state, counters, report."""
-        now_wall = self._clocks.wall()
-        if outcome == "succeeded":
-            rt.healed_at = now_wall
-        profile_now = rt.spec(self._live).profile(rt.state.profile_index).name
-        await self._require_journal().finish(
-            entry, outcome, now_wall, error=error, profile_after=profile_now, seconds_to_healthy=healthy_after
-        )
-        rt.end()
+        profile_now = await self._close_row(rt, entry, outcome, error, healthy_after)
         await self._persist(rt)
         row = replace(entry.row, id=entry.id, outcome=outcome, error=error, profile_after=profile_now)
         self._remember(rt, row, healthy_after)
