@@ -27,6 +27,14 @@ def _expired(what: str, timeout: float, last_error: AssertionError | None) -> As
     return AssertionError(message)
 
 
+def _attempt(check: Callable[[], T]) -> tuple[T | None, AssertionError | None]:
+    """One look: the check's value, or the assertion it failed (counted as "not yet")."""
+    try:
+        return check(), None
+    except AssertionError as exc:
+        return None, exc
+
+
 def eventually(
     check: Callable[[], T], timeout: float = DEFAULT_TIMEOUT, what: str = "condition", interval: float = 0.1
 ) -> T:
@@ -36,13 +44,9 @@ def eventually(
     one is named in the failure."""
     deadline = time.monotonic() + timeout
     while True:
-        last_error = None
-        try:
-            value = check()
-            if value:
-                return value
-        except AssertionError as exc:
-            last_error = exc
+        value, last_error = _attempt(check)
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise _expired(what, timeout, last_error)
         time.sleep(interval)
@@ -54,13 +58,9 @@ async def eventually_async(
     """`eventually` for async tests: sleeps on the event loop so the code under test runs."""
     deadline = time.monotonic() + timeout
     while True:
-        last_error = None
-        try:
-            value = check()
-            if value:
-                return value
-        except AssertionError as exc:
-            last_error = exc
+        value, last_error = _attempt(check)
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise _expired(what, timeout, last_error)
         await asyncio.sleep(interval)
