@@ -41,6 +41,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from sentinel.runtime.timeouts import wait_for
+
 __all__ = ["QuietProtocolErrors", "RequestGuard", "host_names_of_this_machine"]
 
 _QUIET_EVERY_S = 60.0
@@ -190,7 +192,7 @@ class RequestGuard:
             )
         if request.body_exists:
             try:
-                await asyncio.wait_for(request.read(), self.body_timeout_s)
+                await wait_for(request.read(), self.body_timeout_s)
             except asyncio.TimeoutError:
                 self.refused_total["body_timeout"] += 1
                 return _error(408, "timeout", f"the request body did not arrive within {self.body_timeout_s:g}s")

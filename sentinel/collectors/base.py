@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from sentinel.runtime.timeouts import wait_for
 from sentinel.store import Appender, Store, labels_from, now_ms
 
 __all__ = [
@@ -119,7 +120,7 @@ class CollectorRunner:
         out = self.store.appender(self.collector.name, pass_ts)
         error: str | None = None
         try:
-            await asyncio.wait_for(self.collector.collect(out), timeout=self.collector.timeout_s)
+            await wait_for(self.collector.collect(out), timeout=self.collector.timeout_s)
         except asyncio.TimeoutError:
             error = f"pass took longer than its {self.collector.timeout_s:g}s timeout"
         except CollectorUnavailable as exc:

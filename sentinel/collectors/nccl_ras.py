@@ -34,6 +34,7 @@ from sentinel.collectors.nccl_ras_report import (
     parse_ras_reply,
 )
 from sentinel.config.models import DEFAULT_RAS_PORT, NcclRasCollectorConfig, WorkerConfig, parse_ras_address
+from sentinel.runtime.timeouts import wait_for
 from sentinel.store import Appender, Store
 
 __all__ = [
@@ -138,7 +139,7 @@ class NcclRasCollector:
         """One STATUS query; an unreachable or confused RAS service reads `up 0`."""
         target = self._target
         try:
-            text, as_json = await asyncio.wait_for(self.query(), self._timeout)
+            text, as_json = await wait_for(self.query(), self._timeout)
             report = parse_ras_reply(text)
         except Exception as exc:
             reason, detail = self._classify(exc)

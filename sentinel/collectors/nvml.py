@@ -52,6 +52,7 @@ from sentinel.config.models import NvmlCollectorConfig
 from sentinel.logs.kernel import KernelLog, KernelSourceSpec
 from sentinel.logs.matcher import LogMatcher, Match
 from sentinel.logs.patterns import Catalogue
+from sentinel.runtime.timeouts import wait_for
 from sentinel.state.files import atomic_write
 from sentinel.store import Appender, Store, now_ms
 from sentinel.store.events import Event, EventBus
@@ -324,7 +325,7 @@ async def _bounded(future: concurrent.futures.Future[T], timeout: float) -> T:
     wrapped = asyncio.wrap_future(future)
     try:
         # shield: a timeout must not try to cancel the call the thread is running.
-        return await asyncio.wait_for(asyncio.shield(wrapped), timeout)
+        return await wait_for(asyncio.shield(wrapped), timeout)
     except asyncio.TimeoutError:
         # Whatever the late call ends with has no reader any more: consume it quietly.
         wrapped.add_done_callback(lambda f: f.cancelled() or f.exception())

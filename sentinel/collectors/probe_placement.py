@@ -38,6 +38,7 @@ from typing import Any
 from sentinel.collectors.probe_schema import PlacementAnswer, ProbeReport
 from sentinel.moe import Placement, PlacementError
 from sentinel.remediation.backend import BackendError
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = [
     "INLINE_PLACEMENT_BYTES",
@@ -304,7 +305,7 @@ class PlacementControl:
         desired.waiters.append(waiter)
         state.desired = desired
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter), ack_timeout_s)
+            return await wait_for(asyncio.shield(waiter), ack_timeout_s)
         except asyncio.TimeoutError:
             desired.answered = True  # stop sending it; a later version replaces it
             raise BackendError(

@@ -85,6 +85,7 @@ from sentinel.collectors.probe_socket import BoundSocket, bind_probe_socket, rem
 from sentinel.remediation.backend import BackendError
 from sentinel.remediation.rebalance import LiveRebalancer
 from sentinel.remediation.rebalance_params import RebalanceSettings
+from sentinel.runtime.timeouts import wait_for
 from sentinel.store import Store, labels_from, now_ms
 from sentinel.store.events import Event, EventBus
 
@@ -672,7 +673,7 @@ class ProbeRegistry:
         state.waiters.append(waiter)
         timeout = self.ack_timeout_s if self.ack_timeout_s is not None else 3 * probe.interval_s + 2.0
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), timeout)
+            await wait_for(asyncio.shield(waiter.future), timeout)
         except asyncio.TimeoutError:
             raise BackendError(
                 f"worker {worker}: the probe did not acknowledge batch limit {limit} within {timeout:.1f}s"

@@ -48,6 +48,7 @@ from sentinel.rules.rulefile import RuleFileError, load_rule_files
 from sentinel.runtime.clock import wall_clock
 from sentinel.runtime.scheduler import Scheduler
 from sentinel.runtime.threads import WorkerThreads
+from sentinel.runtime.timeouts import wait_for
 from sentinel.state.health import StateHealth
 from sentinel.state.lock import StateDirBusy, StateDirLock
 from sentinel.store import Appender, Store
@@ -261,7 +262,7 @@ class Daemon:
         except (OSError, ValueError) as exc:
             log.error("cannot serve probe reports: %s", exc)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
+                await wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
             return 1
         log.info(
             "Sentinel %s listening on http://%s:%d (state in %s)",
@@ -329,14 +330,14 @@ class Daemon:
             await self.rules.close()
         await self.healing.close()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.probes.close(), 0.2)
+            await wait_for(self.probes.close(), 0.2)
         closers = [self._close_runner(r) for r in self._runners.values()]
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*closers, return_exceptions=True), STOP_BUDGET_S / 2)
+            await wait_for(asyncio.gather(*closers, return_exceptions=True), STOP_BUDGET_S / 2)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.http.close(), 0.2)
+            await wait_for(self.http.close(), 0.2)
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
+            await wait_for(runner.cleanup(), STOP_BUDGET_S / 2)
         await self.scheduler.stop(0.1)  # whatever the components left behind
         self._file_threads.shutdown(wait=False)
         self.notifier.close()
@@ -436,7 +437,7 @@ class Daemon:
                 runner = CollectorRunner(collector, self.store, previous.health if previous else None)
             try:
                 # Bounded: a start stuck on a full default executor must not hold up a reload.
-                await asyncio.wait_for(collector.start(), COLLECTOR_START_BUDGET_S)
+                await wait_for(collector.start(), COLLECTOR_START_BUDGET_S)
             except asyncio.TimeoutError:
                 log.error(
                     "collector %s did not start within %gs; its passes will say why",
@@ -458,7 +459,7 @@ class Daemon:
 
     async def _close_runner(self, runner: CollectorRunner) -> None:
         try:
-            await asyncio.wait_for(runner.collector.close(), STOP_BUDGET_S / 2)
+            await wait_for(runner.collector.close(), STOP_BUDGET_S / 2)
         except Exception as exc:
             log.warning("collector %s did not close cleanly: %s", runner.name, exc)
 

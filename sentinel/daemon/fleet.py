@@ -42,6 +42,7 @@ from sentinel.daemon.fleet_groups import FleetGroupActions
 from sentinel.fleet import AlertStatus, FleetCoordinator, FleetEvent, HostStatus, WorkerStatus, metrics
 from sentinel.rules.state import AlertState
 from sentinel.runtime.scheduler import Job, Scheduler
+from sentinel.runtime.timeouts import wait_for
 from sentinel.store import LabelMatcher, MatchOp, Store, now_ms
 from sentinel.store.events import Event, EventBus
 
@@ -107,7 +108,7 @@ class FleetLink:
                 self._scheduler.remove(job.name)
             await job.stop(0.1)
         try:
-            await asyncio.wait_for(self.coordinator.stop(timeout=budget_s), budget_s + 0.5)
+            await wait_for(self.coordinator.stop(timeout=budget_s), budget_s + 0.5)
         except asyncio.TimeoutError:
             log.warning("fleet: did not leave within %gs; the lease lapses by itself", budget_s)
         with contextlib.suppress(Exception):

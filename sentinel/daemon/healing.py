@@ -30,6 +30,7 @@ from sentinel.remediation.engine import Remediator
 from sentinel.rules.manager import AlertEvent, RuleManager
 from sentinel.runtime.scheduler import Scheduler
 from sentinel.runtime.threads import WorkerThreads
+from sentinel.runtime.timeouts import wait_for
 from sentinel.state.health import StateHealth
 from sentinel.store import Store
 
@@ -181,15 +182,15 @@ class HealingStack:
     async def close(self) -> None:
         if self.remediator is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.remediator.close(), CLOSE_BUDGET_S)
+                await wait_for(self.remediator.close(), CLOSE_BUDGET_S)
         if self.fleet is not None:
             await self.fleet.stop()
         for name, backend in self.backends.items():
             try:
-                await asyncio.wait_for(backend.close(), CLOSE_BUDGET_S)
+                await wait_for(backend.close(), CLOSE_BUDGET_S)
             except Exception as exc:
                 log.warning("backend of %s did not close cleanly: %s", name, exc)
                 _kill_supervised_child(name, backend)
         if self.notifications is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.notifications.close(), CLOSE_BUDGET_S)
+                await wait_for(self.notifications.close(), CLOSE_BUDGET_S)

@@ -55,6 +55,7 @@ from sentinel.demo.common import (
     results_table,
 )
 from sentinel.notify.testing import RecordingReceiver
+from sentinel.runtime.timeouts import wait_for
 from sentinel.sim.load import LoadGenerator
 from sentinel.sim.nvml import SimulatedNvml, load_scenario
 
@@ -204,7 +205,7 @@ class Demo:
                     await load.stop()
             self.daemon.request_stop()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(daemon_task, 10)
+                await wait_for(daemon_task, 10)
             self.nvml.close()
         delivered = len(sink.accepted())
         tl.say(f"done: {delivered} notification(s) delivered to the webhook sink")

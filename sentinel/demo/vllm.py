@@ -60,6 +60,7 @@ from sentinel.demo.common import (
     results_table,
 )
 from sentinel.notify.testing import RecordingReceiver
+from sentinel.runtime.timeouts import wait_for
 from sentinel.sim.load import LoadGenerator
 from sentinel.sim.vllm_env import VllmEnv, VllmEnvMissing, find_vllm_env
 
@@ -233,7 +234,7 @@ class VllmHarness:
     async def _stop_daemon(self, task: asyncio.Task[Any]) -> None:
         self.daemon.request_stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 60)
+            await wait_for(task, 60)
 
     async def _wait_rules_ready(self) -> None:
         deadline = time.monotonic() + 60

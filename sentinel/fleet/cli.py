@@ -36,6 +36,7 @@ from sentinel.fleet.etcd import Compare, EtcdClient, EtcdError, KeyValue, PutOp,
 from sentinel.fleet.groups import GroupPlan, parse_plan
 from sentinel.fleet.keys import Keys
 from sentinel.fleet.status import HostStatus, MemberRecord
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = ["FleetView", "add_arguments", "load_fleet_section", "main", "read_fleet", "render", "run"]
 
@@ -329,7 +330,7 @@ def run(args: argparse.Namespace, config: FleetConfig | None = None) -> int:
     """Run a parsed `fleet` command; `config` when the caller already loaded sentinel.yaml."""
     try:
         fleet = config if config is not None and not args.endpoints else _fleet_config(args)
-        return asyncio.run(asyncio.wait_for(_run(args, fleet), args.timeout + 1))
+        return asyncio.run(wait_for(_run(args, fleet), args.timeout + 1))
     except CliError as exc:
         print(str(exc), file=sys.stderr)
         return exc.code

@@ -48,6 +48,7 @@ from sentinel.fleet.leader import LeaderDuties
 from sentinel.fleet.session import Session
 from sentinel.fleet.status import HostStatus, MemberRecord, StatusSource
 from sentinel.fleet.watch import Informer
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = ["DISRUPTIVE_ACTIONS", "FleetCoordinator", "FleetSetupError"]
 
@@ -163,7 +164,7 @@ class FleetCoordinator:
         for informer in (self.election.informer, self.groups, self.breakers, self.budget.informer):
             left = deadline - time.monotonic()
             try:
-                await asyncio.wait_for(informer.synced.wait(), max(0.01, left))
+                await wait_for(informer.synced.wait(), max(0.01, left))
             except asyncio.TimeoutError:
                 return False
         return True
@@ -183,7 +184,7 @@ class FleetCoordinator:
 
         if leave and self.session.valid():
             with contextlib.suppress(EtcdError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._mark_left(), left())
+                await wait_for(self._mark_left(), left())
         session_task = self._tasks[0]
         for task in self._tasks[1:]:
             await cancel_and_wait(task)
@@ -282,7 +283,7 @@ class FleetCoordinator:
     async def _status_loop(self) -> None:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._status_dirty.wait(), self.config.status_interval)
+                await wait_for(self._status_dirty.wait(), self.config.status_interval)
             self._status_dirty.clear()
             lease = self.session.lease_id
             if lease is None or not self.session.valid():

@@ -45,6 +45,7 @@ from sentinel.fleet.config import GroupConfig
 from sentinel.fleet.etcd import Compare, DeleteOp, EtcdClient, EtcdError, KeyValue, PutOp, cancel_and_wait
 from sentinel.fleet.keys import Keys
 from sentinel.fleet.watch import Informer
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = [
     "GroupActionResult",
@@ -343,7 +344,7 @@ class GroupMemberRunner:
         try:
             if isinstance(self.executor, PlanObserver):
                 await self.executor.plan_step(plan, step, member)
-            outcome = await asyncio.wait_for(self._run_step(plan, step, worker), step.timeout)
+            outcome = await wait_for(self._run_step(plan, step, worker), step.timeout)
         except asyncio.TimeoutError:
             outcome = StepOutcome(False, f"{step.kind} did not finish within {step.timeout:.0f}s")
         except Exception as exc:  # the executor's bug becomes a failed step, not a silent hang

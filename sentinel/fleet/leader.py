@@ -30,6 +30,7 @@ from sentinel.fleet.events import FleetEvent, FleetSample
 from sentinel.fleet.groups import parse_plan
 from sentinel.fleet.status import HostStatus, MemberRecord
 from sentinel.fleet.watch import Informer
+from sentinel.runtime.timeouts import wait_for
 
 if TYPE_CHECKING:
     from sentinel.fleet.coordinator import FleetCoordinator
@@ -59,7 +60,7 @@ class LeaderDuties:
         tasks = [asyncio.ensure_future(self.hosts.run()), asyncio.ensure_future(self.members.run())]
         try:
             for informer in (self.hosts, self.members):
-                await asyncio.wait_for(informer.synced.wait(), 30)
+                await wait_for(informer.synced.wait(), 30)
             while True:
                 mirrors = (self.hosts, self.members, self.coord.groups, self.coord.breakers)
                 versions = [m.version for m in mirrors]

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from sentinel.fleet.etcd import EtcdClient, EtcdError, cancel_and_wait
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = ["Session", "SessionState"]
 
@@ -79,7 +80,7 @@ class Session:
         """Wait for the next new lease, loss or reachability change (or the timeout)."""
         event = self._changed
         with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+            await wait_for(event.wait(), timeout)
 
     def _notify(self) -> None:
         # Wake everyone waiting now; later waiters wait for the next change.

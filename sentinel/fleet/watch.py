@@ -31,6 +31,7 @@ from sentinel.fleet.etcd import (
     cancel_and_wait,
     reraise_if_cancelled,
 )
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = ["Informer"]
 
@@ -79,7 +80,7 @@ class Informer:
         if self._changed is None or self._changed.done():
             self._changed = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._changed), timeout)
+            await wait_for(asyncio.shield(self._changed), timeout)
         except asyncio.TimeoutError:
             return self._version != since_version
         return True

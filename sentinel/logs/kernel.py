@@ -132,8 +132,9 @@ class KernelLogReader(ReaderThread):
             argv = spec.argv
             ProcessFollower(" ".join(argv), lambda: argv, self._on_text, self._sink, self._stop).run()
             return True
-        self.source = "off"
+        # Reported before it is published: whoever sees "off" also sees why (and the count).
         self._sink.problem(KERNEL_SOURCE, f"no kernel log ({reason}); retrying every {_RETRY_S:.0f}s")
+        self.source = "off"
         return False
 
     def _read_fd(self, fd: int) -> None:

@@ -23,6 +23,7 @@ from sentinel.notify.settings import NotifyConfig
 from sentinel.rules.manager import AlertEvent
 from sentinel.rules.rulefile import Rule
 from sentinel.rules.state import Alert, AlertState, Transition
+from sentinel.runtime.timeouts import wait_for
 from sentinel.store import Store
 
 __all__ = [
@@ -121,7 +122,7 @@ class RecordingReceiver:
                 await self._arrived.wait_for(lambda: len(self.accepted()) >= accepted)
 
         try:
-            await asyncio.wait_for(enough(), timeout)
+            await wait_for(enough(), timeout)
         except asyncio.TimeoutError:
             raise TimeoutError(
                 f"{len(self.accepted())} of {accepted} requests accepted within {timeout}s "

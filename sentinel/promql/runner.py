@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from sentinel.promql.budget import CANCELLED, QueryBudget
 from sentinel.promql.model import PromQLError
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = ["QUEUE_TIMED_OUT", "QueryLimits", "QueryRunner"]
 
@@ -70,7 +71,7 @@ class QueryRunner:
             self._slots = asyncio.Semaphore(self.limits.max_concurrency)
         budget = self.budget()
         try:
-            await asyncio.wait_for(self._slots.acquire(), timeout=self.limits.timeout_s)
+            await wait_for(self._slots.acquire(), timeout=self.limits.timeout_s)
         except asyncio.TimeoutError:
             raise PromQLError(QUEUE_TIMED_OUT) from None
         self._running.add(budget)

@@ -82,6 +82,7 @@ from sentinel.rules.state import AlertState
 from sentinel.runtime.clock import Clocks, Instant, SystemClocks, elapsed_since
 from sentinel.runtime.scheduler import Job, Scheduler
 from sentinel.runtime.threads import WorkerThreads
+from sentinel.runtime.timeouts import wait_for
 from sentinel.state.health import StateHealth
 from sentinel.store import Appender, LabelMatcher, MatchOp, Sample, Store
 
@@ -544,7 +545,7 @@ class Remediator:
 
     async def _with_unit(self, backend: WorkerBackend, reading: HealthReading) -> HealthReading:
         try:
-            unit = await asyncio.wait_for(backend.state(), self._backend_timeout)
+            unit = await wait_for(backend.state(), self._backend_timeout)
         except Exception as exc:
             return replace(reading, unit_error=str(exc) or type(exc).__name__)
         return replace(reading, unit=unit)
@@ -869,7 +870,7 @@ class Remediator:
     async def _refresh_units(self) -> None:
         async def one(rt: WorkerRuntime, backend: WorkerBackend) -> None:
             try:
-                rt.unit = await asyncio.wait_for(backend.state(), self._backend_timeout)
+                rt.unit = await wait_for(backend.state(), self._backend_timeout)
             except Exception as exc:
                 rt.unit = UnitState("unknown", f"state unavailable: {exc or type(exc).__name__}")
 
@@ -907,7 +908,7 @@ class Remediator:
         if not isinstance(backend, ProfileRecord):
             return record
         try:
-            applied = await asyncio.wait_for(backend.active_profile(), self._backend_timeout)
+            applied = await wait_for(backend.active_profile(), self._backend_timeout)
         except Exception as exc:
             log.warning("worker %s: cannot read the profile its backend recorded: %s", rt.name, exc)
             return record

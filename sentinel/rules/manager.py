@@ -28,6 +28,7 @@ from sentinel.rules.rulefile import Rule, RuleGroup
 from sentinel.rules.state import Alert, AlertState, Transition, restore_active_at
 from sentinel.runtime.scheduler import Job, Scheduler
 from sentinel.runtime.threads import WorkerThreads
+from sentinel.runtime.timeouts import wait_for
 from sentinel.state.health import StateHealth
 from sentinel.store import Store, labels_from, now_ms
 from sentinel.store.events import Event, EventBus
@@ -194,7 +195,7 @@ class RuleManager:
             self._stop_job(runner)
         try:
             # Queued after any evaluation in flight, which must not see the database closed.
-            await asyncio.wait_for(
+            await wait_for(
                 asyncio.get_running_loop().run_in_executor(self._executor, self._close_state), CLOSE_BUDGET_S
             )
         except (asyncio.TimeoutError, RuntimeError) as exc:

@@ -7,7 +7,8 @@
 - `durations`: every dialect of duration Sentinel reads (Prometheus's, the config's,
   PromQL test scripts'), on one table of units;
 - `threads`: `WorkerThreads`, small bounded pools of daemon threads, so blocking work of
-  one kind (remediation, reloads) never waits behind another kind that hangs.
+  one kind (remediation, reloads) never waits behind another kind that hangs;
+- `timeouts`: `wait_for`, which never swallows a cancellation (Python < 3.12's does).
 """
 
-__all__ = ["clock", "durations", "scheduler", "threads"]
+__all__ = ["clock", "durations", "scheduler", "threads", "timeouts"]

@@ -39,6 +39,8 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 
+from sentinel.runtime.timeouts import wait_for
+
 __all__ = ["Job", "JobFn", "Scheduler"]
 
 log = logging.getLogger(__name__)
@@ -99,7 +101,7 @@ class Job:
             return
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
-            await asyncio.wait_for(task, timeout)
+            await wait_for(task, timeout)
 
     @property
     def active(self) -> bool:
@@ -255,4 +257,4 @@ class Scheduler:
             job.cancel()
         if jobs:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(job.stop() for job in jobs)), timeout)
+                await wait_for(asyncio.gather(*(job.stop() for job in jobs)), timeout)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from sentinel.runtime.timeouts import wait_for
+
 __all__ = ["LoadGenerator", "LoadStats"]
 
 
@@ -94,7 +96,7 @@ class LoadGenerator:
             self._clients = [asyncio.create_task(self._client(session, requests)) for _ in range(self.concurrency)]
             try:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), duration)
+                    await wait_for(self._stopping.wait(), duration)
             finally:
                 for client in self._clients:
                     client.cancel()

@@ -45,6 +45,7 @@ from sentinel.remediation.backends.children import (
 from sentinel.remediation.backends.envfile import PROFILE_KEY, read_profile_name, write_profile
 from sentinel.remediation.settings import ProcessBackendConfig, Profile
 from sentinel.runtime.threads import WorkerThreads
+from sentinel.runtime.timeouts import wait_for
 from sentinel.state.files import atomic_write
 
 __all__ = ["ProcessBackend", "worker_files"]
@@ -270,7 +271,7 @@ class ProcessBackend:
         if leader is not None:
             # The leader's exit is an event (our child); shield it: the watch task outlives this wait.
             try:
-                await asyncio.wait_for(asyncio.shield(leader), max(0.0, deadline - loop.time()))
+                await wait_for(asyncio.shield(leader), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
                 return False
         return await wait_group(pgid, max(0.0, deadline - loop.time()))

@@ -32,6 +32,7 @@ from sentinel.remediation.backend import ActionContext, BackendError, UnitState
 from sentinel.remediation.backends.envfile import read_profile_name, write_profile
 from sentinel.remediation.settings import Profile, SystemdBackendConfig
 from sentinel.runtime.threads import WorkerThreads
+from sentinel.runtime.timeouts import wait_for
 
 __all__ = ["MANAGER_INTERFACE", "MANAGER_PATH", "SYSTEMD_BUS_NAME", "UNIT_INTERFACE", "SystemdBackend"]
 
@@ -113,7 +114,7 @@ class SystemdBackend:
     async def state(self) -> UnitState:
         """The unit's ActiveState (detail: SubState); `unknown` when systemd cannot be asked."""
         try:
-            return await asyncio.wait_for(self._read_state(), min(_STATE_TIMEOUT_S, self._job_timeout))
+            return await wait_for(self._read_state(), min(_STATE_TIMEOUT_S, self._job_timeout))
         except asyncio.TimeoutError:
             return UnitState("unknown", f"{self.unit}: no answer from systemd within {_STATE_TIMEOUT_S:g}s")
         except BackendError as exc:
@@ -147,7 +148,7 @@ class SystemdBackend:
 
     async def _run_job(self, method: str) -> None:
         try:
-            result = await asyncio.wait_for(self._job(method), self._job_timeout)
+            result = await wait_for(self._job(method), self._job_timeout)
         except asyncio.TimeoutError:
             raise BackendError(f"{method} {self.unit}: the job did not finish within {self._job_timeout:g}s") from None
         if result != "done":

@@ -34,6 +34,7 @@ from sentinel.remediation.backend import BackendError
 from sentinel.remediation.backends.children import process_identity, signal_group, wait_group
 from sentinel.runtime.clock import Clocks, SystemClocks
 from sentinel.runtime.threads import WorkerThreads
+from sentinel.runtime.timeouts import wait_for
 from sentinel.state.files import atomic_write
 
 __all__ = ["OUTPUT_TAIL", "Leftover", "has_leftovers", "quote_output", "record_path", "run_tracked", "settle_leftovers"]
@@ -83,7 +84,7 @@ async def run_tracked(
         if record is not None:
             await threads.run(_write_record, record, proc.pid, what, timeout, clocks)
         try:
-            code = await asyncio.wait_for(proc.wait(), timeout)
+            code = await wait_for(proc.wait(), timeout)
         except asyncio.TimeoutError:
             await _kill(proc, what)
             output = await threads.run(_tail, out)
@@ -223,7 +224,7 @@ def glob_escape(text: str) -> str:
 async def _kill(proc: asyncio.subprocess.Process, what: str) -> None:
     signal_group(proc.pid, signal.SIGKILL)
     try:
-        await asyncio.wait_for(proc.wait(), KILL_WAIT_S)
+        await wait_for(proc.wait(), KILL_WAIT_S)
     except asyncio.TimeoutError:
         log.error("%s: pid %d survived SIGKILL for %gs", what, proc.pid, KILL_WAIT_S)
 
