@@ -700,7 +700,7 @@ def test_parser_fails_fast_on_lines_padded_to_provoke_backtracking() -> None:
         started = time.perf_counter()
         with pytest.raises(ParseError):
             parser.parse(line)
-        assert time.perf_counter() - started < 0.1
+        assert time.perf_counter() - started < 1.0  # linear; backtracking over 50,000 spaces takes minutes
 
 
 def test_parser_reuses_cached_series_across_scrapes() -> None:

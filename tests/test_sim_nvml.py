@@ -134,7 +134,7 @@ def test_hung_driver_blocks_gpu_2_power_reads_until_the_hang_ends(clock: FakeClo
     started = time.perf_counter()
     assert sim.nvmlDeviceGetTemperature(h2, pynvml.NVML_TEMPERATURE_GPU) > 0  # other calls still answer
     assert sim.nvmlDeviceGetPowerUsage(sim.nvmlDeviceGetHandleByIndex(3)) > 0  # and other GPUs
-    assert time.perf_counter() - started < 0.1
+    assert time.perf_counter() - started < 2.0  # blocked, they would wait for the fake clock: forever
     clock.t = 35.0
     caller.join(1.0)
     assert not caller.is_alive() and result and result[0] > 0
@@ -148,7 +148,7 @@ def test_hang_follows_a_real_clock(sims: list[SimulatedNvml]) -> None:
     h = sim.nvmlDeviceGetHandleByIndex(0)
     started = time.perf_counter()
     assert sim.nvmlDeviceGetUUID(h).startswith("GPU-")
-    assert 0.25 <= time.perf_counter() - started < 1.0
+    assert 0.25 <= time.perf_counter() - started < 2.0
 
 
 # -- pynvml's shapes and errors -------------------------------------------------------
@@ -215,7 +215,7 @@ def test_event_wait_times_out_with_nvml_timeout(clock: FakeClock, sims: list[Sim
     started = time.perf_counter()
     with pytest.raises(pynvml.NVMLError_Timeout):
         sim.nvmlEventSetWait(event_set, 100)
-    assert 0.09 <= time.perf_counter() - started < 0.5
+    assert 0.09 <= time.perf_counter() - started < 2.0
     sim.nvmlEventSetFree(event_set)
 
 
