@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 
 import pytest
 
+import sentinel
 from sentinel.runtime.timeouts import wait_for
 
 
@@ -45,3 +48,17 @@ async def test_a_shielded_wait_leaves_the_shielded_work_running() -> None:
     with pytest.raises(asyncio.TimeoutError):
         await wait_for(asyncio.shield(work), 0.001)
     assert await work == "finished"
+
+
+def test_the_package_waits_only_through_it() -> None:
+    """One `asyncio.wait_for` left in the daemon brings the swallowed cancellation back."""
+    package = Path(sentinel.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.name == "timeouts.py" and path.parent.name == "runtime":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            called = isinstance(node, ast.Attribute) and node.attr == "wait_for"
+            if called and isinstance(node.value, ast.Name) and node.value.id == "asyncio":
+                found.append(f"{path.relative_to(package.parent)}:{node.lineno}")
+    assert not found, "use sentinel.runtime.timeouts.wait_for: " + ", ".join(found)
